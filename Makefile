@@ -1,0 +1,40 @@
+# Developer entry points. `make test` works from a fresh clone: it creates .venv,
+# installs the package with every extra, then runs the linters and the tests.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A plain `torch` spec can pull a multi-GB CUDA build; this pin installs the CPU build.
+TORCH_SPEC := torch==2.13.0
+
+.PHONY: install test demo bench docs clean
+
+install: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py pyproject.toml | $(VPY)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install "$(TORCH_SPEC)"
+	$(VPY) -m pip install -e ".[all]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) -m tvm_cim.demo
+
+bench: $(STAMP)
+	$(VPY) bench/run_all.py
+
+docs: $(STAMP)
+	$(VPY) -m tvm_cim.sim.isa_doc docs/isa.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info sim/_core.c sim/_core*.so .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Precision search: the environment, the agents and the search driver."""

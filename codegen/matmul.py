@@ -1,0 +1,259 @@
+"""Lowering of one integer matmul ``y = x @ weight`` onto crossbars.
+
+The weight is sliced and sign-mapped (``mapping``), its logical cell matrix is cut into
+crossbar-sized tiles (input rows by slice columns), and every tile is written once and
+then driven with ``ceil(a_bits / dac_bits)`` bit-serial input steps for the whole batch.
+Each step's column sums pass the ADC and are shifted and added into an accumulator by
+the significance of their input step and weight slice. Tiles go round-robin over the
+arch's crossbars; each crossbar accumulates on its own and the partial sums are added
+at the end, so tiles on different crossbars overlap in the schedule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tvm_cim.arch import CimArch
+from tvm_cim.errors import CimError
+from tvm_cim.quant import MAX_SHIFT, Requantize, quant_range, rounding_right_shift
+
+from ..sim.builder import ProgramBuilder
+from ..sim.program import Program, TensorDesc
+from .mapping import WeightMapping, map_weights
+
+MAX_DIM = (1 << 16) - 1  # column fields are 16 bits wide
+
+
+def input_steps(a_bits: int, dac_bits: int) -> int:
+    """Bit-serial steps per input: ``ceil(a_bits / dac_bits)``."""
+    return -(-a_bits // dac_bits)
+
+
+def _check_bits(what: str, bits: int) -> None:
+    if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise CimError(f"{what} must be an integer in 1..8, got {bits!r}")
+
+
+def _smallest_dtype(bits: int, signed: bool) -> str:
+    for width in (8, 16, 32):
+        if bits <= width:
+            return f"int{width}" if signed else f"uint{width}"
+    return "int64"
+
+
+def _chunk_range(dac_bits: int, signed: bool) -> tuple[int, int]:
+    return quant_range(dac_bits, signed)
+
+
+def adc_setting(folded: np.ndarray, dac_bits: int, signed_chunk: bool, adc_bits: int | None):
+    """``(shift, signed)`` for reading a tile's columns without saturating.
+
+    The column sums' range follows from the cells and the DAC chunk range; a finite ADC
+    gets the smallest step (``2**shift``) whose code range holds that range.
+    """
+    lo_in, hi_in = _chunk_range(dac_bits, signed_chunk)
+    f = folded.astype(np.int64)
+    hi = int(np.maximum(f * lo_in, f * hi_in).sum(axis=0).max())
+    lo = int(np.minimum(f * lo_in, f * hi_in).sum(axis=0).min())
+    signed = lo < 0
+    if adc_bits is None:
+        return 0, signed
+    qmin, qmax = quant_range(adc_bits, signed)
+    for shift in range(MAX_SHIFT + 1):
+        if (
+            rounding_right_shift(np.int64(hi), shift) <= qmax
+            and rounding_right_shift(np.int64(lo), shift) >= qmin
+        ):
+            return shift, signed
+    return MAX_SHIFT, signed
+
+
+def lower_matmul(
+    weight: np.ndarray,
+    *,
+    w_bits: int,
+    a_bits: int,
+    arch: CimArch,
+    signed_input: bool = False,
+    batch: int | None = None,
+    requant: Requantize | None = None,
+    name: str = "matmul",
+) -> Program:
+    """Lower ``y = x @ weight`` to a crossbar program.
+
+    Parameters
+    ----------
+    weight
+        ``[K, N]`` integers within signed ``w_bits`` (``-2**(w-1) .. 2**(w-1)-1``).
+    w_bits, a_bits
+        Weight and activation widths, 1..8.
+    arch
+        Target architecture: crossbar size, cell and DAC bits, mapping, crossbars.
+    signed_input
+        Inputs are signed ``a_bits`` integers (the top input step is sign-extended)
+        instead of unsigned ones.
+    batch
+        Fix the number of input vectors; None leaves it to each run.
+    requant
+        Requantize the accumulators (bias, scale, zero point, ReLU) before storing;
+        None stores the raw integer products.
+    name
+        Program name.
+
+    Returns
+    -------
+    Program
+        Input ``x`` (``[batch, K]``), output ``y`` (``[batch, N]``).
+    """
+    _check_bits("w_bits", w_bits)
+    _check_bits("a_bits", a_bits)
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise CimError(f"{name}: weight must be a non-empty [K, N] matrix, got {weight.shape}")
+    if not np.issubdtype(weight.dtype, np.integer):
+        raise CimError(f"{name}: weight must hold integers, got dtype {weight.dtype}")
+    k, n = weight.shape
+    if k > MAX_DIM or n > MAX_DIM:
+        raise CimError(f"{name}: weight {weight.shape} exceeds {MAX_DIM} rows or columns")
+    wmin, wmax = quant_range(w_bits, True)
+    if weight.min() < wmin or weight.max() > wmax:
+        raise CimError(
+            f"{name}: weight values {weight.min()}..{weight.max()} outside signed "
+            f"{w_bits}-bit range {wmin}..{wmax}"
+        )
+    mapping = map_weights(weight, w_bits, arch)
+    return _Lowering(arch, mapping, w_bits, a_bits, signed_input, batch, requant, name).emit()
+
+
+class _Lowering:
+    def __init__(self, arch, mapping: WeightMapping, w_bits, a_bits, signed_input, batch, rq, name):
+        self.arch = arch
+        self.m = mapping
+        self.w_bits = w_bits
+        self.a_bits = a_bits
+        self.signed_input = signed_input
+        self.rq = rq
+        self.b = ProgramBuilder(arch, name)
+        self.batch = batch
+        k = mapping.positive.shape[0]
+        self.rows_per_tile = arch.rows // 2 if mapping.negative is not None else arch.rows
+        self.row_tiles = [
+            (r, min(r + self.rows_per_tile, k)) for r in range(0, k, self.rows_per_tile)
+        ]
+        lc = mapping.logical_cols
+        self.col_tiles = [(c, min(c + arch.cols, lc)) for c in range(0, lc, arch.cols)]
+
+    def emit(self) -> Program:
+        b, m, arch = self.b, self.m, self.arch
+        k = m.positive.shape[0]
+        x_in = b.input(
+            TensorDesc(
+                "x",
+                k,
+                _smallest_dtype(self.a_bits, self.signed_input),
+                self.a_bits,
+                self.signed_input,
+                self.batch,
+            )
+        )
+        xbuf = b.buffer(k)
+        b.emit("load", dst=xbuf, dst_col=0, tensor=x_in, src_col=0, ncols=k)
+
+        tiles = [(r, c) for r in self.row_tiles for c in self.col_tiles]
+        used = min(len(tiles), arch.crossbars)
+        widths = [max(c1 - c0 for c0, c1 in self.col_tiles)] * used
+        colbufs = [b.buffer(w) for w in widths]
+        accs = [b.buffer(m.outputs) for _ in range(used)]
+        for t, (rows, cols) in enumerate(tiles):
+            xb = t % arch.crossbars
+            self._tile(xb, rows, cols, xbuf, colbufs[xb], accs[xb])
+        for acc in accs[1:]:
+            b.emit("acc", dst=accs[0], dst_col=0, src=acc, src_col=0, ncols=m.outputs)
+
+        result = accs[0]
+        if self.rq is not None:
+            params = b.constant(self.rq.params(m.outputs))
+            result = b.buffer(m.outputs)
+            b.emit(
+                "req",
+                dst=result,
+                dst_col=0,
+                src=accs[0],
+                src_col=0,
+                ncols=m.outputs,
+                params=params,
+                zp=self.rq.zero_point,
+                bits=self.rq.out_bits,
+                signed=int(self.rq.signed),
+                relu=int(self.rq.relu),
+            )
+            out = TensorDesc(
+                "y",
+                m.outputs,
+                _smallest_dtype(self.rq.out_bits, True),
+                self.rq.out_bits,
+                self.rq.signed,
+                self.batch,
+            )
+        else:
+            in_max = 1 << (self.a_bits - (1 if self.signed_input else 0))
+            bound = k * in_max * (1 << (self.w_bits - 1))
+            bits = 32 if bound < 1 << 31 else 64
+            out = TensorDesc("y", m.outputs, f"int{bits}", bits, True, self.batch)
+        y_out = b.output(out)
+        b.emit("store", tensor=y_out, dst_col=0, src=result, src_col=0, ncols=m.outputs)
+        b.emit("halt")
+        return b.build()
+
+    def _tile(self, xb, rows, cols, xbuf, colbuf, acc) -> None:
+        b, m, arch = self.b, self.m, self.arch
+        (r0, r1), (c0, c1) = rows, cols
+        cells = m.positive[r0:r1, c0:c1]
+        if m.negative is not None:
+            cells = np.vstack([cells, m.negative[r0:r1, c0:c1]])
+        image = b.image(cells, differential_rows=m.negative is not None)
+        folded = b.images[image].folded()
+        b.emit("prog", xb=xb, image=image)
+
+        steps = input_steps(self.a_bits, arch.dac_bits)
+        adc = {s: adc_setting(folded, arch.dac_bits, s, arch.adc_bits) for s in (False, True)}
+        for step in range(steps):
+            signed = self.signed_input and step == steps - 1
+            bit = step * arch.dac_bits
+            shift, adc_signed = adc[signed]
+            b.emit("mvm", xb=xb, src=xbuf, src_col=r0, bit=bit, signed=int(signed))
+            b.emit(
+                "adc",
+                dst=colbuf,
+                dst_col=0,
+                xb=xb,
+                col=0,
+                ncols=c1 - c0,
+                shift=shift,
+                signed=int(adc_signed),
+            )
+            for block in m.blocks:  # the parts of each slice block inside this tile
+                lo, hi = max(block.col0, c0), min(block.col0 + m.outputs, c1)
+                if lo < hi:
+                    b.emit(
+                        "shadd",
+                        dst=acc,
+                        dst_col=lo - block.col0,
+                        src=colbuf,
+                        src_col=lo - c0,
+                        ncols=hi - lo,
+                        shift=bit + block.shift,
+                        neg=int(block.negative),
+                    )
+            if m.ones_col is not None and c0 <= m.ones_col < c1:
+                b.emit(
+                    "shadd",
+                    dst=acc,
+                    dst_col=0,
+                    src=colbuf,
+                    src_col=m.ones_col - c0,
+                    ncols=m.outputs,
+                    shift=bit + self.w_bits - 1,
+                    neg=1,
+                    bcast=1,
+                )

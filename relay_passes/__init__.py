@@ -1,0 +1,1 @@
+"""Relax graph passes for the cim target: pattern table, partitioning, quantization rewrite."""

@@ -1,0 +1,75 @@
+"""Build script for tvm-cim.
+
+The four component folders are installed as subpackages of ``tvm_cim`` so that
+nothing called ``sim`` or ``agent`` lands in site-packages.
+"""
+
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+
+# Installed package name -> source folder.
+COMPONENTS = {
+    "tvm_cim.sim": "sim",
+    "tvm_cim.codegen": "codegen",
+    "tvm_cim.relay_passes": "relay_passes",
+    "tvm_cim.agent": "agent",
+}
+
+
+def _packages():
+    """List ``tvm_cim``, its subpackages and the component folders' subpackages."""
+    packages = ["tvm_cim"] + [f"tvm_cim.{p}" for p in find_packages("tvm_cim")]
+    package_dir = {"tvm_cim": "tvm_cim"}
+    for name, folder in COMPONENTS.items():
+        if not os.path.isdir(folder):
+            continue
+        packages.append(name)
+        package_dir[name] = folder
+        for sub in find_packages(folder):
+            packages.append(f"{name}.{sub}")
+            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+EXTENSIONS = cythonize(
+    [
+        Extension(
+            "tvm_cim.sim._core",
+            ["sim/_core.pyx"],
+            include_dirs=[numpy.get_include()],
+            extra_compile_args=["-O3"],
+        )
+    ],
+    compiler_directives={
+        "language_level": 3,
+        "boundscheck": False,
+        "wraparound": False,
+        "cdivision": True,
+    },
+)
+
+TVM_REQUIRES = ["apache-tvm==0.27.0.post1"]
+DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
+
+setup(
+    name="tvm-cim",
+    version="0.1.0",
+    description="Compiler and simulator for RRAM Computing-in-Memory crossbar accelerators",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=EXTENSIONS,
+    install_requires=["numpy>=1.26", "pyyaml>=6", "scipy>=1.11"],
+    extras_require={
+        "tvm": TVM_REQUIRES,
+        "dev": DEV_REQUIRES,
+        "all": TVM_REQUIRES + DEV_REQUIRES,
+    },
+    entry_points={"console_scripts": ["cim-sim = tvm_cim.sim.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,3 @@
+"""Compiled simulator core (placeholder)."""
+
+AVAILABLE = True

@@ -1,0 +1,243 @@
+"""Assembly text for crossbar programs: the assembler and the disassembler.
+
+A program reads top to bottom as directives, then code::
+
+    .program matmul
+    .arch {"rows": 256, "cols": 256, ...}        ; CimArch as one-line JSON
+    .input  x width=64 dtype=uint8 bits=8 signed=0
+    .output y width=32 dtype=int32 bits=32 signed=1
+    .buffer b0 width=64
+    .image img0 rows=64 cols=32 diff=0           ; then one hex line per row,
+        0a0f03...                                ; two digits per cell
+    .const c0 rows=3 cols=32                     ; then one line of integers per row
+        0 0 0 ...
+    .code
+        load dst=b0 dst_col=0 tensor=t0 src_col=0 ncols=64
+        mvm xb=x0 src=b0 src_col=0 bit=0         ; omitted flag operands are 0
+        halt
+
+Operands are ``name=value``; table indices take their kind's prefix (``b`` buffers,
+``x`` crossbars, ``img`` images, ``c`` constants, ``t`` tensors). ``;`` starts a
+comment. ``disassemble`` writes exactly what ``assemble`` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from tvm_cim.arch import CimArch
+from tvm_cim.errors import ArchError, CimError, ProgramError
+
+from . import isa
+from .builder import ProgramBuilder
+from .program import Program, TensorDesc
+
+_DECLARED = {".input", ".output", ".buffer", ".image", ".const"}
+
+
+def disassemble(program: Program) -> str:
+    """Canonical assembly text of ``program``."""
+    lines = [f".program {program.name}", ".arch " + json.dumps(program.arch.to_dict())]
+    for directive, tensors in ((".input", program.inputs), (".output", program.outputs)):
+        for t in tensors:
+            batch = "" if t.batch is None else f" batch={t.batch}"
+            lines.append(
+                f"{directive} {t.name} width={t.width} dtype={t.dtype} bits={t.bits} "
+                f"signed={int(t.signed)}{batch}"
+            )
+    for i, width in enumerate(program.buffers):
+        lines.append(f".buffer b{i} width={width}")
+    for i, img in enumerate(program.images):
+        lines.append(
+            f".image img{i} rows={img.physical_rows} cols={img.cols} "
+            f"diff={int(img.differential_rows)}"
+        )
+        lines.extend("    " + row.tobytes().hex() for row in img.cells)
+    for i, const in enumerate(program.constants):
+        lines.append(f".const c{i} rows={const.shape[0]} cols={const.shape[1]}")
+        lines.extend("    " + " ".join(str(int(v)) for v in row) for row in const)
+    lines.append(".code")
+    for index, (mnemonic, ops) in enumerate(program.instructions()):
+        spec = isa.BY_MNEMONIC[mnemonic]
+        words = [f"{f.name}={isa.KIND_PREFIX.get(f.kind, '')}{ops[f.name]}" for f in spec.fields]
+        lines.append(f"    {' '.join([mnemonic, *words]):<72} ; {index}")
+    return "\n".join(lines) + "\n"
+
+
+def assemble(text: str) -> Program:
+    """Assemble ``text``; errors name the offending line."""
+    return _Assembler(text).run()
+
+
+class _Assembler:
+    def __init__(self, text: str):
+        self.lines = [
+            (n, line.split(";", 1)[0].rstrip()) for n, line in enumerate(text.splitlines(), 1)
+        ]
+        self.lines = [(n, line) for n, line in self.lines if line.strip()]
+        self.pos = 0
+        self.name = "program"
+        self.arch: CimArch | None = None
+        self.builder: ProgramBuilder | None = None
+        self.pending: list = []  # declarations seen before .arch
+
+    def fail(self, line: int, message: str):
+        raise ProgramError(f"line {line}: {message}")
+
+    def run(self) -> Program:
+        code_lines: list[tuple[int, str]] = []
+        in_code = False
+        while self.pos < len(self.lines):
+            n, line = self.lines[self.pos]
+            self.pos += 1
+            if in_code:
+                code_lines.append((n, line))
+                continue
+            head, _, rest = line.strip().partition(" ")
+            if head == ".program":
+                self.name = rest.strip() or self.name
+            elif head == ".arch":
+                self._arch(n, rest)
+            elif head in _DECLARED:
+                self._declare(n, head, rest)
+            elif head == ".code":
+                in_code = True
+            else:
+                self.fail(n, f"expected a directive, found {head!r}")
+        if self.builder is None:
+            raise ProgramError("line 1: missing .arch directive")
+        if not in_code:
+            last = self.lines[-1][0] if self.lines else 1
+            raise ProgramError(f"line {last}: missing .code section")
+        for n, line in code_lines:
+            self._instruction(n, line)
+        return self.builder.build()
+
+    def _arch(self, n: int, rest: str) -> None:
+        if self.builder is not None:
+            self.fail(n, "duplicate .arch")
+        try:
+            rest = rest.strip()
+            self.arch = (
+                CimArch.preset(rest)
+                if not rest.startswith("{")
+                else CimArch.from_dict(json.loads(rest))
+            )
+        except (ValueError, ArchError) as exc:
+            self.fail(n, f"bad .arch: {exc}")
+        self.builder = ProgramBuilder(self.arch, self.name)
+
+    def _keywords(self, n: int, words: list[str]) -> dict[str, str]:
+        out = {}
+        for word in words:
+            key, eq, value = word.partition("=")
+            if not eq or not key or not value:
+                self.fail(n, f"expected name=value, found {word!r}")
+            if key in out:
+                self.fail(n, f"operand {key!r} given twice")
+            out[key] = value
+        return out
+
+    def _int(self, n: int, key: str, value: str, prefix: str = "") -> int:
+        if prefix and value.startswith(prefix):
+            value = value[len(prefix) :]
+        if not re.fullmatch(r"-?\d+", value):
+            self.fail(n, f"{key}={value!r} is not an integer")
+        return int(value)
+
+    def _declare(self, n: int, head: str, rest: str) -> None:
+        if self.builder is None:
+            self.fail(n, f"{head} before .arch")
+        words = rest.split()
+        if not words:
+            self.fail(n, f"{head} needs a name")
+        label, kw = words[0], self._keywords(n, words[1:])
+        b = self.builder
+        try:
+            if head in (".input", ".output"):
+                batch = kw.pop("batch", None)
+                desc = TensorDesc(
+                    name=label,
+                    width=self._int(n, "width", kw.pop("width")),
+                    dtype=kw.pop("dtype"),
+                    bits=self._int(n, "bits", kw.pop("bits")),
+                    signed=bool(self._int(n, "signed", kw.pop("signed"))),
+                    batch=None if batch is None else self._int(n, "batch", batch),
+                )
+                (b.input if head == ".input" else b.output)(desc)
+            elif head == ".buffer":
+                self._label(n, label, "b", len(b.buffers))
+                b.buffer(self._int(n, "width", kw.pop("width")))
+            elif head == ".image":
+                self._label(n, label, "img", len(b.images))
+                rows = self._int(n, "rows", kw.pop("rows"))
+                cols = self._int(n, "cols", kw.pop("cols"))
+                diff = bool(self._int(n, "diff", kw.pop("diff", "0")))
+                b.image(self._hex_rows(n, rows, cols), differential_rows=diff)
+            else:
+                self._label(n, label, "c", len(b.constants))
+                rows = self._int(n, "rows", kw.pop("rows"))
+                cols = self._int(n, "cols", kw.pop("cols"))
+                b.constant(self._int_rows(n, rows, cols))
+        except KeyError as exc:
+            self.fail(n, f"{head} is missing {exc.args[0]}=")
+        if kw:
+            self.fail(n, f"{head}: unknown key(s) {sorted(kw)}")
+
+    def _label(self, n: int, label: str, prefix: str, expected: int) -> None:
+        if label != f"{prefix}{expected}":
+            self.fail(n, f"expected label {prefix}{expected}, found {label!r} (declare in order)")
+
+    def _data_lines(self, n: int, rows: int) -> list[tuple[int, str]]:
+        if rows < 0 or self.pos + rows > len(self.lines):
+            self.fail(n, f"expected {rows} data lines")
+        out = self.lines[self.pos : self.pos + rows]
+        self.pos += rows
+        return [(m, line.strip()) for m, line in out]
+
+    def _hex_rows(self, n: int, rows: int, cols: int) -> np.ndarray:
+        cells = np.zeros((rows, cols), dtype=np.uint8)
+        for r, (m, line) in enumerate(self._data_lines(n, rows)):
+            try:
+                raw = bytes.fromhex(line)
+            except ValueError:
+                self.fail(m, "image rows are hex digits, two per cell")
+            if len(raw) != cols:
+                self.fail(m, f"image row has {len(raw)} cells, expected {cols}")
+            cells[r] = np.frombuffer(raw, dtype=np.uint8)
+        return cells
+
+    def _int_rows(self, n: int, rows: int, cols: int) -> np.ndarray:
+        values = np.zeros((rows, cols), dtype=np.int64)
+        for r, (m, line) in enumerate(self._data_lines(n, rows)):
+            words = line.split()
+            if len(words) != cols:
+                self.fail(m, f"constant row has {len(words)} values, expected {cols}")
+            try:
+                values[r] = [int(w) for w in words]
+            except (ValueError, OverflowError):
+                self.fail(m, "constant rows hold int64 integers")
+        return values
+
+    def _instruction(self, n: int, line: str) -> None:
+        words = line.split()
+        spec = isa.BY_MNEMONIC.get(words[0].lower())
+        if spec is None:
+            self.fail(n, f"unknown mnemonic {words[0]!r}")
+        kw = self._keywords(n, words[1:])
+        operands = {}
+        for f in spec.fields:
+            if f.name not in kw:
+                if f.kind != "flag":
+                    self.fail(n, f"{spec.mnemonic}: missing operand {f.name}=")
+                continue
+            operands[f.name] = self._int(n, f.name, kw.pop(f.name), isa.KIND_PREFIX.get(f.kind, ""))
+        if kw:
+            self.fail(n, f"{spec.mnemonic}: unknown operand(s) {sorted(kw)}")
+        try:
+            self.builder.emit(spec.mnemonic, **operands)
+        except CimError as exc:
+            self.fail(n, str(exc))

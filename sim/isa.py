@@ -1,0 +1,301 @@
+"""The crossbar instruction set, defined once as a table.
+
+Every instruction is one 128-bit little-endian word: the opcode in bits 0..5, then
+the operand fields in table order, each ``bits`` wide (two's complement where
+``signed``). The encoder, decoder, assembler, disassembler, verifier, both simulator
+backends, the static cost model and ``docs/isa.md`` all read this table; adding an
+instruction is one row here and one ``execute_<mnemonic>`` function per backend.
+
+In memory a decoded program is an ``int64`` array of shape ``[n, 1 + MAX_OPERANDS]``:
+column 0 the opcode, then the operands in table order, unused columns zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+OPCODE_BITS = 6
+WORD_BYTES = 16
+
+#: Operand kinds, with the assembler's prefix for the kinds that index a table.
+KIND_PREFIX = {"buffer": "b", "crossbar": "x", "image": "img", "const": "c", "tensor": "t"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One operand: its name, width in bits, kind and meaning."""
+
+    name: str
+    bits: int
+    kind: str  # buffer | crossbar | image | const | tensor | column | count | shift | flag | int
+    doc: str
+    signed: bool = False
+
+    @property
+    def min_value(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def max_value(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+
+@dataclass(frozen=True)
+class InstrSpec:
+    """One instruction: opcode, mnemonic, operands, latency class and unit."""
+
+    opcode: int
+    mnemonic: str
+    fields: tuple[Field, ...]
+    latency_class: str | None  # key of CimArch.latency_ps(), or None for free
+    unit: str  # crossbar | digital | io | control: the resource it occupies
+    per_vector: bool  # latency and energy scale with the batch of input vectors
+    doc: str
+
+    def field_index(self, name: str) -> int:
+        """Operand column (1-based, after the opcode) of field ``name``."""
+        for i, f in enumerate(self.fields):
+            if f.name == name:
+                return i + 1
+        raise KeyError(name)
+
+
+def _buf(name: str, doc: str) -> Field:
+    return Field(name, 8, "buffer", doc)
+
+
+def _col(name: str, doc: str) -> Field:
+    return Field(name, 16, "column", doc)
+
+
+_NCOLS = Field("ncols", 16, "count", "number of columns")
+
+INSTRUCTIONS: tuple[InstrSpec, ...] = (
+    InstrSpec(0, "halt", (), None, "control", False, "End of program; must be the last word."),
+    InstrSpec(
+        1,
+        "prog",
+        (
+            Field("xb", 8, "crossbar", "crossbar to program"),
+            Field("image", 16, "image", "weight-slice image to write into it"),
+        ),
+        "write",
+        "crossbar",
+        False,
+        "Program crossbar `xb` with weight image `image` (one crossbar write).",
+    ),
+    InstrSpec(
+        2,
+        "load",
+        (
+            _buf("dst", "destination buffer"),
+            _col("dst_col", "first destination column"),
+            Field("tensor", 8, "tensor", "input tensor"),
+            _col("src_col", "first tensor column"),
+            _NCOLS,
+        ),
+        "load_store",
+        "io",
+        True,
+        "Copy columns of an input tensor into a buffer, for every input vector.",
+    ),
+    InstrSpec(
+        3,
+        "mvm",
+        (
+            Field("xb", 8, "crossbar", "crossbar to drive"),
+            _buf("src", "buffer holding the integer input vectors"),
+            _col("src_col", "column of `src` driving the crossbar's first input row"),
+            Field("bit", 6, "shift", "lowest input bit of this step"),
+            Field("signed", 1, "flag", "sign-extend the chunk (top step of signed inputs)"),
+        ),
+        "mvm",
+        "crossbar",
+        True,
+        "One bit-serial step: drive the `dac_bits`-wide chunk of each input vector starting "
+        "at `bit` into crossbar `xb` and hold its column sums (differential rows subtract).",
+    ),
+    InstrSpec(
+        4,
+        "adc",
+        (
+            _buf("dst", "destination buffer"),
+            _col("dst_col", "first destination column"),
+            Field("xb", 8, "crossbar", "crossbar whose held column sums are read"),
+            _col("col", "first crossbar column"),
+            _NCOLS,
+            Field("shift", 6, "shift", "ADC step is 2**shift column-sum units (0 if lossless)"),
+            Field("signed", 1, "flag", "bipolar ADC code range"),
+        ),
+        "adc",
+        "crossbar",
+        True,
+        "Convert held column sums through the ADC (round, saturate to `adc_bits`) into a "
+        "buffer, overwriting it.",
+    ),
+    InstrSpec(
+        5,
+        "shadd",
+        (
+            _buf("dst", "accumulator buffer"),
+            _col("dst_col", "first accumulator column"),
+            _buf("src", "source buffer"),
+            _col("src_col", "first source column"),
+            _NCOLS,
+            Field("shift", 6, "shift", "left shift (input step and weight slice significance)"),
+            Field("neg", 1, "flag", "subtract instead of add (negative polarity, offset)"),
+            Field("bcast", 1, "flag", "broadcast the single column `src_col` to all columns"),
+        ),
+        "shift_add",
+        "digital",
+        True,
+        "Shift-and-add: `dst[:, dst_col:+ncols] += (-1)**neg * (src[...] << shift)`.",
+    ),
+    InstrSpec(
+        6,
+        "acc",
+        (
+            _buf("dst", "accumulator buffer"),
+            _col("dst_col", "first accumulator column"),
+            _buf("src", "partial-sum buffer"),
+            _col("src_col", "first source column"),
+            _NCOLS,
+        ),
+        "shift_add",
+        "digital",
+        True,
+        "Accumulate partial sums of another row tile: `dst[...] += src[...]`.",
+    ),
+    InstrSpec(
+        7,
+        "req",
+        (
+            _buf("dst", "destination buffer"),
+            _col("dst_col", "first destination column"),
+            _buf("src", "accumulator buffer"),
+            _col("src_col", "first accumulator column"),
+            _NCOLS,
+            Field("params", 16, "const", "[3, >=ncols] constant: bias, multiplier, shift"),
+            Field("zp", 16, "int", "output zero point", signed=True),
+            Field("bits", 5, "count", "output code width (1..31)"),
+            Field("signed", 1, "flag", "signed output codes"),
+            Field("relu", 1, "flag", "clamp below at the zero point"),
+        ),
+        "requant",
+        "digital",
+        True,
+        "Requantize: `clamp(round((src + bias) * multiplier / 2**shift) + zp)` per column.",
+    ),
+    InstrSpec(
+        8,
+        "store",
+        (
+            Field("tensor", 8, "tensor", "output tensor"),
+            _col("dst_col", "first tensor column"),
+            _buf("src", "source buffer"),
+            _col("src_col", "first source column"),
+            _NCOLS,
+        ),
+        "load_store",
+        "io",
+        True,
+        "Copy buffer columns into an output tensor (cast to its dtype).",
+    ),
+)
+
+BY_OPCODE: dict[int, InstrSpec] = {spec.opcode: spec for spec in INSTRUCTIONS}
+BY_MNEMONIC: dict[str, InstrSpec] = {spec.mnemonic: spec for spec in INSTRUCTIONS}
+MAX_OPERANDS = max(len(spec.fields) for spec in INSTRUCTIONS)
+OP = {spec.mnemonic.upper(): spec.opcode for spec in INSTRUCTIONS}  # OP["MVM"] == 3
+
+for _spec in INSTRUCTIONS:  # every word must fit 128 bits
+    assert OPCODE_BITS + sum(f.bits for f in _spec.fields) <= 8 * WORD_BYTES, _spec.mnemonic
+
+
+def _layout(spec: InstrSpec) -> list[tuple[int, Field]]:
+    """Bit offset of each operand field."""
+    offset, out = OPCODE_BITS, []
+    for f in spec.fields:
+        out.append((offset, f))
+        offset += f.bits
+    return out
+
+
+def encode(code: np.ndarray) -> bytes:
+    """Pack decoded instructions (``[n, 1 + MAX_OPERANDS]`` int64) into 16-byte words.
+
+    Operands must already fit their fields (``Program`` checks on construction).
+    """
+    code = np.asarray(code, dtype=np.int64).reshape(-1, 1 + MAX_OPERANDS)
+    lo = np.zeros(len(code), dtype=np.uint64)
+    hi = np.zeros(len(code), dtype=np.uint64)
+    for spec in INSTRUCTIONS:
+        rows = code[:, 0] == spec.opcode
+        if not rows.any():
+            continue
+        lo[rows] |= np.uint64(spec.opcode)
+        for col, (offset, f) in enumerate(_layout(spec), start=1):
+            raw = code[rows, col].astype(np.uint64) & np.uint64((1 << f.bits) - 1)
+            _put(lo, hi, rows, raw, offset, f.bits)
+    return np.stack([lo, hi], axis=1).astype("<u8").tobytes()
+
+
+def _put(lo, hi, rows, raw, offset, bits):
+    if offset + bits <= 64:
+        lo[rows] |= raw << np.uint64(offset)
+    elif offset >= 64:
+        hi[rows] |= raw << np.uint64(offset - 64)
+    else:  # straddles the two halves
+        lo[rows] |= raw << np.uint64(offset)
+        hi[rows] |= raw >> np.uint64(64 - offset)
+
+
+def decode(words: bytes) -> np.ndarray:
+    """Unpack 16-byte words into ``[n, 1 + MAX_OPERANDS]`` int64 rows.
+
+    Unknown opcodes are kept in column 0 with zero operands; the verifier rejects them.
+    """
+    pairs = np.frombuffer(words, dtype="<u8").reshape(-1, 2)
+    lo, hi = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
+    code = np.zeros((len(pairs), 1 + MAX_OPERANDS), dtype=np.int64)
+    code[:, 0] = (lo & np.uint64((1 << OPCODE_BITS) - 1)).astype(np.int64)
+    for spec in INSTRUCTIONS:
+        rows = code[:, 0] == spec.opcode
+        if not rows.any():
+            continue
+        for col, (offset, f) in enumerate(_layout(spec), start=1):
+            raw = _get(lo[rows], hi[rows], offset, f.bits).astype(np.int64)
+            if f.signed:
+                raw = np.where(raw >= (1 << (f.bits - 1)), raw - (1 << f.bits), raw)
+            code[rows, col] = raw
+    return code
+
+
+def _get(lo, hi, offset, bits):
+    mask = np.uint64((1 << bits) - 1)
+    if offset + bits <= 64:
+        return (lo >> np.uint64(offset)) & mask
+    if offset >= 64:
+        return (hi >> np.uint64(offset - 64)) & mask
+    return ((lo >> np.uint64(offset)) | (hi << np.uint64(64 - offset))) & mask
+
+
+def unused_operand_bits(words: bytes) -> np.ndarray:
+    """Boolean per word: does it set bits beyond its opcode's fields?
+
+    A well-formed encoder never does; the verifier treats such words as corrupt.
+    """
+    pairs = np.frombuffer(words, dtype="<u8").reshape(-1, 2)
+    lo, hi = pairs[:, 0], pairs[:, 1]
+    ops = (lo & np.uint64((1 << OPCODE_BITS) - 1)).astype(np.int64)
+    bad = np.zeros(len(pairs), dtype=bool)
+    for spec in INSTRUCTIONS:
+        used = OPCODE_BITS + sum(f.bits for f in spec.fields)
+        rows = ops == spec.opcode
+        if used < 64:
+            bad[rows] = ((lo[rows] >> np.uint64(used)) != 0) | (hi[rows] != 0)
+        else:
+            bad[rows] = (hi[rows] >> np.uint64(used - 64)) != 0 if used < 128 else False
+    return bad

@@ -1,0 +1,359 @@
+"""Crossbar programs: the in-memory form and the binary file format.
+
+File layout (all integers little-endian)::
+
+    offset 0   magic  b"CIMPROG\\0"          8 bytes
+           8   format version                u16
+          10   reserved (0)                  u16
+          12   section count                 u32
+          16   sections, each: tag (4 ASCII bytes), reserved u32, payload length u64,
+               then the payload
+         end   CRC-32 of every byte before it  u32
+
+Sections, in this order: ``META`` (UTF-8 JSON: program name, the arch it was compiled
+for, input and output tensor descriptions, buffer widths), ``IMGS`` (crossbar weight
+images), ``CNST`` (int64 constants) and ``INST`` (16-byte instruction words, see
+``isa``). Parsing never trusts a length: every failure is a ``ProgramError`` naming the
+file offset.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tvm_cim.arch import CimArch
+from tvm_cim.errors import ArchError, ProgramError
+
+from . import isa
+
+MAGIC = b"CIMPROG\0"
+FORMAT_VERSION = 1
+SECTION_TAGS = (b"META", b"IMGS", b"CNST", b"INST")
+_HEADER = struct.Struct("<8sHHI")
+_SECTION = struct.Struct("<4sIQ")
+_IMAGE = struct.Struct("<HHB3x")
+_CONST = struct.Struct("<II")
+
+#: Integer dtypes a tensor may have, with their widths.
+TENSOR_DTYPES = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int32": 32, "int64": 64}
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    """An input or output of a program: ``[batch, width]`` integers.
+
+    ``batch`` None means any number of input vectors, fixed per run. ``bits`` and
+    ``signed`` give the value range an input must respect (outputs: informative).
+    """
+
+    name: str
+    width: int
+    dtype: str = "int32"
+    bits: int = 32
+    signed: bool = True
+    batch: int | None = None
+
+    @property
+    def shape(self) -> tuple[int | None, int]:
+        return (self.batch, self.width)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "width": self.width,
+            "dtype": self.dtype,
+            "bits": self.bits,
+            "signed": self.signed,
+            "batch": self.batch,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorDesc:
+        try:
+            return cls(
+                name=str(d["name"]),
+                width=int(d["width"]),
+                dtype=str(d["dtype"]),
+                bits=int(d["bits"]),
+                signed=bool(d["signed"]),
+                batch=None if d.get("batch") is None else int(d["batch"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProgramError(f"malformed tensor description {d!r}: {exc}") from None
+
+
+@dataclass
+class CrossbarImage:
+    """The cell values one crossbar write programs.
+
+    ``cells`` is ``[physical_rows, cols]`` uint8, each below ``2**cell_bits``. With
+    ``differential_rows`` the bottom half holds negative weights: input ``k`` drives row
+    ``k`` positively and row ``k + in_rows`` negatively, so a column reads their
+    difference.
+    """
+
+    cells: np.ndarray
+    differential_rows: bool = False
+
+    @property
+    def physical_rows(self) -> int:
+        return int(self.cells.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.cells.shape[1])
+
+    @property
+    def in_rows(self) -> int:
+        """Number of inputs (buffer columns) one MVM reads."""
+        return self.physical_rows // 2 if self.differential_rows else self.physical_rows
+
+    def folded(self) -> np.ndarray:
+        """``[in_rows, cols]`` signed int64: what an MVM multiplies the inputs by."""
+        cells = self.cells.astype(np.int64)
+        if self.differential_rows:
+            return cells[: self.in_rows] - cells[self.in_rows :]
+        return cells
+
+
+@dataclass
+class Program:
+    """A crossbar program: instructions plus the data they refer to.
+
+    Build one with ``codegen.lower_matmul``, the assembler (``Program.from_asm``) or
+    ``Program.load``. ``code`` is the decoded instruction array (see ``isa``).
+    """
+
+    arch: CimArch
+    code: np.ndarray
+    inputs: list[TensorDesc] = field(default_factory=list)
+    outputs: list[TensorDesc] = field(default_factory=list)
+    buffers: list[int] = field(default_factory=list)
+    images: list[CrossbarImage] = field(default_factory=list)
+    constants: list[np.ndarray] = field(default_factory=list)
+    name: str = "program"
+
+    def __post_init__(self):
+        self.code = np.ascontiguousarray(self.code, dtype=np.int64).reshape(
+            -1, 1 + isa.MAX_OPERANDS
+        )
+        self.constants = [np.ascontiguousarray(c, dtype=np.int64) for c in self.constants]
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    # ------------------------------------------------------------------ views
+    def instructions(self):
+        """Yield ``(mnemonic, {field: value})`` per instruction, in order."""
+        for row in self.code:
+            spec = isa.BY_OPCODE.get(int(row[0]))
+            if spec is None:
+                yield f"<opcode {int(row[0])}>", {}
+            else:
+                yield spec.mnemonic, {f.name: int(v) for f, v in zip(spec.fields, row[1:])}
+
+    def input_index(self, name: str) -> int:
+        return [t.name for t in self.inputs].index(name)
+
+    def to_asm(self) -> str:
+        """The program as assembly text (``Program.from_asm`` reads it back)."""
+        from .asm import disassemble
+
+        return disassemble(self)
+
+    @classmethod
+    def from_asm(cls, text: str) -> Program:
+        """Assemble text into a program (raises ``ProgramError`` naming the line)."""
+        from .asm import assemble
+
+        return assemble(text)
+
+    def verify(self, arch: CimArch | None = None) -> None:
+        """Run the verifier; raises ``ProgramError`` on the first problem."""
+        from .verify import verify
+
+        verify(self, arch)
+
+    def estimate(self, batch: int | None = None, arch: CimArch | None = None):
+        """The static latency and counts of running ``batch`` input vectors.
+
+        ``batch`` defaults to the program's fixed batch, else 1.
+        This is the compiler's cost model; the simulator reports the same ``SimStats``.
+        """
+        from .timing import estimate
+
+        return estimate(self, batch, arch)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Program:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ProgramError(f"cannot read program {path}: {exc.strerror}") from None
+        return cls.from_bytes(data)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "name": self.name,
+            "arch": self.arch.to_dict(),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "buffers": [int(w) for w in self.buffers],
+        }
+        imgs = [struct.pack("<I", len(self.images))]
+        for img in self.images:
+            imgs.append(_IMAGE.pack(img.physical_rows, img.cols, int(img.differential_rows)))
+            imgs.append(np.ascontiguousarray(img.cells, dtype=np.uint8).tobytes())
+        consts = [struct.pack("<I", len(self.constants))]
+        for c in self.constants:
+            consts.append(_CONST.pack(*c.shape))
+            consts.append(c.astype("<i8").tobytes())
+        payloads = {
+            b"META": json.dumps(meta, sort_keys=True).encode(),
+            b"IMGS": b"".join(imgs),
+            b"CNST": b"".join(consts),
+            b"INST": struct.pack("<I", len(self.code)) + isa.encode(self.code),
+        }
+        parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(SECTION_TAGS))]
+        for tag in SECTION_TAGS:
+            parts.append(_SECTION.pack(tag, 0, len(payloads[tag])))
+            parts.append(payloads[tag])
+        body = b"".join(parts)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Program:
+        return _Parser(bytes(data)).parse()
+
+
+class _Parser:
+    """Reads the binary format; every read is bounds-checked."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > self.end:
+            raise ProgramError(f"truncated {what}: needs {n} bytes", offset=self.pos)
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple:
+        return st.unpack(self.take(st.size, what))
+
+    def parse(self) -> Program:
+        data = self.data
+        if len(data) < _HEADER.size + 4:
+            raise ProgramError(f"file too short ({len(data)} bytes)", offset=0)
+        self.end = len(data) - 4
+        magic, version, _, count = self.unpack(_HEADER, "header")
+        if magic != MAGIC:
+            raise ProgramError(f"bad magic {magic!r}, not a tvm-cim program", offset=0)
+        if version != FORMAT_VERSION:
+            raise ProgramError(
+                f"unsupported format version {version} (this build reads {FORMAT_VERSION})",
+                offset=8,
+            )
+        (stored_crc,) = struct.unpack("<I", data[-4:])
+        if zlib.crc32(data[:-4]) != stored_crc:
+            raise ProgramError("checksum mismatch: the file is corrupt", offset=len(data) - 4)
+        if count != len(SECTION_TAGS):
+            raise ProgramError(f"expected {len(SECTION_TAGS)} sections, got {count}", offset=12)
+        sections = {}
+        for expected in SECTION_TAGS:
+            start = self.pos
+            tag, _, length = self.unpack(_SECTION, "section header")
+            if tag != expected:
+                raise ProgramError(f"expected section {expected!r}, found {tag!r}", offset=start)
+            sections[tag] = (self.pos, self.take(length, f"section {tag.decode()}"))
+        if self.pos != self.end:
+            raise ProgramError("trailing bytes after the last section", offset=self.pos)
+
+        meta = self._meta(*sections[b"META"])
+        images = self._images(*sections[b"IMGS"])
+        constants = self._constants(*sections[b"CNST"])
+        code = self._code(*sections[b"INST"])
+        return Program(code=code, images=images, constants=constants, **meta)
+
+    def _sub(self, base: int, payload: bytes) -> _Parser:
+        sub = _Parser(self.data)
+        sub.pos, sub.end = base, base + len(payload)
+        return sub
+
+    def _meta(self, base: int, payload: bytes) -> dict:
+        try:
+            meta = json.loads(payload.decode("utf-8"))
+            arch = CimArch.from_dict(meta["arch"])
+            inputs = [TensorDesc.from_dict(t) for t in meta["inputs"]]
+            outputs = [TensorDesc.from_dict(t) for t in meta["outputs"]]
+            buffers = [int(w) for w in meta["buffers"]]
+            name = str(meta.get("name", "program"))
+        except ArchError as exc:
+            raise ProgramError(f"invalid arch in META: {exc}", offset=base) from None
+        except ProgramError as exc:
+            raise ProgramError(str(exc), offset=base) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ProgramError(f"malformed META section: {exc!r}", offset=base) from None
+        return {
+            "arch": arch,
+            "inputs": inputs,
+            "outputs": outputs,
+            "buffers": buffers,
+            "name": name,
+        }
+
+    def _images(self, base: int, payload: bytes) -> list[CrossbarImage]:
+        sub = self._sub(base, payload)
+        (count,) = sub.unpack(struct.Struct("<I"), "image count")
+        images = []
+        for i in range(count):
+            rows, cols, flags = sub.unpack(_IMAGE, f"image {i} header")
+            if flags > 1:
+                raise ProgramError(f"image {i}: unknown flags {flags}", offset=sub.pos - 4)
+            raw = sub.take(rows * cols, f"image {i} cells")
+            cells = np.frombuffer(raw, dtype=np.uint8).reshape(rows, cols).copy()
+            images.append(CrossbarImage(cells, differential_rows=bool(flags)))
+        if sub.pos != sub.end:
+            raise ProgramError("trailing bytes in IMGS", offset=sub.pos)
+        return images
+
+    def _constants(self, base: int, payload: bytes) -> list[np.ndarray]:
+        sub = self._sub(base, payload)
+        (count,) = sub.unpack(struct.Struct("<I"), "constant count")
+        consts = []
+        for i in range(count):
+            rows, cols = sub.unpack(_CONST, f"constant {i} header")
+            raw = sub.take(8 * rows * cols, f"constant {i} data")
+            consts.append(np.frombuffer(raw, dtype="<i8").reshape(rows, cols).astype(np.int64))
+        if sub.pos != sub.end:
+            raise ProgramError("trailing bytes in CNST", offset=sub.pos)
+        return consts
+
+    def _code(self, base: int, payload: bytes) -> np.ndarray:
+        sub = self._sub(base, payload)
+        (count,) = sub.unpack(struct.Struct("<I"), "instruction count")
+        start = sub.pos
+        words = sub.take(count * isa.WORD_BYTES, "instructions")
+        if sub.pos != sub.end:
+            raise ProgramError("trailing bytes in INST", offset=sub.pos)
+        bad = np.flatnonzero(isa.unused_operand_bits(words))
+        if len(bad):
+            i = int(bad[0])
+            raise ProgramError(
+                "instruction word sets bits outside its fields",
+                index=i,
+                offset=start + i * isa.WORD_BYTES,
+            )
+        return isa.decode(words)

@@ -1,0 +1,107 @@
+"""The numpy reference backend: one ``execute_<mnemonic>`` function per instruction.
+
+It defines the simulator's semantics in the plainest form; the Cython core must agree
+with it bit for bit (the tests run both). Column sums are computed with float64 BLAS,
+which is exact here: the verifier bounds cells and DAC chunks so that every partial
+sum stays far below 2**53.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tvm_cim import quant
+
+from .timing import Timeline
+
+
+class _State:
+    def __init__(self, prepared, inputs, batch, functional):
+        self.p = prepared
+        self.arch = prepared.arch
+        self.functional = functional
+        self.inputs = inputs
+        self.outputs = [np.zeros((batch, t.width), dtype=t.dtype) for t in prepared.outputs]
+        self.buffers = [np.zeros((batch, w), dtype=np.int64) for w in prepared.buffers]
+        self.weights = [None] * self.arch.crossbars  # folded float64 image per crossbar
+        self.held = [None] * self.arch.crossbars  # column sums after the last mvm
+
+
+def execute_halt(s: _State, ops):
+    pass
+
+
+def execute_prog(s: _State, ops):
+    s.weights[ops["xb"]] = s.p.folded[ops["image"]]
+
+
+def execute_load(s: _State, ops):
+    n = ops["ncols"]
+    src = s.inputs[ops["tensor"]][:, ops["src_col"] : ops["src_col"] + n]
+    s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n] = src
+
+
+def execute_mvm(s: _State, ops):
+    weights = s.weights[ops["xb"]]
+    rows = weights.shape[0]
+    x = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + rows]
+    chunk = quant.dac_chunk(x, ops["bit"], s.arch.dac_bits, bool(ops["signed"]))
+    s.held[ops["xb"]] = chunk.astype(np.float64) @ weights
+
+
+def execute_adc(s: _State, ops):
+    n = ops["ncols"]
+    sums = np.rint(s.held[ops["xb"]][:, ops["col"] : ops["col"] + n]).astype(np.int64)
+    read = quant.adc_read(sums, s.arch.adc_bits, ops["shift"], bool(ops["signed"]))
+    s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n] = read
+
+
+def execute_shadd(s: _State, ops):
+    n = ops["ncols"]
+    src = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + (1 if ops["bcast"] else n)]
+    term = src * (np.int64(1) << np.int64(ops["shift"]))
+    dst = s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n]
+    if ops["neg"]:
+        dst -= term
+    else:
+        dst += term
+
+
+def execute_acc(s: _State, ops):
+    n = ops["ncols"]
+    dst = s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n]
+    dst += s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + n]
+
+
+def execute_req(s: _State, ops):
+    n = ops["ncols"]
+    bias, multiplier, shift = s.p.constants[ops["params"]][:, :n]
+    qmin, qmax = quant.quant_range(ops["bits"], bool(ops["signed"]))
+    if ops["relu"]:
+        qmin = max(qmin, ops["zp"])
+    acc = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + n]
+    out = quant.requantize(acc, bias, multiplier, shift, ops["zp"], qmin, qmax)
+    s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n] = out
+
+
+def execute_store(s: _State, ops):
+    n = ops["ncols"]
+    src = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + n]
+    out = s.outputs[ops["tensor"]]
+    out[:, ops["dst_col"] : ops["dst_col"] + n] = src.astype(out.dtype)
+
+
+EXECUTE = {
+    name[len("execute_") :]: fn for name, fn in globals().items() if name.startswith("execute_")
+}
+
+
+def run(prepared, inputs: list[np.ndarray], batch: int, functional: bool):
+    """Execute a verified program; returns ``(outputs, stats)``."""
+    state = _State(prepared, inputs, batch, functional)
+    timeline = Timeline(prepared.arch, batch, len(prepared.buffers), prepared.images)
+    for mnemonic, ops in prepared.instructions:
+        if functional:
+            EXECUTE[mnemonic](state, ops)
+        timeline.issue(mnemonic, ops)
+    return state.outputs, timeline.stats

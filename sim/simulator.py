@@ -1,0 +1,177 @@
+"""The instruction-level simulator: verify, check inputs, execute on a backend.
+
+Two backends share one semantics: the Cython core (``_core.pyx``, the default) and the
+numpy reference (``reference.py``). ``TVM_CIM_PURE_PYTHON=1`` forces the reference, as
+does a build without the compiled extension.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from tvm_cim.arch import CimArch
+from tvm_cim.errors import InputError
+
+from . import isa, reference
+from .program import Program, TensorDesc
+from .timing import SimStats
+from .verify import check_arch, verify
+
+try:
+    from . import _core
+except ImportError:  # built without the extension: the reference still works
+    _core = None
+
+#: Refuse runs whose buffers would need more memory than this.
+MEMORY_LIMIT_BYTES = 2 << 30
+
+
+def available_backends() -> list[str]:
+    return ["cython", "numpy"] if _core is not None else ["numpy"]
+
+
+def default_backend() -> str:
+    if os.environ.get("TVM_CIM_PURE_PYTHON", "") not in ("", "0") or _core is None:
+        return "numpy"
+    return "cython"
+
+
+@dataclass
+class SimResult:
+    """Outputs by name, and what the run cost."""
+
+    outputs: dict[str, np.ndarray]
+    stats: SimStats
+
+
+class PreparedProgram:
+    """A verified, immutable snapshot of a program, ready to run many times."""
+
+    def __init__(self, program: Program, arch: CimArch):
+        arch = check_arch(program, arch)
+        verify(program, arch)
+        self.arch = arch
+        self.name = program.name
+        self.code = program.code.copy()
+        self.code.setflags(write=False)
+        self.inputs: list[TensorDesc] = list(program.inputs)
+        self.outputs: list[TensorDesc] = list(program.outputs)
+        self.buffers = [int(w) for w in program.buffers]
+        self.images = [type(img)(img.cells.copy(), img.differential_rows) for img in program.images]
+        self.folded = [img.folded().astype(np.float64) for img in self.images]
+        self.constants = [c.copy() for c in program.constants]
+        self.instructions = list(program.instructions())
+        self.fixed_batch = next(
+            (t.batch for t in self.inputs + self.outputs if t.batch is not None), None
+        )
+
+    def check_inputs(self, inputs: dict[str, np.ndarray], batch: int | None) -> tuple:
+        """Validate ``inputs``; return them in program order (int64) and the batch."""
+        names = [t.name for t in self.inputs]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise InputError(f"unknown input(s) {unknown}; the program takes {names}")
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the program takes {names}")
+        arrays = []
+        for t in self.inputs:
+            a = np.asarray(inputs[t.name])
+            if a.ndim == 1 and t.width == a.shape[0]:
+                a = a[None, :]
+            if a.ndim != 2 or a.shape[1] != t.width:
+                raise InputError(f"input {t.name!r}: shape {a.shape}, expected [batch, {t.width}]")
+            if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+                raise InputError(f"input {t.name!r}: dtype {a.dtype} is not an integer type")
+            a = a.astype(np.int64)
+            lo, hi = (
+                (-(1 << (t.bits - 1)), (1 << (t.bits - 1)) - 1)
+                if t.signed
+                else (0, (1 << t.bits) - 1)
+            )
+            if a.size and (a.min() < lo or a.max() > hi):
+                kind = "signed" if t.signed else "unsigned"
+                raise InputError(
+                    f"input {t.name!r}: values span {a.min()}..{a.max()}, outside {kind} "
+                    f"{t.bits}-bit range {lo}..{hi}"
+                )
+            arrays.append(np.ascontiguousarray(a))
+        batches = {a.shape[0] for a in arrays}
+        if batch is not None:
+            batches.add(batch)
+        if self.fixed_batch is not None:
+            batches.add(self.fixed_batch)
+        if len(batches) > 1:
+            raise InputError(f"inputs disagree on the batch size: {sorted(batches)}")
+        batch = batches.pop() if batches else 1
+        if batch < 1:
+            raise InputError("the batch must hold at least one input vector")
+        self._check_memory(batch)
+        return arrays, batch
+
+    def _check_memory(self, batch: int) -> None:
+        columns = sum(self.buffers) + sum(t.width for t in self.inputs + self.outputs)
+        columns += 2 * self.arch.crossbars * self.arch.cols  # held column sums
+        need = 8 * batch * columns
+        if need > MEMORY_LIMIT_BYTES:
+            raise InputError(
+                f"a batch of {batch} needs {need / 2**30:.1f} GiB of buffers, over the "
+                f"{MEMORY_LIMIT_BYTES / 2**30:.0f} GiB limit; run it in smaller batches"
+            )
+
+
+class Simulator:
+    """Runs crossbar programs bit-exactly and reports their latency.
+
+    Parameters
+    ----------
+    arch
+        Architecture to run on; None uses the one each program was compiled for. Its
+        structural fields must match the program's; latency and energy figures may
+        differ (what-if studies).
+    backend
+        ``"cython"`` or ``"numpy"``; default ``"cython"`` unless ``TVM_CIM_PURE_PYTHON``
+        is set or the extension is missing.
+    """
+
+    def __init__(self, arch: CimArch | None = None, backend: str | None = None):
+        self.arch = arch
+        self.backend = backend or default_backend()
+        if self.backend not in available_backends():
+            raise ValueError(f"backend {self.backend!r} not available; have {available_backends()}")
+
+    def prepare(self, program: Program) -> PreparedProgram:
+        """Verify ``program`` once for repeated runs."""
+        return PreparedProgram(program, self.arch)
+
+    def run(
+        self,
+        program: Program | PreparedProgram,
+        inputs: dict[str, np.ndarray] | None = None,
+        *,
+        functional: bool = True,
+        batch: int | None = None,
+    ) -> SimResult:
+        """Execute ``program`` on ``inputs`` (a dict from input name to array).
+
+        With ``functional=False`` no values are computed (inputs may be omitted if
+        ``batch`` is given) and the outputs are zeros; the stats are the same.
+        """
+        prepared = program if isinstance(program, PreparedProgram) else self.prepare(program)
+        if inputs is None and not functional:
+            inputs = {
+                t.name: np.zeros((batch or prepared.fixed_batch or 1, t.width), np.int64)
+                for t in prepared.inputs
+            }
+        arrays, batch = prepared.check_inputs(inputs or {}, batch)
+        if self.backend == "cython":
+            outputs, stats = _core.run(prepared, arrays, batch, functional)
+        else:
+            outputs, stats = reference.run(prepared, arrays, batch, functional)
+        return SimResult({t.name: o for t, o in zip(prepared.outputs, outputs)}, stats)
+
+
+__all__ = ["Simulator", "SimResult", "PreparedProgram", "available_backends", "isa"]

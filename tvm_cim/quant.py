@@ -1,0 +1,141 @@
+"""Integer quantization semantics, defined once for the whole project.
+
+Rounding, clamping, requantization, the bit-serial input chunks a DAC applies and the
+per-read ADC quantization live here and nowhere else: the simulator (both backends),
+the codegen and training-time fake quantization all call these functions, so what a
+model computes in training is what the crossbars compute.
+
+Every function works on numpy integer arrays and wraps like two's-complement int64
+arithmetic on overflow (the Cython simulator core reproduces exactly that).
+Rounding is round-half-to-even everywhere, the rule of ``numpy.round`` and
+``torch.round``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Largest right shift a requantization or ADC read may use; keeps every shift
+#: well-defined for int64 arithmetic.
+MAX_SHIFT = 62
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Smallest and largest integer of a ``bits``-wide (un)signed code."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def rounding_right_shift(x: np.ndarray, shift) -> np.ndarray:
+    """``x / 2**shift`` rounded half to even, for int64 ``x`` and shifts in 0..62.
+
+    ``shift`` is a scalar or an array that broadcasts against ``x``.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    if not shift.any():
+        return x.copy()
+    floor = x >> shift
+    remainder = x - (floor << shift)
+    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), np.int64(1) << 62)
+    round_up = (remainder > half) | ((remainder == half) & ((floor & 1) == 1))
+    return floor + round_up.astype(np.int64)
+
+
+def dac_chunk(x: np.ndarray, bit: int, dac_bits: int, signed: bool) -> np.ndarray:
+    """The ``dac_bits``-wide chunk of ``x`` starting at ``bit``, as a DAC drives it.
+
+    Unsigned chunks are the plain bits. A signed chunk (the top step of a
+    two's-complement input) sign-extends its top bit, so summing
+    ``chunk << bit`` over all steps rebuilds the signed input exactly.
+    """
+    mask = (1 << dac_bits) - 1
+    chunk = (np.asarray(x, dtype=np.int64) >> bit) & mask
+    if signed:
+        chunk = chunk - (((chunk >> (dac_bits - 1)) & 1) << dac_bits)
+    return chunk
+
+
+def adc_read(values: np.ndarray, adc_bits: int | None, shift: int, signed: bool) -> np.ndarray:
+    """One ADC conversion of column sums, in the units of the column sums.
+
+    A lossless ADC (``adc_bits=None``) returns the sums. A finite ADC divides by
+    ``2**shift`` (its step, chosen by the compiler from the column's range), rounds
+    half to even, saturates to its ``adc_bits`` code range and scales back.
+    """
+    values = np.asarray(values, dtype=np.int64)
+    if adc_bits is None:
+        return values.copy()
+    lo, hi = quant_range(adc_bits, signed)
+    codes = np.clip(rounding_right_shift(values, shift), lo, hi)
+    return codes << np.int64(shift)
+
+
+def requantize(
+    acc: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    zero_point: int,
+    qmin: int,
+    qmax: int,
+) -> np.ndarray:
+    """Fixed-point requantization of int64 accumulators, per output channel.
+
+    ``clamp(round((acc + bias) * multiplier / 2**shift) + zero_point, qmin, qmax)``,
+    where ``bias``, ``multiplier`` and ``shift`` broadcast along the last axis.
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    scaled = (acc + np.asarray(bias, dtype=np.int64)) * np.asarray(multiplier, dtype=np.int64)
+    rounded = rounding_right_shift(scaled, shift) + np.int64(zero_point)
+    return np.clip(rounded, qmin, qmax)
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """How integer accumulators become the next operator's integer inputs.
+
+    Attributes
+    ----------
+    multiplier, shift
+        Per-output-channel fixed-point scale ``multiplier / 2**shift``
+        (``multiplier`` fits int32, ``shift`` in 0..62); scalars broadcast.
+    zero_point
+        Added after scaling.
+    out_bits, signed
+        Code range of the result.
+    relu
+        Clamp below at the zero point as well.
+    bias
+        Per-channel integer bias added to the accumulator before scaling.
+    """
+
+    multiplier: np.ndarray | int
+    shift: np.ndarray | int
+    zero_point: int = 0
+    out_bits: int = 8
+    signed: bool = False
+    relu: bool = False
+    bias: np.ndarray | int = 0
+
+    def clamp_range(self) -> tuple[int, int]:
+        """``(qmin, qmax)`` after ReLU."""
+        qmin, qmax = quant_range(self.out_bits, self.signed)
+        if self.relu:
+            qmin = max(qmin, self.zero_point)
+        return qmin, qmax
+
+    def params(self, channels: int) -> np.ndarray:
+        """The ``[3, channels]`` int64 table of bias, multiplier and shift."""
+        table = np.empty((3, channels), dtype=np.int64)
+        for row, value in enumerate((self.bias, self.multiplier, self.shift)):
+            table[row] = np.broadcast_to(np.asarray(value, dtype=np.int64), (channels,))
+        return table
+
+    def apply(self, acc: np.ndarray) -> np.ndarray:
+        """Requantize ``acc`` (``[..., channels]``) with these parameters."""
+        bias, multiplier, shift = self.params(np.shape(acc)[-1])
+        return requantize(acc, bias, multiplier, shift, self.zero_point, *self.clamp_range())
