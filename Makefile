@@ -15,7 +15,7 @@ install: $(STAMP)
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py pyproject.toml | $(VPY)
+$(STAMP): setup.py pyproject.toml sim/_core.pyx | $(VPY)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_SPEC)"
 	$(VPY) -m pip install -e ".[all]"

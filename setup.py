@@ -4,8 +4,6 @@ The four component folders are installed as subpackages of ``tvm_cim`` so that
 nothing called ``sim`` or ``agent`` lands in site-packages.
 """
 
-import os
-
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
@@ -24,8 +22,6 @@ def _packages():
     packages = ["tvm_cim"] + [f"tvm_cim.{p}" for p in find_packages("tvm_cim")]
     package_dir = {"tvm_cim": "tvm_cim"}
     for name, folder in COMPONENTS.items():
-        if not os.path.isdir(folder):
-            continue
         packages.append(name)
         package_dir[name] = folder
         for sub in find_packages(folder):

@@ -35,10 +35,11 @@ def _check_bits(what: str, bits: int) -> None:
 
 
 def _smallest_dtype(bits: int, signed: bool) -> str:
-    for width in (8, 16, 32):
+    """The narrowest tensor dtype holding ``bits``-wide (un)signed codes."""
+    for width in (8, 16):
         if bits <= width:
             return f"int{width}" if signed else f"uint{width}"
-    return "int64"
+    return "int32" if bits <= (32 if signed else 31) else "int64"
 
 
 def _chunk_range(dac_bits: int, signed: bool) -> tuple[int, int]:
@@ -190,7 +191,7 @@ class _Lowering:
             out = TensorDesc(
                 "y",
                 m.outputs,
-                _smallest_dtype(self.rq.out_bits, True),
+                _smallest_dtype(self.rq.out_bits, self.rq.signed),
                 self.rq.out_bits,
                 self.rq.signed,
                 self.batch,

@@ -1,3 +1,776 @@
-"""Compiled simulator core (placeholder)."""
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False
+# distutils: define_macros=NPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION
+"""Compiled simulator core: the semantics of ``reference.py``, executed in C.
 
-AVAILABLE = True
+``run`` views the verified instruction array (``PreparedProgram.code``) as a typed
+memoryview and dispatches on the opcode in C loops that hold no Python objects and
+release the GIL. The verifier has checked every index, so nothing is bounds-checked.
+
+* The schedule is ``timing.Timeline`` re-done in C, fed by the same ISA table and
+  read/write operand lists, in one pass over the code; the tests hold it equal to the
+  reference and to ``Program.estimate``.
+* Values are computed in a second pass, once per row tile: every instruction treats each
+  input vector on its own, so the whole program runs on a few hundred vectors at a time
+  while their buffers stay in cache.
+* Integer arithmetic is done in ``uint64_t`` and cast back: that is exactly how numpy's
+  int64 wraps on overflow, without C's undefined signed overflow.
+* Column sums are BLAS products (s/d gemm and gemv from scipy's ``cython_blas``, looked
+  up at import time so the build needs no scipy headers). float32 is used when every
+  image's largest possible column sum fits its 24-bit significand, which makes it
+  exact; otherwise float64, exact below 2**53 as the reference's.
+"""
+
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+
+cimport numpy as cnp
+import numpy as np
+
+from . import isa, reference, timing
+from .timing import SimStats
+
+cnp.import_array()
+
+
+# ---------------------------------------------------------------------------- BLAS
+
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k,
+                         float *alpha, float *a, int *lda, float *b, int *ldb,
+                         float *beta, float *c, int *ldc) noexcept nogil
+ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k,
+                         double *alpha, double *a, int *lda, double *b, int *ldb,
+                         double *beta, double *c, int *ldc) noexcept nogil
+ctypedef void (*sgemv_t)(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                         float *x, int *incx, float *beta, float *y, int *incy) noexcept nogil
+ctypedef void (*dgemv_t)(char *trans, int *m, int *n, double *alpha, double *a, int *lda,
+                         double *x, int *incx, double *beta, double *y, int *incy) noexcept nogil
+
+
+cdef void *_blas_function(str name) except NULL:
+    # An ImportError makes the simulator fall back to the numpy reference.
+    try:
+        from scipy.linalg import cython_blas
+
+        capsule = cython_blas.__pyx_capi__[name]
+        return PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+    except (ImportError, KeyError, ValueError) as exc:
+        raise ImportError(f"no BLAS {name} from scipy.linalg.cython_blas: {exc}") from exc
+
+
+cdef sgemm_t _sgemm = <sgemm_t>_blas_function("sgemm")
+cdef dgemm_t _dgemm = <dgemm_t>_blas_function("dgemm")
+cdef sgemv_t _sgemv = <sgemv_t>_blas_function("sgemv")
+cdef dgemv_t _dgemv = <dgemv_t>_blas_function("dgemv")
+
+
+# ------------------------------------------------------------------- the ISA table
+
+cdef enum:
+    HALT = 0
+    PROG = 1
+    LOAD = 2
+    MVM = 3
+    ADC = 4
+    SHADD = 5
+    ACC = 6
+    REQ = 7
+    STORE = 8
+    NOPS = 64  # 6-bit opcode field
+    MAXN = 256  # most buffers, crossbars and tensors of each kind a program may have
+    NUNITS = MAXN + 3  # the crossbars, then digital, io and control
+    _GEMV_ROWS = 8  # fewer vectors than this: GEMV per vector rather than one GEMM
+
+# The operand order every execute function below assumes. If the table changes without
+# this core, importing it fails and the simulator falls back to the numpy reference.
+_LAYOUT = {
+    HALT: ("halt", ()),
+    PROG: ("prog", ("xb", "image")),
+    LOAD: ("load", ("dst", "dst_col", "tensor", "src_col", "ncols")),
+    MVM: ("mvm", ("xb", "src", "src_col", "bit", "signed")),
+    ADC: ("adc", ("dst", "dst_col", "xb", "col", "ncols", "shift", "signed")),
+    SHADD: ("shadd", ("dst", "dst_col", "src", "src_col", "ncols", "shift", "neg", "bcast")),
+    ACC: ("acc", ("dst", "dst_col", "src", "src_col", "ncols")),
+    REQ: (
+        "req",
+        ("dst", "dst_col", "src", "src_col", "ncols", "params", "zp", "bits", "signed", "relu"),
+    ),
+    STORE: ("store", ("tensor", "dst_col", "src", "src_col", "ncols")),
+}
+if isa.OPCODE_BITS != 6 or _LAYOUT != {
+    spec.opcode: (spec.mnemonic, tuple(f.name for f in spec.fields)) for spec in isa.INSTRUCTIONS
+}:
+    raise ImportError("tvm_cim.sim._core was built for another instruction table")
+
+# Per opcode, what the scoreboard needs (operand positions are 0-based after the opcode).
+cdef int _PER_VECTOR[NOPS]
+cdef int _UNIT[NOPS]  # -1: the crossbar named by operand _XB_OPERAND; else 0, 1, 2
+cdef int _XB_OPERAND[NOPS]
+cdef int _NREADS[NOPS]
+cdef int _READS[NOPS][2]
+cdef int _NWRITES[NOPS]
+cdef int _WRITES[NOPS][2]
+
+_UNITS = ("digital", "io", "control")
+
+
+cdef int _build_tables() except -1:
+    for spec in isa.INSTRUCTIONS:
+        op = spec.opcode
+        _PER_VECTOR[op] = spec.per_vector
+        if spec.unit == "crossbar":
+            _UNIT[op] = -1
+            _XB_OPERAND[op] = spec.field_index("xb") - 1
+        else:
+            _UNIT[op] = _UNITS.index(spec.unit)
+        reads = timing._READS.get(spec.mnemonic, ())
+        writes = timing._WRITES.get(spec.mnemonic, ())
+        if len(reads) > 2 or len(writes) > 2:
+            raise ImportError(f"{spec.mnemonic}: too many buffer operands for the scoreboard")
+        _NREADS[op] = len(reads)
+        for i, name in enumerate(reads):
+            _READS[op][i] = spec.field_index(name) - 1
+        _NWRITES[op] = len(writes)
+        for i, name in enumerate(writes):
+            _WRITES[op][i] = spec.field_index(name) - 1
+    return 0
+
+
+_build_tables()
+
+
+# ------------------------------------------------------------------ integer helpers
+
+cdef inline int64_t _add(int64_t a, int64_t b) noexcept nogil:
+    return <int64_t>((<uint64_t>a) + (<uint64_t>b))
+
+
+cdef inline int64_t _sub(int64_t a, int64_t b) noexcept nogil:
+    return <int64_t>((<uint64_t>a) - (<uint64_t>b))
+
+
+cdef inline int64_t _mul(int64_t a, int64_t b) noexcept nogil:
+    return <int64_t>((<uint64_t>a) * (<uint64_t>b))
+
+
+cdef inline int64_t _shl(int64_t a, int64_t s) noexcept nogil:
+    return <int64_t>((<uint64_t>a) << s)
+
+
+cdef inline int64_t _max(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline int64_t _round_shift(int64_t x, int64_t s) noexcept nogil:
+    """``quant.rounding_right_shift``: x / 2**s rounded half to even (s in 0..62)."""
+    if s == 0:
+        return x
+    cdef int64_t floor = x >> s  # arithmetic shift: floor division
+    cdef int64_t rem = _sub(x, _shl(floor, s))
+    cdef int64_t half = (<int64_t>1) << (s - 1)
+    if rem > half or (rem == half and (floor & 1)):
+        return floor + 1
+    return floor
+
+
+cdef inline void _quant_range(int64_t bits, bint signed, int64_t *lo, int64_t *hi) noexcept nogil:
+    if signed:
+        lo[0] = -((<int64_t>1) << (bits - 1))
+        hi[0] = ((<int64_t>1) << (bits - 1)) - 1
+    else:
+        lo[0] = 0
+        hi[0] = ((<int64_t>1) << bits) - 1
+
+
+# ------------------------------------------------------------------- machine state
+
+cdef struct Machine:
+    int64_t vectors  # the batch: what the schedule and the counts scale by
+    int64_t rows  # input vectors of the row tile being executed
+    int crossbars
+    int dac_bits
+    int adc_bits  # 0: lossless
+    bint f32  # column sums, images and DAC chunks in float32 (else float64)
+    # program tables (owned by the _Plan)
+    void **img  # folded [in_rows, cols] float image per image index
+    int *in_rows
+    int *phys_rows
+    int *img_cols
+    int64_t **consts
+    int64_t *const_w
+    int64_t *lat  # picoseconds per opcode, per vector where per-vector
+    # data: C-contiguous [rows, width] int64 views of the tile's buffers and tensors
+    int64_t tile  # vectors per row tile
+    int64_t *buf[MAXN]  # one allocation of tile * buf_total, in buffer order
+    int64_t buf_w[MAXN]
+    int64_t buf_total
+    int n_inp
+    int64_t *inp_base[MAXN]  # [vectors, width] input tensors
+    int64_t *inp[MAXN]
+    int64_t inp_w[MAXN]
+    int n_out
+    char *out_base[MAXN]  # [vectors, width] output tensors
+    char *out[MAXN]
+    int64_t out_w[MAXN]
+    int out_size[MAXN]  # output itemsize: casting keeps the low bytes, as astype does
+    void *held[MAXN]  # column sums per crossbar, [rows, held_w]
+    int64_t held_w[MAXN]
+    void *chunks  # the DAC chunk plane of one mvm, [rows, in_rows]
+    int64_t *row  # one buffer row, for sources that overlap their destination
+    int image_on[MAXN]  # image each crossbar holds, as execution goes
+    # schedule and counts, as timing.Timeline keeps them
+    int sched_image[MAXN]  # image each crossbar holds, as scheduling goes
+    int64_t unit_free[NUNITS]
+    int64_t written[MAXN]
+    int64_t read[MAXN]
+    int64_t busy[MAXN]
+    int64_t latency
+    int64_t sequential
+    int64_t count[NOPS]
+    int64_t crossbar_writes
+    int64_t mvm_executions
+    int64_t cell_macs
+    int64_t adc_conversions
+    int64_t digital_ops
+
+
+cdef inline void _schedule(Machine *m, int op, const int64_t *ops) noexcept nogil:
+    """``Timeline.issue``: list-schedule one instruction on its unit."""
+    cdef int64_t lat = m.lat[op] * (m.vectors if _PER_VECTOR[op] else 1)
+    cdef int unit = <int>ops[_XB_OPERAND[op]] if _UNIT[op] < 0 else m.crossbars + _UNIT[op]
+    cdef int64_t start = m.unit_free[unit], end, b
+    cdef int i
+    for i in range(_NREADS[op]):
+        start = _max(start, m.written[ops[_READS[op][i]]])
+    for i in range(_NWRITES[op]):
+        b = ops[_WRITES[op][i]]
+        start = _max(start, _max(m.written[b], m.read[b]))
+    end = start + lat
+    m.unit_free[unit] = end
+    for i in range(_NREADS[op]):
+        b = ops[_READS[op][i]]
+        m.read[b] = _max(m.read[b], end)
+    for i in range(_NWRITES[op]):
+        m.written[ops[_WRITES[op][i]]] = end
+    m.latency = _max(m.latency, end)
+    m.sequential += lat
+    if _UNIT[op] < 0:
+        m.busy[unit] += lat
+    m.count[op] += 1
+
+
+cdef inline void _tally(Machine *m, int op, const int64_t *ops) noexcept nogil:
+    """``Timeline._count``."""
+    cdef int img
+    if op == PROG:
+        m.crossbar_writes += 1
+        m.sched_image[ops[0]] = <int>ops[1]
+    elif op == MVM:
+        img = m.sched_image[ops[0]]
+        m.mvm_executions += m.vectors
+        m.cell_macs += m.vectors * m.phys_rows[img] * m.img_cols[img]
+    elif op == ADC:
+        m.adc_conversions += m.vectors * ops[4]
+    elif op == SHADD or op == ACC or op == REQ:
+        m.digital_ops += m.vectors
+
+
+cdef inline const int64_t *_source_row(Machine *m, int64_t dst, int64_t dst_col,
+                                       int64_t src, int64_t src_col, int64_t n,
+                                       const int64_t *s) noexcept nogil:
+    """Row ``s`` of the source, copied first where writing the destination would clobber
+    columns still to be read (numpy computes the whole source term first)."""
+    if src == dst and src_col < dst_col < src_col + n:
+        memcpy(m.row, s, n * sizeof(int64_t))
+        return m.row
+    return s
+
+
+# -------------------------------------------------------------- float kernels
+
+ctypedef fused real:
+    float
+    double
+
+
+cdef void _dac_plane(real *plane, const int64_t *x, int64_t stride, int64_t batch,
+                     int64_t k, int64_t bit, int dac_bits, bint signed) noexcept nogil:
+    """``quant.dac_chunk`` of ``x[:, :k]`` into the float plane ``[batch, k]``."""
+    cdef int64_t mask = ((<int64_t>1) << dac_bits) - 1
+    cdef int64_t sign = (<int64_t>1) << (dac_bits - 1)
+    cdef int64_t r, j
+    cdef const int64_t *row
+    cdef real *dst
+    for r in range(batch):
+        row = x + r * stride
+        dst = plane + r * k
+        # Chunks fit int32, whose conversion to float vectorizes (int64's may not).
+        if signed:  # sign-extend the chunk's top bit
+            for j in range(k):
+                dst[j] = <real>(<int32_t>((((row[j] >> bit) & mask) ^ sign) - sign))
+        else:
+            for j in range(k):
+                dst[j] = <real>(<int32_t>((row[j] >> bit) & mask))
+
+
+cdef void _adc_plane(int64_t *dst, int64_t dst_stride, const real *sums, int64_t sums_stride,
+                     int64_t rows, int64_t n, int adc_bits, int64_t shift,
+                     bint signed) noexcept nogil:
+    """``quant.adc_read`` of integral float column sums into an int64 buffer."""
+    cdef int64_t r, j, lo = 0, hi = 0, v, floor, rem, up
+    cdef int64_t half = ((<int64_t>1) << (shift - 1)) if shift else 0
+    cdef int64_t mask = ((<int64_t>1) << shift) - 1
+    cdef const real *s
+    cdef int64_t *d
+    _quant_range(adc_bits if adc_bits else 1, signed, &lo, &hi)
+    for r in range(rows):
+        s = sums + r * sums_stride
+        d = dst + r * dst_stride
+        if adc_bits == 0:  # lossless
+            for j in range(n):
+                # float32 sums are below 2**24: the int32 conversion vectorizes
+                d[j] = <int32_t>s[j] if real is float else <int64_t>s[j]
+        elif shift == 0:
+            for j in range(n):
+                v = <int64_t>s[j]
+                d[j] = lo if v < lo else (hi if v > hi else v)
+        elif real is float and shift < 31:
+            _adc_round_int32(d, s, n, shift, lo, hi)
+        else:
+            # _round_shift without branches: the remainders are random, branches mispredict.
+            for j in range(n):
+                v = <int64_t>s[j]
+                floor = v >> shift
+                rem = v & mask
+                up = (rem > half) | ((rem == half) & floor & 1)
+                v = floor + up
+                v = lo if v < lo else (hi if v > hi else v)
+                d[j] = _shl(v, shift)
+
+
+cdef inline void _adc_round_int32(int64_t *d, const float *s, int64_t n, int64_t shift,
+                                  int64_t lo, int64_t hi) noexcept nogil:
+    """The finite-ADC read of float32 sums (below 2**24) in int32, which vectorizes.
+
+    Half to even as ``(v + half - 1 + odd(v >> shift)) >> shift``: no branches, and no
+    overflow for such sums. Clamping the code range to int32 changes nothing for them.
+    """
+    cdef int32_t lo32 = <int32_t>_max(lo, -2147483648)
+    cdef int32_t hi32 = <int32_t>(hi if hi < 2147483647 else 2147483647)
+    cdef int32_t bias = ((<int32_t>1) << (shift - 1)) - 1
+    cdef int32_t sh = <int32_t>shift
+    cdef int32_t v
+    cdef int64_t j
+    for j in range(n):
+        v = <int32_t>s[j]
+        v = (v + bias + ((v >> sh) & 1)) >> sh
+        v = lo32 if v < lo32 else v
+        v = hi32 if v > hi32 else v
+        d[j] = _shl(v, sh)
+
+
+# -------------------------------------------------------------- instructions
+
+cdef void _prog(Machine *m, const int64_t *ops) noexcept nogil:
+    m.image_on[ops[0]] = <int>ops[1]
+
+
+cdef void _load(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[0], dst_col = ops[1], t = ops[2], src_col = ops[3], n = ops[4]
+    cdef int64_t r
+    for r in range(m.rows):
+        memcpy(m.buf[dst] + r * m.buf_w[dst] + dst_col,
+               m.inp[t] + r * m.inp_w[t] + src_col, n * sizeof(int64_t))
+
+
+cdef void _column_sums(real *image, int k, int cols, real *chunks, real *sums,
+                       int rows) noexcept nogil:
+    """Row-major ``sums[rows, cols] = chunks[rows, k] @ image[k, cols]``.
+
+    In BLAS's column-major terms that is ``image^T-view @ chunks^T-view``:
+    gemm('N', 'N', cols, rows, k). A GEMM packs the whole image on every call, which
+    dominates for a few vectors: those take one GEMV per vector instead.
+    """
+    cdef char no = b'N'
+    cdef real one = 1, zero = 0
+    cdef int one_i = 1, r
+    if rows < _GEMV_ROWS:
+        for r in range(rows):
+            if real is float:
+                _sgemv(&no, &cols, &k, &one, image, &cols, chunks + r * k, &one_i, &zero,
+                       sums + r * cols, &one_i)
+            else:
+                _dgemv(&no, &cols, &k, &one, image, &cols, chunks + r * k, &one_i, &zero,
+                       sums + r * cols, &one_i)
+    elif real is float:
+        _sgemm(&no, &no, &cols, &rows, &k, &one, image, &cols, chunks, &k, &zero, sums, &cols)
+    else:
+        _dgemm(&no, &no, &cols, &rows, &k, &one, image, &cols, chunks, &k, &zero, sums, &cols)
+
+
+cdef void _mvm(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t xb = ops[0], src = ops[1], src_col = ops[2], bit = ops[3]
+    cdef bint signed = ops[4] != 0
+    cdef int img = m.image_on[xb]
+    cdef int k = m.in_rows[img], cols = m.img_cols[img], rows = <int>m.rows
+    cdef const int64_t *x = m.buf[src] + src_col
+    m.held_w[xb] = cols
+    if m.f32:
+        _dac_plane(<float *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
+        _column_sums(<float *>m.img[img], k, cols, <float *>m.chunks, <float *>m.held[xb], rows)
+    else:
+        _dac_plane(<double *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
+        _column_sums(<double *>m.img[img], k, cols, <double *>m.chunks, <double *>m.held[xb],
+                     rows)
+
+
+cdef void _adc(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[0], dst_col = ops[1], xb = ops[2], col = ops[3], n = ops[4]
+    cdef int64_t shift = ops[5]
+    cdef bint signed = ops[6] != 0
+    cdef int64_t *d = m.buf[dst] + dst_col
+    if m.f32:
+        _adc_plane(d, m.buf_w[dst], <float *>m.held[xb] + col, m.held_w[xb], m.rows, n,
+                   m.adc_bits, shift, signed)
+    else:
+        _adc_plane(d, m.buf_w[dst], <double *>m.held[xb] + col, m.held_w[xb], m.rows, n,
+                   m.adc_bits, shift, signed)
+
+
+cdef void _shadd(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
+    cdef int64_t shift = ops[5]
+    cdef bint neg = ops[6] != 0, bcast = ops[7] != 0
+    cdef int64_t r, j, term
+    cdef int64_t *d
+    cdef const int64_t *s
+    for r in range(m.rows):
+        d = m.buf[dst] + r * m.buf_w[dst] + dst_col
+        s = m.buf[src] + r * m.buf_w[src] + src_col
+        if bcast:  # the single source column, read before any write
+            term = _shl(s[0], shift)
+            if neg:
+                term = _sub(0, term)
+            for j in range(n):
+                d[j] = _add(d[j], term)
+            continue
+        s = _source_row(m, dst, dst_col, src, src_col, n, s)
+        if neg:
+            for j in range(n):
+                d[j] = _sub(d[j], _shl(s[j], shift))
+        else:
+            for j in range(n):
+                d[j] = _add(d[j], _shl(s[j], shift))
+
+
+cdef void _acc(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
+    cdef int64_t r, j
+    cdef int64_t *d
+    cdef const int64_t *s
+    for r in range(m.rows):
+        d = m.buf[dst] + r * m.buf_w[dst] + dst_col
+        s = m.buf[src] + r * m.buf_w[src] + src_col
+        s = _source_row(m, dst, dst_col, src, src_col, n, s)
+        for j in range(n):
+            d[j] = _add(d[j], s[j])
+
+
+cdef void _req(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
+    cdef int64_t zp = ops[6], lo = 0, hi = 0, r, j, v
+    cdef const int64_t *bias = m.consts[ops[5]]
+    cdef const int64_t *mult = bias + m.const_w[ops[5]]
+    cdef const int64_t *shift = mult + m.const_w[ops[5]]
+    cdef int64_t *d
+    cdef const int64_t *s
+    _quant_range(ops[7], ops[8] != 0, &lo, &hi)
+    if ops[9]:  # relu: clamp below at the zero point
+        lo = _max(lo, zp)
+    for r in range(m.rows):
+        d = m.buf[dst] + r * m.buf_w[dst] + dst_col
+        s = m.buf[src] + r * m.buf_w[src] + src_col
+        s = _source_row(m, dst, dst_col, src, src_col, n, s)
+        for j in range(n):
+            v = _add(_round_shift(_mul(_add(s[j], bias[j]), mult[j]), shift[j]), zp)
+            v = _max(v, lo)  # np.clip is max-then-min: lo > hi gives hi
+            d[j] = hi if v > hi else v
+
+
+cdef void _store(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t t = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
+    cdef int64_t r, j
+    cdef const int64_t *s
+    cdef char *d
+    cdef int size = m.out_size[t]
+    for r in range(m.rows):
+        s = m.buf[src] + r * m.buf_w[src] + src_col
+        d = m.out[t] + (r * m.out_w[t] + dst_col) * size
+        if size == 8:
+            memcpy(d, s, n * sizeof(int64_t))
+        elif size == 4:
+            for j in range(n):
+                (<uint32_t *>d)[j] = <uint32_t>(<uint64_t>s[j])
+        elif size == 2:
+            for j in range(n):
+                (<uint16_t *>d)[j] = <uint16_t>(<uint64_t>s[j])
+        else:
+            for j in range(n):
+                (<uint8_t *>d)[j] = <uint8_t>(<uint64_t>s[j])
+
+
+cdef void _schedule_all(Machine *m, const int64_t *code, Py_ssize_t n,
+                        Py_ssize_t width) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef const int64_t *row
+    for i in range(n):
+        row = code + i * width
+        _schedule(m, <int>row[0], row + 1)
+        _tally(m, <int>row[0], row + 1)
+
+
+cdef void _execute_tile(Machine *m, const int64_t *code, Py_ssize_t n,
+                        Py_ssize_t width) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int op
+    cdef const int64_t *ops
+    for i in range(n):
+        op = <int>code[i * width]
+        ops = code + i * width + 1
+        if op == MVM:
+            _mvm(m, ops)
+        elif op == ADC:
+            _adc(m, ops)
+        elif op == SHADD:
+            _shadd(m, ops)
+        elif op == ACC:
+            _acc(m, ops)
+        elif op == PROG:
+            _prog(m, ops)
+        elif op == LOAD:
+            _load(m, ops)
+        elif op == REQ:
+            _req(m, ops)
+        elif op == STORE:
+            _store(m, ops)
+
+
+cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
+                   Py_ssize_t width) noexcept nogil:
+    """Run the program on row tiles of ``m.tile`` vectors, one after the other.
+
+    Every instruction treats each input vector on its own, so running the whole program
+    per tile gives the same values while the tile's buffers stay in cache. Buffers are
+    zeroed per tile, as the reference zeroes them per run.
+    """
+    cdef int64_t r0 = 0, i
+    while r0 < m.vectors:
+        m.rows = m.tile if r0 + m.tile <= m.vectors else m.vectors - r0
+        if m.buf_total:
+            memset(m.buf[0], 0, m.tile * m.buf_total * sizeof(int64_t))
+        for i in range(m.n_inp):
+            m.inp[i] = m.inp_base[i] + r0 * m.inp_w[i]
+        for i in range(m.n_out):
+            m.out[i] = m.out_base[i] + r0 * m.out_w[i] * m.out_size[i]
+        _execute_tile(m, code, n, width)
+        r0 += m.tile
+
+
+# ------------------------------------------------------------------------ the plan
+
+_INT64_LIMIT = 2**63
+
+
+cdef inline void *_data(a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef class _Plan:
+    """What ``run`` needs from a ``PreparedProgram`` beyond its code, made once per
+    prepared program (which is immutable) and cached on it."""
+
+    cdef object keep  # the arrays the pointers below point into
+    cdef void **img
+    cdef int *in_rows
+    cdef int *phys_rows
+    cdef int *img_cols
+    cdef int64_t **consts
+    cdef int64_t *const_w
+    cdef int64_t lat[NOPS]
+    cdef bint f32
+    cdef int max_in_rows
+    cdef int max_cols
+    cdef object sums_xbs  # crossbars some mvm drives
+    cdef object bound  # every count and time is at most batch * bound
+
+    def __cinit__(self, prepared):
+        arch = prepared.arch
+        images = prepared.images
+        nimg, ncon = len(images), len(prepared.constants)
+        self.img = <void **>calloc(max(nimg, 1), sizeof(void *))
+        self.in_rows = <int *>calloc(max(nimg, 1), sizeof(int))
+        self.phys_rows = <int *>calloc(max(nimg, 1), sizeof(int))
+        self.img_cols = <int *>calloc(max(nimg, 1), sizeof(int))
+        self.consts = <int64_t **>calloc(max(ncon, 1), sizeof(int64_t *))
+        self.const_w = <int64_t *>calloc(max(ncon, 1), sizeof(int64_t))
+        if not (self.img and self.in_rows and self.phys_rows and self.img_cols
+                and self.consts and self.const_w):
+            raise MemoryError()
+
+        # float32 is exact when no column sum can reach 2**24.
+        largest = ((1 << arch.dac_bits) * ((1 << arch.cell_bits) - 1))
+        self.f32 = all(img.physical_rows * largest < (1 << 24) for img in images)
+        dtype = np.float32 if self.f32 else np.float64
+        keep = []
+        for i, img in enumerate(images):
+            folded = np.ascontiguousarray(prepared.folded[i], dtype=dtype)
+            keep.append(folded)
+            self.img[i] = _data(folded)
+            self.in_rows[i] = folded.shape[0]
+            self.phys_rows[i] = img.physical_rows
+            self.img_cols[i] = folded.shape[1]
+        for i, const in enumerate(prepared.constants):
+            const = np.ascontiguousarray(const, dtype=np.int64)
+            keep.append(const)
+            self.consts[i] = <int64_t *>_data(const)
+            self.const_w[i] = const.shape[1]
+        self.keep = keep
+        self.max_in_rows = max([f.shape[0] for f in keep[:nimg]], default=1)
+        self.max_cols = max([f.shape[1] for f in keep[:nimg]], default=1)
+
+        code = prepared.code
+        ops = code[:, 0]
+        self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1]})
+        per_class = arch.latency_ps()
+        counts = np.bincount(ops, minlength=NOPS)
+        total_ps = 0
+        for spec in isa.INSTRUCTIONS:
+            ps = per_class[spec.latency_class] if spec.latency_class else 0
+            total_ps += ps * int(counts[spec.opcode])
+            self.lat[spec.opcode] = ps if ps < _INT64_LIMIT else 0
+        self.bound = max(
+            total_ps,
+            int(counts[MVM]) * arch.rows * arch.cols,
+            int(code[ops == ADC, 5].sum()),
+            len(code),
+        )
+        if (arch.crossbars > MAXN or len(prepared.buffers) > MAXN
+                or len(prepared.inputs) > MAXN or len(prepared.outputs) > MAXN):
+            raise ValueError("program exceeds the core's table sizes")
+
+    def __dealloc__(self):
+        free(self.img)
+        free(self.in_rows)
+        free(self.phys_rows)
+        free(self.img_cols)
+        free(self.consts)
+        free(self.const_w)
+
+
+cdef _Plan _plan_for(prepared):
+    plan = getattr(prepared, "_core_plan", None)
+    if plan is None:
+        plan = _Plan(prepared)
+        prepared._core_plan = plan
+    return <_Plan>plan
+
+
+# ------------------------------------------------------------------------- entry
+
+#: Bytes of buffers, column sums and DAC chunks one row tile may take: small enough to
+#: stay in cache, while the tile is tall enough (_MIN_TILE) for GEMMs to run efficiently.
+_TILE_BYTES = 2 << 20
+_MIN_TILE = 128
+
+
+def run(prepared, arrays, batch, functional):
+    """Execute a verified ``PreparedProgram``; returns ``(outputs, stats)`` exactly as
+    ``reference.run`` does."""
+    cdef _Plan plan = _plan_for(prepared)
+    if batch * plan.bound >= _INT64_LIMIT:  # the tally would overflow: keep Python's ints
+        return reference.run(prepared, arrays, batch, functional)
+    arch = prepared.arch
+    cdef const int64_t[:, ::1] code = prepared.code
+    cdef int64_t nb = batch, tile, offset
+    outputs = [np.zeros((nb, t.width), dtype=t.dtype) for t in prepared.outputs]
+    cdef Py_ssize_t i
+    cdef Machine *m = <Machine *>calloc(1, sizeof(Machine))
+    if m == NULL:
+        raise MemoryError()
+    try:
+        m.vectors = nb
+        m.crossbars = arch.crossbars
+        m.dac_bits = arch.dac_bits
+        m.adc_bits = arch.adc_bits or 0
+        m.f32 = plan.f32
+        m.img = plan.img
+        m.in_rows = plan.in_rows
+        m.phys_rows = plan.phys_rows
+        m.img_cols = plan.img_cols
+        m.consts = plan.consts
+        m.const_w = plan.const_w
+        m.lat = plan.lat
+        with nogil:
+            _schedule_all(m, &code[0, 0], code.shape[0], code.shape[1])
+        if functional:
+            dtype = np.float32 if plan.f32 else np.float64
+            widths = prepared.buffers
+            nsums = len(plan.sums_xbs)
+            row_bytes = 8 * sum(widths) + dtype().itemsize * (
+                nsums * plan.max_cols + plan.max_in_rows
+            )
+            tile = min(nb, max(_MIN_TILE, _TILE_BYTES // row_bytes))
+            m.tile = tile
+            m.buf_total = sum(widths)
+            tile_buffers = np.empty(max(tile * m.buf_total, 1), dtype=np.int64)
+            offset = 0
+            for i, w in enumerate(widths):
+                m.buf[i] = <int64_t *>_data(tile_buffers) + offset
+                m.buf_w[i] = w
+                offset += tile * w
+            arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
+            m.n_inp = len(arrays)
+            for i, a in enumerate(arrays):
+                m.inp_base[i] = <int64_t *>_data(a)
+                m.inp_w[i] = a.shape[1]
+            m.n_out = len(outputs)
+            for i, o in enumerate(outputs):
+                m.out_base[i] = <char *>_data(o)
+                m.out_w[i] = o.shape[1]
+                m.out_size[i] = o.itemsize
+            sums = np.empty((max(nsums, 1), tile * plan.max_cols), dtype=dtype)
+            offset = sums.strides[0]
+            for i, xb in enumerate(plan.sums_xbs):
+                m.held[xb] = <char *>_data(sums) + i * offset
+            chunks = np.empty(tile * plan.max_in_rows, dtype=dtype)
+            m.chunks = _data(chunks)
+            row = np.empty(max(widths, default=1), dtype=np.int64)
+            m.row = <int64_t *>_data(row)
+            with nogil:
+                _execute(m, &code[0, 0], code.shape[0], code.shape[1])
+        return outputs, _stats(m, arch, batch)
+    finally:
+        free(m)
+
+
+cdef _stats(Machine *m, arch, batch):
+    instructions = {
+        spec.mnemonic: int(m.count[spec.opcode])
+        for spec in isa.INSTRUCTIONS
+        if m.count[spec.opcode]
+    }
+    return SimStats(
+        arch,
+        batch,
+        latency_ps=int(m.latency),
+        sequential_ps=int(m.sequential),
+        instructions=instructions,
+        crossbar_writes=int(m.crossbar_writes),
+        mvm_executions=int(m.mvm_executions),
+        cell_macs=int(m.cell_macs),
+        adc_conversions=int(m.adc_conversions),
+        digital_ops=int(m.digital_ops),
+        busy_ps=[int(m.busy[x]) for x in range(arch.crossbars)],
+    )

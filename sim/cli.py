@@ -167,10 +167,6 @@ def _arch(args: argparse.Namespace) -> CimArch | None:
     return None if args.arch is None else CimArch.load(args.arch)
 
 
-def _load(path: str) -> Program:
-    return Program.load(path)
-
-
 def _write_text(path: str, text: str, what: str) -> None:
     try:
         Path(path).write_text(text)
@@ -185,15 +181,15 @@ def _write_json(path: str, data: dict, what: str) -> None:
 # ---------------------------------------------------------------------- summaries
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _us(ps: int) -> str:
     """Exact microseconds from picoseconds, with at least three decimals."""
     whole, frac = divmod(int(ps), 10**6)
     digits = f"{frac:06d}".rstrip("0").ljust(3, "0")
     return f"{whole}.{digits} us"
-
-
-def _shape(t: TensorDesc, batch: int) -> str:
-    return f"[{batch}, {t.width}]"
 
 
 def _summary(
@@ -242,7 +238,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=FILE.npy",
         help="an input tensor, [batch, width] integers (repeat for each input)",
     )
-    p.add_argument("--output-dir", "-o", metavar="DIR", help="write each output as DIR/NAME.npy")
+    p.add_argument("--output-dir", metavar="DIR", help="write each output as DIR/NAME.npy")
     p.add_argument("--stats", metavar="FILE.json", help="write the run's statistics as JSON")
     p.add_argument(
         "--timing-only",
@@ -281,10 +277,17 @@ def _load_npy(name: str, path: str) -> np.ndarray:
         raise DataError(f"input {name!r}: {path} is not a readable .npy file ({exc})") from None
 
 
-def _output_file(directory: Path, name: str) -> Path:
-    if name in (".", "..") or "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
-        raise ProgramError(f"output name {name!r} cannot be used as a file name")
-    return directory / f"{name}.npy"
+def _output_files(directory: str | None, outputs: list[TensorDesc]) -> dict[str, Path]:
+    """``DIR/NAME.npy`` per output; names that are not plain file names are refused."""
+    if directory is None:
+        return {}
+    files = {}
+    for t in outputs:
+        seps = {"/", "\0", os.sep, os.altsep} - {None}
+        if t.name in (".", "..") or any(sep in t.name for sep in seps):
+            raise ProgramError(f"output name {t.name!r} cannot be used as a file name")
+        files[t.name] = Path(directory) / f"{t.name}.npy"
+    return files
 
 
 @command(
@@ -300,11 +303,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"backend {backend!r} is not available in this build; have {available_backends()}"
         )
-    program = _load(args.program)
+    program = Program.load(args.program)
     arch = _arch(args)
     inputs = _load_inputs(args.inputs)
     simulator = Simulator(arch, backend)
     prepared = simulator.prepare(program)
+    files = _output_files(args.output_dir, prepared.outputs)
     if args.timing_only and not inputs:
         if args.batch is None and prepared.fixed_batch is None and prepared.inputs:
             raise InputError(
@@ -315,17 +319,15 @@ def _run(args: argparse.Namespace) -> int:
         result = simulator.run(prepared, inputs, functional=not args.timing_only, batch=args.batch)
 
     written: dict[str, str] = {}
-    if args.output_dir:
-        directory = Path(args.output_dir)
-        files = {name: _output_file(directory, name) for name in result.outputs}
+    if files:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            for name, value in result.outputs.items():
-                np.save(files[name], value, allow_pickle=False)
-                written[name] = str(files[name])
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            for name, file in files.items():
+                np.save(file, result.outputs[name], allow_pickle=False)
+                written[name] = str(file)
         except OSError as exc:
             raise DataError(
-                f"cannot write outputs to {directory}: {exc.strerror or exc}"
+                f"cannot write outputs to {args.output_dir}: {exc.strerror or exc}"
             ) from None
     if args.stats:
         _write_json(args.stats, result.stats.to_dict(), "statistics")
@@ -361,7 +363,7 @@ def _asm(args: argparse.Namespace) -> int:
         program.save(args.output)
     except OSError as exc:
         raise DataError(f"cannot write program {args.output}: {exc.strerror or exc}") from None
-    print(f"wrote {args.output}: {len(program)} instructions")
+    print(f"wrote {args.output}: {_count(len(program), 'instruction')}")
     return EXIT_OK
 
 
@@ -372,7 +374,7 @@ def _disasm_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("disasm", help="print a binary program as assembly text", arguments=_disasm_arguments)
 def _disasm(args: argparse.Namespace) -> int:
-    program = _load(args.program)
+    program = Program.load(args.program)
     # The text of a program that fails verification is still useful for debugging, so
     # only what the disassembler cannot print is refused.
     for index, (mnemonic, _) in enumerate(program.instructions()):
@@ -404,12 +406,13 @@ def _tensors(tensors: list[TensorDesc]) -> str:
 
 @command("verify", help="check that a program is valid", arguments=_verify_arguments)
 def _verify(args: argparse.Namespace) -> int:
-    program = _load(args.program)
+    program = Program.load(args.program)
     arch = _arch(args)
     program.verify(arch)
     print(
-        f"ok: {len(program)} instructions, {len(program.images)} crossbar images, "
-        f"{len(program.buffers)} buffers, {len(program.constants)} constants; "
+        f"ok: {_count(len(program), 'instruction')}, "
+        f"{_count(len(program.images), 'crossbar image')}, "
+        f"{_count(len(program.buffers), 'buffer')}, {_count(len(program.constants), 'constant')}; "
         f"inputs {_tensors(program.inputs)}; outputs {_tensors(program.outputs)}"
     )
     return EXIT_OK
@@ -428,14 +431,12 @@ def _stats_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_stats_arguments,
 )
 def _stats(args: argparse.Namespace) -> int:
-    program = _load(args.program)
+    program = Program.load(args.program)
     arch = _arch(args)
     stats = program.estimate(args.batch, arch)
     if args.json:
         _write_json(args.json, stats.to_dict(), "statistics")
-    outputs = {
-        t.name: ((stats.batch, t.width), t.dtype, None) for t in program.outputs
-    }
+    outputs = {t.name: ((stats.batch, t.width), t.dtype, None) for t in program.outputs}
     print(_summary(stats, program, outputs))
     return EXIT_OK
 

@@ -304,7 +304,14 @@ class _Parser:
             raise ProgramError(f"invalid arch in META: {exc}", offset=base) from None
         except ProgramError as exc:
             raise ProgramError(str(exc), offset=base) from None
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as exc:
             raise ProgramError(f"malformed META section: {exc!r}", offset=base) from None
         return {
             "arch": arch,

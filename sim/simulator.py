@@ -14,6 +14,7 @@ import numpy as np
 
 from tvm_cim.arch import CimArch
 from tvm_cim.errors import InputError
+from tvm_cim.quant import quant_range
 
 from . import isa, reference
 from .program import Program, TensorDesc
@@ -69,7 +70,11 @@ class PreparedProgram:
         )
 
     def check_inputs(self, inputs: dict[str, np.ndarray], batch: int | None) -> tuple:
-        """Validate ``inputs``; return them in program order (int64) and the batch."""
+        """Validate ``inputs``; return them in program order (int64) and the batch.
+
+        Shapes, the batch and the memory it needs are checked before anything is
+        converted or allocated.
+        """
         names = [t.name for t in self.inputs]
         unknown = sorted(set(inputs) - set(names))
         if unknown:
@@ -77,29 +82,12 @@ class PreparedProgram:
         missing = [n for n in names if n not in inputs]
         if missing:
             raise InputError(f"missing input(s) {missing}; the program takes {names}")
-        arrays = []
-        for t in self.inputs:
-            a = np.asarray(inputs[t.name])
-            if a.ndim == 1 and t.width == a.shape[0]:
-                a = a[None, :]
-            if a.ndim != 2 or a.shape[1] != t.width:
-                raise InputError(f"input {t.name!r}: shape {a.shape}, expected [batch, {t.width}]")
-            if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
-                raise InputError(f"input {t.name!r}: dtype {a.dtype} is not an integer type")
-            a = a.astype(np.int64)
-            lo, hi = (
-                (-(1 << (t.bits - 1)), (1 << (t.bits - 1)) - 1)
-                if t.signed
-                else (0, (1 << t.bits) - 1)
-            )
-            if a.size and (a.min() < lo or a.max() > hi):
-                kind = "signed" if t.signed else "unsigned"
-                raise InputError(
-                    f"input {t.name!r}: values span {a.min()}..{a.max()}, outside {kind} "
-                    f"{t.bits}-bit range {lo}..{hi}"
-                )
-            arrays.append(np.ascontiguousarray(a))
-        batches = {a.shape[0] for a in arrays}
+        raw = [self._shaped(t, inputs[t.name]) for t in self.inputs]
+        batch = self.resolve_batch({a.shape[0] for a in raw}, batch)
+        return [self._in_range(t, a) for t, a in zip(self.inputs, raw)], batch
+
+    def resolve_batch(self, batches: set[int], batch: int | None) -> int:
+        """The one batch size the inputs, the caller and the program agree on."""
         if batch is not None:
             batches.add(batch)
         if self.fixed_batch is not None:
@@ -110,7 +98,30 @@ class PreparedProgram:
         if batch < 1:
             raise InputError("the batch must hold at least one input vector")
         self._check_memory(batch)
-        return arrays, batch
+        return batch
+
+    @staticmethod
+    def _shaped(t: TensorDesc, value) -> np.ndarray:
+        a = np.asarray(value)
+        if a.ndim == 1 and t.width == a.shape[0]:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] != t.width:
+            raise InputError(f"input {t.name!r}: shape {a.shape}, expected [batch, {t.width}]")
+        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+            raise InputError(f"input {t.name!r}: dtype {a.dtype} is not an integer type")
+        return a
+
+    @staticmethod
+    def _in_range(t: TensorDesc, a: np.ndarray) -> np.ndarray:
+        lo, hi = quant_range(t.bits, t.signed)
+        # compare as Python ints, before any cast could wrap (uint64 inputs)
+        if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+            kind = "signed" if t.signed else "unsigned"
+            raise InputError(
+                f"input {t.name!r}: values span {a.min()}..{a.max()}, outside {kind} "
+                f"{t.bits}-bit range {lo}..{hi}"
+            )
+        return np.ascontiguousarray(a, dtype=np.int64)
 
     def _check_memory(self, batch: int) -> None:
         columns = sum(self.buffers) + sum(t.width for t in self.inputs + self.outputs)
@@ -162,11 +173,10 @@ class Simulator:
         """
         prepared = program if isinstance(program, PreparedProgram) else self.prepare(program)
         if inputs is None and not functional:
-            inputs = {
-                t.name: np.zeros((batch or prepared.fixed_batch or 1, t.width), np.int64)
-                for t in prepared.inputs
-            }
-        arrays, batch = prepared.check_inputs(inputs or {}, batch)
+            batch = prepared.resolve_batch(set(), batch)
+            arrays = [np.zeros((batch, t.width), np.int64) for t in prepared.inputs]
+        else:
+            arrays, batch = prepared.check_inputs(inputs or {}, batch)
         if self.backend == "cython":
             outputs, stats = _core.run(prepared, arrays, batch, functional)
         else:

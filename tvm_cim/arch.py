@@ -116,6 +116,14 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    """Finite as a float (a huge integer overflows and is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class CimArch:
     """A CIM crossbar accelerator.
@@ -214,7 +222,7 @@ class CimArch:
             self._check_real(field, optional=True)
 
         clock = self.clock_ghz
-        if not _is_real(clock) or not math.isfinite(clock) or clock <= 0:
+        if not _is_real(clock) or not _finite(clock) or clock <= 0:
             raise ArchError(
                 f"CimArch.clock_ghz must be a finite number > 0, got {clock!r}", field="clock_ghz"
             )
@@ -228,7 +236,7 @@ class CimArch:
         value = getattr(self, field)
         if value is None and optional:
             return
-        if not _is_real(value) or not math.isfinite(value) or value < 0:
+        if not _is_real(value) or not _finite(value) or value < 0:
             allowed = "None or a finite number >= 0" if optional else "a finite number >= 0"
             raise ArchError(f"CimArch.{field} must be {allowed}, got {value!r}", field=field)
         object.__setattr__(self, field, float(value))
