@@ -49,7 +49,7 @@ EXTENSIONS = cythonize(
     },
 )
 
-TVM_REQUIRES = ["apache-tvm==0.27.0.post1"]
+TVM_REQUIRES = ["apache-tvm==0.27.0.post1", "onnx>=1.16", "tqdm>=4.60"]
 DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
 
 setup(
@@ -66,6 +66,11 @@ setup(
         "dev": DEV_REQUIRES,
         "all": TVM_REQUIRES + DEV_REQUIRES,
     },
-    entry_points={"console_scripts": ["cim-sim = tvm_cim.sim.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "cim-sim = tvm_cim.sim.cli:main",
+            "tvm-cim = tvm_cim.cli:main",
+        ]
+    },
     zip_safe=False,
 )

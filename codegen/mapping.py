@@ -90,3 +90,13 @@ def map_weights(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping
             blocks.append(ColumnBlock(len(cells) * n, s * cb, negative))
             cells.append(part)
     return WeightMapping(np.hstack(cells), None, n, blocks)
+
+
+def logical_shape(k: int, n: int, w_bits: int, arch: CimArch) -> tuple[int, int]:
+    """Physical rows and logical columns a ``[k, n]`` weight takes under ``arch``'s mapping."""
+    cols = n * weight_slices(w_bits, arch.cell_bits)
+    if arch.mapping == "offset":
+        return k, cols + 1
+    if arch.mapping == "differential-row":
+        return 2 * k, cols
+    return k, 2 * cols

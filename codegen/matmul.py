@@ -122,89 +122,115 @@ def lower_matmul(
             f"{name}: weight values {weight.min()}..{weight.max()} outside signed "
             f"{w_bits}-bit range {wmin}..{wmax}"
         )
-    mapping = map_weights(weight, w_bits, arch)
-    return _Lowering(arch, mapping, w_bits, a_bits, signed_input, batch, requant, name).emit()
+    b = ProgramBuilder(arch, name)
+    x_in = b.input(
+        TensorDesc("x", k, _smallest_dtype(a_bits, signed_input), a_bits, signed_input, batch)
+    )
+    xbuf = b.buffer(k)
+    b.emit("load", dst=xbuf, dst_col=0, tensor=x_in, src_col=0, ncols=k)
+    acc = emit_matmul(b, xbuf, weight, w_bits=w_bits, a_bits=a_bits, signed_input=signed_input)
+    if requant is not None:
+        result = emit_requant(b, acc, n, requant)
+        out = TensorDesc(
+            "y",
+            n,
+            _smallest_dtype(requant.out_bits, requant.signed),
+            requant.out_bits,
+            requant.signed,
+            batch,
+        )
+    else:
+        result = acc
+        bits = accumulator_bits(k, w_bits, a_bits, signed_input)
+        out = TensorDesc("y", n, f"int{bits}", bits, True, batch)
+    y_out = b.output(out)
+    b.emit("store", tensor=y_out, dst_col=0, src=result, src_col=0, ncols=n)
+    b.emit("halt")
+    return b.build()
+
+
+def accumulator_bound(k: int, w_bits: int, a_bits: int, signed_input: bool) -> int:
+    """Largest ``|x @ w|`` over ``k`` products of ``a_bits`` inputs and ``w_bits`` weights."""
+    in_max = 1 << (a_bits - (1 if signed_input else 0))
+    return k * in_max * (1 << (w_bits - 1))
+
+
+def accumulator_bits(k: int, w_bits: int, a_bits: int, signed_input: bool) -> int:
+    """32 when every accumulator fits int32, else 64."""
+    return 32 if accumulator_bound(k, w_bits, a_bits, signed_input) < 1 << 31 else 64
+
+
+def emit_requant(b: ProgramBuilder, acc: int, channels: int, rq: Requantize, rows: int = 1) -> int:
+    """Requantize accumulator buffer ``acc`` into a new buffer of codes; returns it."""
+    params = b.constant(rq.params(channels))
+    result = b.buffer(channels, rows=rows)
+    b.emit(
+        "req",
+        dst=result,
+        dst_col=0,
+        src=acc,
+        src_col=0,
+        ncols=channels,
+        params=params,
+        zp=rq.zero_point,
+        bits=rq.out_bits,
+        signed=int(rq.signed),
+        relu=int(rq.relu),
+    )
+    return result
+
+
+def emit_matmul(
+    b: ProgramBuilder,
+    xbuf: int,
+    weight: np.ndarray,
+    *,
+    w_bits: int,
+    a_bits: int,
+    signed_input: bool,
+    rows: int = 1,
+) -> int:
+    """Emit the crossbar part of ``x @ weight``; returns the int64 accumulator buffer.
+
+    ``xbuf`` holds the input codes (``weight.shape[0]`` columns, ``rows`` vectors per
+    item); the weight is checked by the caller. Tiles go round-robin over the crossbars.
+    """
+    mapping = map_weights(np.asarray(weight), w_bits, b.arch)
+    return _Lowering(b, mapping, w_bits, a_bits, signed_input, rows).accumulate(xbuf)
 
 
 class _Lowering:
-    def __init__(self, arch, mapping: WeightMapping, w_bits, a_bits, signed_input, batch, rq, name):
-        self.arch = arch
+    def __init__(
+        self, b: ProgramBuilder, mapping: WeightMapping, w_bits, a_bits, signed_input, rows
+    ):
+        self.b = b
+        self.arch = b.arch
         self.m = mapping
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.signed_input = signed_input
-        self.rq = rq
-        self.b = ProgramBuilder(arch, name)
-        self.batch = batch
+        self.rows = rows
         k = mapping.positive.shape[0]
-        self.rows_per_tile = arch.rows // 2 if mapping.negative is not None else arch.rows
+        self.rows_per_tile = self.arch.rows // 2 if mapping.negative is not None else self.arch.rows
         self.row_tiles = [
             (r, min(r + self.rows_per_tile, k)) for r in range(0, k, self.rows_per_tile)
         ]
         lc = mapping.logical_cols
-        self.col_tiles = [(c, min(c + arch.cols, lc)) for c in range(0, lc, arch.cols)]
+        self.col_tiles = [(c, min(c + self.arch.cols, lc)) for c in range(0, lc, self.arch.cols)]
 
-    def emit(self) -> Program:
+    def accumulate(self, xbuf: int) -> int:
         b, m, arch = self.b, self.m, self.arch
-        k = m.positive.shape[0]
-        x_in = b.input(
-            TensorDesc(
-                "x",
-                k,
-                _smallest_dtype(self.a_bits, self.signed_input),
-                self.a_bits,
-                self.signed_input,
-                self.batch,
-            )
-        )
-        xbuf = b.buffer(k)
-        b.emit("load", dst=xbuf, dst_col=0, tensor=x_in, src_col=0, ncols=k)
-
         tiles = [(r, c) for r in self.row_tiles for c in self.col_tiles]
         used = min(len(tiles), arch.crossbars)
-        widths = [max(c1 - c0 for c0, c1 in self.col_tiles)] * used
-        colbufs = [b.buffer(w) for w in widths]
-        accs = [b.buffer(m.outputs) for _ in range(used)]
+        width = max(c1 - c0 for c0, c1 in self.col_tiles)
+        colbufs = [b.buffer(width, rows=self.rows) for _ in range(used)]
+        accs = [b.buffer(m.outputs, rows=self.rows) for _ in range(used)]
         for t, (rows, cols) in enumerate(tiles):
             xb = t % arch.crossbars
             self._tile(xb, rows, cols, xbuf, colbufs[xb], accs[xb])
         for acc in accs[1:]:
             b.emit("acc", dst=accs[0], dst_col=0, src=acc, src_col=0, ncols=m.outputs)
-
-        result = accs[0]
-        if self.rq is not None:
-            params = b.constant(self.rq.params(m.outputs))
-            result = b.buffer(m.outputs)
-            b.emit(
-                "req",
-                dst=result,
-                dst_col=0,
-                src=accs[0],
-                src_col=0,
-                ncols=m.outputs,
-                params=params,
-                zp=self.rq.zero_point,
-                bits=self.rq.out_bits,
-                signed=int(self.rq.signed),
-                relu=int(self.rq.relu),
-            )
-            out = TensorDesc(
-                "y",
-                m.outputs,
-                _smallest_dtype(self.rq.out_bits, self.rq.signed),
-                self.rq.out_bits,
-                self.rq.signed,
-                self.batch,
-            )
-        else:
-            in_max = 1 << (self.a_bits - (1 if self.signed_input else 0))
-            bound = k * in_max * (1 << (self.w_bits - 1))
-            bits = 32 if bound < 1 << 31 else 64
-            out = TensorDesc("y", m.outputs, f"int{bits}", bits, True, self.batch)
-        y_out = b.output(out)
-        b.emit("store", tensor=y_out, dst_col=0, src=result, src_col=0, ncols=m.outputs)
-        b.emit("halt")
-        return b.build()
+        return accs[0]
 
     def _tile(self, xb, rows, cols, xbuf, colbuf, acc) -> None:
         b, m, arch = self.b, self.m, self.arch

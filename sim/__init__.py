@@ -3,7 +3,7 @@
 Imports neither tvm nor torch: ``cim-sim`` and ``import tvm_cim.sim`` need numpy only.
 """
 
-from .builder import ProgramBuilder
+from .builder import ProgramBuilder, im2col_params
 from .program import CrossbarImage, Program, TensorDesc
 from .simulator import PreparedProgram, SimResult, Simulator, available_backends
 from .timing import SimStats
@@ -18,4 +18,5 @@ __all__ = [
     "Simulator",
     "TensorDesc",
     "available_backends",
+    "im2col_params",
 ]

@@ -10,9 +10,9 @@ release the GIL. The verifier has checked every index, so nothing is bounds-chec
 * The schedule is ``timing.Timeline`` re-done in C, fed by the same ISA table and
   read/write operand lists, in one pass over the code; the tests hold it equal to the
   reference and to ``Program.estimate``.
-* Values are computed in a second pass, once per row tile: every instruction treats each
-  input vector on its own, so the whole program runs on a few hundred vectors at a time
-  while their buffers stay in cache.
+* Values are computed in a second pass, once per row tile of items: every instruction
+  treats each item (its ``rows`` vectors of every buffer) on its own, so the whole
+  program runs on a few hundred vectors at a time while their buffers stay in cache.
 * Integer arithmetic is done in ``uint64_t`` and cast back: that is exactly how numpy's
   int64 wraps on overflow, without C's undefined signed overflow.
 * Column sums are BLAS products (s/d gemm and gemv from scipy's ``cython_blas``, looked
@@ -78,6 +78,7 @@ cdef enum:
     ACC = 6
     REQ = 7
     STORE = 8
+    IM2COL = 9
     NOPS = 64  # 6-bit opcode field
     MAXN = 256  # most buffers, crossbars and tensors of each kind a program may have
     NUNITS = MAXN + 3  # the crossbars, then digital, io and control
@@ -98,6 +99,7 @@ _LAYOUT = {
         ("dst", "dst_col", "src", "src_col", "ncols", "params", "zp", "bits", "signed", "relu"),
     ),
     STORE: ("store", ("tensor", "dst_col", "src", "src_col", "ncols")),
+    IM2COL: ("im2col", ("dst", "src", "params", "pad")),
 }
 if isa.OPCODE_BITS != 6 or _LAYOUT != {
     spec.opcode: (spec.mnemonic, tuple(f.name for f in spec.fields)) for spec in isa.INSTRUCTIONS
@@ -106,6 +108,7 @@ if isa.OPCODE_BITS != 6 or _LAYOUT != {
 
 # Per opcode, what the scoreboard needs (operand positions are 0-based after the opcode).
 cdef int _PER_VECTOR[NOPS]
+cdef int _ROWS_OPERAND[NOPS]  # the buffer whose rows per item scale a per-vector op
 cdef int _UNIT[NOPS]  # -1: the crossbar named by operand _XB_OPERAND; else 0, 1, 2
 cdef int _XB_OPERAND[NOPS]
 cdef int _NREADS[NOPS]
@@ -120,6 +123,7 @@ cdef int _build_tables() except -1:
     for spec in isa.INSTRUCTIONS:
         op = spec.opcode
         _PER_VECTOR[op] = spec.per_vector
+        _ROWS_OPERAND[op] = spec.field_index(spec.rows_from) - 1 if spec.per_vector else 0
         if spec.unit == "crossbar":
             _UNIT[op] = -1
             _XB_OPERAND[op] = spec.field_index("xb") - 1
@@ -187,8 +191,8 @@ cdef inline void _quant_range(int64_t bits, bint signed, int64_t *lo, int64_t *h
 # ------------------------------------------------------------------- machine state
 
 cdef struct Machine:
-    int64_t vectors  # the batch: what the schedule and the counts scale by
-    int64_t rows  # input vectors of the row tile being executed
+    int64_t batch  # items: the schedule and the counts scale by batch * rows
+    int64_t items  # items of the row tile being executed
     int crossbars
     int dac_bits
     int adc_bits  # 0: lossless
@@ -202,22 +206,26 @@ cdef struct Machine:
     int64_t *const_w
     int64_t *lat  # picoseconds per opcode, per vector where per-vector
     # data: C-contiguous [rows, width] int64 views of the tile's buffers and tensors
-    int64_t tile  # vectors per row tile
+    # A buffer holds items * buf_rows[b] vectors; item i's rows follow item i - 1's.
+    int64_t tile  # items per row tile
     int64_t *buf[MAXN]  # one allocation of tile * buf_total, in buffer order
     int64_t buf_w[MAXN]
-    int64_t buf_total
+    int64_t buf_rows[MAXN]
+    int64_t buf_total  # int64 values of all buffers per item
     int n_inp
-    int64_t *inp_base[MAXN]  # [vectors, width] input tensors
+    int64_t *inp_base[MAXN]  # [batch * rows, width] input tensors
     int64_t *inp[MAXN]
     int64_t inp_w[MAXN]
+    int64_t inp_rows[MAXN]
     int n_out
-    char *out_base[MAXN]  # [vectors, width] output tensors
+    char *out_base[MAXN]  # [batch * rows, width] output tensors
     char *out[MAXN]
     int64_t out_w[MAXN]
+    int64_t out_rows[MAXN]
     int out_size[MAXN]  # output itemsize: casting keeps the low bytes, as astype does
-    void *held[MAXN]  # column sums per crossbar, [rows, held_w]
+    void *held[MAXN]  # column sums per crossbar, [vectors, held_w]
     int64_t held_w[MAXN]
-    void *chunks  # the DAC chunk plane of one mvm, [rows, in_rows]
+    void *chunks  # the DAC chunk plane of one mvm, [vectors, in_rows]
     int64_t *row  # one buffer row, for sources that overlap their destination
     int image_on[MAXN]  # image each crossbar holds, as execution goes
     # schedule and counts, as timing.Timeline keeps them
@@ -236,9 +244,14 @@ cdef struct Machine:
     int64_t digital_ops
 
 
+cdef inline int64_t _vectors(Machine *m, int op, const int64_t *ops) noexcept nogil:
+    """Vectors a per-vector instruction treats in the whole batch."""
+    return m.batch * m.buf_rows[ops[_ROWS_OPERAND[op]]]
+
+
 cdef inline void _schedule(Machine *m, int op, const int64_t *ops) noexcept nogil:
     """``Timeline.issue``: list-schedule one instruction on its unit."""
-    cdef int64_t lat = m.lat[op] * (m.vectors if _PER_VECTOR[op] else 1)
+    cdef int64_t lat = m.lat[op] * (_vectors(m, op, ops) if _PER_VECTOR[op] else 1)
     cdef int unit = <int>ops[_XB_OPERAND[op]] if _UNIT[op] < 0 else m.crossbars + _UNIT[op]
     cdef int64_t start = m.unit_free[unit], end, b
     cdef int i
@@ -269,12 +282,12 @@ cdef inline void _tally(Machine *m, int op, const int64_t *ops) noexcept nogil:
         m.sched_image[ops[0]] = <int>ops[1]
     elif op == MVM:
         img = m.sched_image[ops[0]]
-        m.mvm_executions += m.vectors
-        m.cell_macs += m.vectors * m.phys_rows[img] * m.img_cols[img]
+        m.mvm_executions += _vectors(m, op, ops)
+        m.cell_macs += _vectors(m, op, ops) * m.phys_rows[img] * m.img_cols[img]
     elif op == ADC:
-        m.adc_conversions += m.vectors * ops[4]
+        m.adc_conversions += _vectors(m, op, ops) * ops[4]
     elif op == SHADD or op == ACC or op == REQ:
-        m.digital_ops += m.vectors
+        m.digital_ops += _vectors(m, op, ops)
 
 
 cdef inline const int64_t *_source_row(Machine *m, int64_t dst, int64_t dst_col,
@@ -380,7 +393,7 @@ cdef void _prog(Machine *m, const int64_t *ops) noexcept nogil:
 cdef void _load(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t dst = ops[0], dst_col = ops[1], t = ops[2], src_col = ops[3], n = ops[4]
     cdef int64_t r
-    for r in range(m.rows):
+    for r in range(m.items * m.buf_rows[dst]):
         memcpy(m.buf[dst] + r * m.buf_w[dst] + dst_col,
                m.inp[t] + r * m.inp_w[t] + src_col, n * sizeof(int64_t))
 
@@ -414,7 +427,8 @@ cdef void _mvm(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t xb = ops[0], src = ops[1], src_col = ops[2], bit = ops[3]
     cdef bint signed = ops[4] != 0
     cdef int img = m.image_on[xb]
-    cdef int k = m.in_rows[img], cols = m.img_cols[img], rows = <int>m.rows
+    cdef int k = m.in_rows[img], cols = m.img_cols[img]
+    cdef int rows = <int>(m.items * m.buf_rows[src])
     cdef const int64_t *x = m.buf[src] + src_col
     m.held_w[xb] = cols
     if m.f32:
@@ -431,11 +445,12 @@ cdef void _adc(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t shift = ops[5]
     cdef bint signed = ops[6] != 0
     cdef int64_t *d = m.buf[dst] + dst_col
+    cdef int64_t rows = m.items * m.buf_rows[dst]  # as many as the mvm's source
     if m.f32:
-        _adc_plane(d, m.buf_w[dst], <float *>m.held[xb] + col, m.held_w[xb], m.rows, n,
+        _adc_plane(d, m.buf_w[dst], <float *>m.held[xb] + col, m.held_w[xb], rows, n,
                    m.adc_bits, shift, signed)
     else:
-        _adc_plane(d, m.buf_w[dst], <double *>m.held[xb] + col, m.held_w[xb], m.rows, n,
+        _adc_plane(d, m.buf_w[dst], <double *>m.held[xb] + col, m.held_w[xb], rows, n,
                    m.adc_bits, shift, signed)
 
 
@@ -446,7 +461,7 @@ cdef void _shadd(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t r, j, term
     cdef int64_t *d
     cdef const int64_t *s
-    for r in range(m.rows):
+    for r in range(m.items * m.buf_rows[dst]):
         d = m.buf[dst] + r * m.buf_w[dst] + dst_col
         s = m.buf[src] + r * m.buf_w[src] + src_col
         if bcast:  # the single source column, read before any write
@@ -470,7 +485,7 @@ cdef void _acc(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t r, j
     cdef int64_t *d
     cdef const int64_t *s
-    for r in range(m.rows):
+    for r in range(m.items * m.buf_rows[dst]):
         d = m.buf[dst] + r * m.buf_w[dst] + dst_col
         s = m.buf[src] + r * m.buf_w[src] + src_col
         s = _source_row(m, dst, dst_col, src, src_col, n, s)
@@ -489,7 +504,7 @@ cdef void _req(Machine *m, const int64_t *ops) noexcept nogil:
     _quant_range(ops[7], ops[8] != 0, &lo, &hi)
     if ops[9]:  # relu: clamp below at the zero point
         lo = _max(lo, zp)
-    for r in range(m.rows):
+    for r in range(m.items * m.buf_rows[dst]):
         d = m.buf[dst] + r * m.buf_w[dst] + dst_col
         s = m.buf[src] + r * m.buf_w[src] + src_col
         s = _source_row(m, dst, dst_col, src, src_col, n, s)
@@ -505,7 +520,7 @@ cdef void _store(Machine *m, const int64_t *ops) noexcept nogil:
     cdef const int64_t *s
     cdef char *d
     cdef int size = m.out_size[t]
-    for r in range(m.rows):
+    for r in range(m.items * m.buf_rows[src]):
         s = m.buf[src] + r * m.buf_w[src] + src_col
         d = m.out[t] + (r * m.out_w[t] + dst_col) * size
         if size == 8:
@@ -519,6 +534,34 @@ cdef void _store(Machine *m, const int64_t *ops) noexcept nogil:
         else:
             for j in range(n):
                 (<uint8_t *>d)[j] = <uint8_t>(<uint64_t>s[j])
+
+
+cdef void _im2col(Machine *m, const int64_t *ops) noexcept nogil:
+    """Gather each item's convolution windows; ``pad`` where a tap falls outside."""
+    cdef int64_t dst = ops[0], src = ops[1], pad = ops[3]
+    cdef const int64_t *g = m.consts[ops[2]]  # isa.IM2COL_PARAMS
+    cdef int64_t H = g[0], W = g[1], C = g[2], KH = g[3], KW = g[4]
+    cdef int64_t sh = g[5], sw = g[6], pt = g[7], pl = g[8], dh = g[11], dw = g[12]
+    cdef int64_t OH = g[13], OW = g[14]
+    cdef int64_t item, oh, ow, kh, kw, h, w, c
+    cdef const int64_t *s
+    cdef int64_t *d = m.buf[dst]  # dst rows are OH*OW, its width KH*KW*C: write in order
+    for item in range(m.items):
+        s = m.buf[src] + item * H * W * C
+        for oh in range(OH):
+            for ow in range(OW):
+                for kh in range(KH):
+                    h = oh * sh - pt + kh * dh
+                    for kw in range(KW):
+                        w = ow * sw - pl + kw * dw
+                        if h < 0 or h >= H or w < 0 or w >= W:
+                            for c in range(C):
+                                d[c] = pad
+                        elif C == 1:
+                            d[0] = s[h * W + w]
+                        else:
+                            memcpy(d, s + (h * W + w) * C, C * sizeof(int64_t))
+                        d += C
 
 
 cdef void _schedule_all(Machine *m, const int64_t *code, Py_ssize_t n,
@@ -555,25 +598,27 @@ cdef void _execute_tile(Machine *m, const int64_t *code, Py_ssize_t n,
             _req(m, ops)
         elif op == STORE:
             _store(m, ops)
+        elif op == IM2COL:
+            _im2col(m, ops)
 
 
 cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
                    Py_ssize_t width) noexcept nogil:
-    """Run the program on row tiles of ``m.tile`` vectors, one after the other.
+    """Run the program on row tiles of ``m.tile`` items, one after the other.
 
-    Every instruction treats each input vector on its own, so running the whole program
-    per tile gives the same values while the tile's buffers stay in cache. Buffers are
-    zeroed per tile, as the reference zeroes them per run.
+    Every instruction treats each item on its own, so running the whole program per tile
+    gives the same values while the tile's buffers stay in cache. Buffers are zeroed per
+    tile, as the reference zeroes them per run.
     """
     cdef int64_t r0 = 0, i
-    while r0 < m.vectors:
-        m.rows = m.tile if r0 + m.tile <= m.vectors else m.vectors - r0
+    while r0 < m.batch:
+        m.items = m.tile if r0 + m.tile <= m.batch else m.batch - r0
         if m.buf_total:
             memset(m.buf[0], 0, m.tile * m.buf_total * sizeof(int64_t))
         for i in range(m.n_inp):
-            m.inp[i] = m.inp_base[i] + r0 * m.inp_w[i]
+            m.inp[i] = m.inp_base[i] + r0 * m.inp_rows[i] * m.inp_w[i]
         for i in range(m.n_out):
-            m.out[i] = m.out_base[i] + r0 * m.out_w[i] * m.out_size[i]
+            m.out[i] = m.out_base[i] + r0 * m.out_rows[i] * m.out_w[i] * m.out_size[i]
         _execute_tile(m, code, n, width)
         r0 += m.tile
 
@@ -603,6 +648,8 @@ cdef class _Plan:
     cdef int max_in_rows
     cdef int max_cols
     cdef object sums_xbs  # crossbars some mvm drives
+    cdef object mvm_rows  # most rows per item an mvm drives (the held sums' height)
+    cdef object max_rows  # most rows per item of any buffer
     cdef object bound  # every count and time is at most batch * bound
 
     def __cinit__(self, prepared):
@@ -643,18 +690,26 @@ cdef class _Plan:
         code = prepared.code
         ops = code[:, 0]
         self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1]})
+        buffer_rows = np.array(list(prepared.buffer_rows) + [1], dtype=np.int64)
+        # rows per item each instruction treats (1 for those that are not per vector)
+        rows = np.ones(len(code), dtype=np.int64)
+        for spec in isa.INSTRUCTIONS:
+            if spec.per_vector:
+                at = ops == spec.opcode
+                rows[at] = buffer_rows[code[at, spec.field_index(spec.rows_from)]]
+        self.mvm_rows = int(rows[ops == MVM].max(initial=1))
+        self.max_rows = int(buffer_rows.max())
         per_class = arch.latency_ps()
-        counts = np.bincount(ops, minlength=NOPS)
         total_ps = 0
         for spec in isa.INSTRUCTIONS:
             ps = per_class[spec.latency_class] if spec.latency_class else 0
-            total_ps += ps * int(counts[spec.opcode])
+            total_ps += ps * int(rows[ops == spec.opcode].sum())
             self.lat[spec.opcode] = ps if ps < _INT64_LIMIT else 0
         self.bound = max(
             total_ps,
-            int(counts[MVM]) * arch.rows * arch.cols,
-            int(code[ops == ADC, 5].sum()),
-            len(code),
+            int(rows[ops == MVM].sum()) * arch.rows * arch.cols,
+            int((code[ops == ADC, 5] * rows[ops == ADC]).sum()),
+            int(rows.sum()),
         )
         if (arch.crossbars > MAXN or len(prepared.buffers) > MAXN
                 or len(prepared.inputs) > MAXN or len(prepared.outputs) > MAXN):
@@ -680,7 +735,8 @@ cdef _Plan _plan_for(prepared):
 # ------------------------------------------------------------------------- entry
 
 #: Bytes of buffers, column sums and DAC chunks one row tile may take: small enough to
-#: stay in cache, while the tile is tall enough (_MIN_TILE) for GEMMs to run efficiently.
+#: stay in cache, while the tile is tall enough (_MIN_TILE vectors) for GEMMs to run
+#: efficiently. A tile holds whole items.
 _TILE_BYTES = 2 << 20
 _MIN_TILE = 128
 
@@ -694,13 +750,15 @@ def run(prepared, arrays, batch, functional):
     arch = prepared.arch
     cdef const int64_t[:, ::1] code = prepared.code
     cdef int64_t nb = batch, tile, offset
-    outputs = [np.zeros((nb, t.width), dtype=t.dtype) for t in prepared.outputs]
+    outputs = [np.zeros((nb * t.rows, t.width), dtype=t.dtype) for t in prepared.outputs]
     cdef Py_ssize_t i
     cdef Machine *m = <Machine *>calloc(1, sizeof(Machine))
     if m == NULL:
         raise MemoryError()
     try:
-        m.vectors = nb
+        m.batch = nb
+        for i, rows in enumerate(prepared.buffer_rows):
+            m.buf_rows[i] = rows
         m.crossbars = arch.crossbars
         m.dac_bits = arch.dac_bits
         m.adc_bits = arch.adc_bits or 0
@@ -717,34 +775,39 @@ def run(prepared, arrays, batch, functional):
         if functional:
             dtype = np.float32 if plan.f32 else np.float64
             widths = prepared.buffers
+            per_item = [w * r for w, r in zip(widths, prepared.buffer_rows)]
             nsums = len(plan.sums_xbs)
-            row_bytes = 8 * sum(widths) + dtype().itemsize * (
+            item_bytes = 8 * sum(per_item) + dtype().itemsize * plan.mvm_rows * (
                 nsums * plan.max_cols + plan.max_in_rows
             )
-            tile = min(nb, max(_MIN_TILE, _TILE_BYTES // row_bytes))
+            min_items = -(-_MIN_TILE // plan.max_rows)
+            tile = min(nb, max(min_items, _TILE_BYTES // item_bytes, 1))
             m.tile = tile
-            m.buf_total = sum(widths)
+            m.buf_total = sum(per_item)
             tile_buffers = np.empty(max(tile * m.buf_total, 1), dtype=np.int64)
             offset = 0
             for i, w in enumerate(widths):
                 m.buf[i] = <int64_t *>_data(tile_buffers) + offset
                 m.buf_w[i] = w
-                offset += tile * w
+                offset += tile * per_item[i]
             arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
             m.n_inp = len(arrays)
             for i, a in enumerate(arrays):
                 m.inp_base[i] = <int64_t *>_data(a)
                 m.inp_w[i] = a.shape[1]
+                m.inp_rows[i] = prepared.inputs[i].rows
             m.n_out = len(outputs)
             for i, o in enumerate(outputs):
                 m.out_base[i] = <char *>_data(o)
                 m.out_w[i] = o.shape[1]
+                m.out_rows[i] = prepared.outputs[i].rows
                 m.out_size[i] = o.itemsize
-            sums = np.empty((max(nsums, 1), tile * plan.max_cols), dtype=dtype)
+            vectors = tile * plan.mvm_rows  # the most one mvm of the tile drives
+            sums = np.empty((max(nsums, 1), vectors * plan.max_cols), dtype=dtype)
             offset = sums.strides[0]
             for i, xb in enumerate(plan.sums_xbs):
                 m.held[xb] = <char *>_data(sums) + i * offset
-            chunks = np.empty(tile * plan.max_in_rows, dtype=dtype)
+            chunks = np.empty(vectors * plan.max_in_rows, dtype=dtype)
             m.chunks = _data(chunks)
             row = np.empty(max(widths, default=1), dtype=np.int64)
             m.row = <int64_t *>_data(row)

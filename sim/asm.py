@@ -4,9 +4,11 @@ A program reads top to bottom as directives, then code::
 
     .program matmul
     .arch {"rows": 256, "cols": 256, ...}        ; CimArch as one-line JSON
+    .attrs {"inputs": {...}}                     ; Program.attrs as one-line JSON
     .input  x width=64 dtype=uint8 bits=8 signed=0
     .output y width=32 dtype=int32 bits=32 signed=1
     .buffer b0 width=64
+    .buffer b1 width=27 rows=49                  ; rows per item, 1 if omitted
     .image img0 rows=64 cols=32 diff=0           ; then one hex line per row,
         0a0f03...                                ; two digits per cell
     .const c0 rows=3 cols=32                     ; then one line of integers per row
@@ -17,8 +19,10 @@ A program reads top to bottom as directives, then code::
         halt
 
 Operands are ``name=value``; table indices take their kind's prefix (``b`` buffers,
-``x`` crossbars, ``img`` images, ``c`` constants, ``t`` tensors). ``;`` starts a
-comment. ``disassemble`` writes exactly what ``assemble`` reads back.
+``x`` crossbars, ``img`` images, ``c`` constants, ``t`` tensors). Tensors take optional
+``batch=`` and ``rows=`` keys. ``;`` starts a comment (the JSON of ``.arch`` and
+``.attrs`` writes it as ``\\u003b``). ``disassemble`` writes exactly what ``assemble``
+reads back.
 """
 
 from __future__ import annotations
@@ -38,18 +42,28 @@ from .program import Program, TensorDesc
 _DECLARED = {".input", ".output", ".buffer", ".image", ".const"}
 
 
+def _one_line_json(value, sort_keys: bool = False) -> str:
+    # ";" can only occur inside JSON strings, where its escape reads back the same.
+    return json.dumps(value, sort_keys=sort_keys).replace(";", "\\u003b")
+
+
 def disassemble(program: Program) -> str:
     """Canonical assembly text of ``program``."""
-    lines = [f".program {program.name}", ".arch " + json.dumps(program.arch.to_dict())]
+    lines = [f".program {program.name}", ".arch " + _one_line_json(program.arch.to_dict())]
+    if program.attrs:
+        lines.append(".attrs " + _one_line_json(program.attrs, sort_keys=True))
     for directive, tensors in ((".input", program.inputs), (".output", program.outputs)):
         for t in tensors:
             batch = "" if t.batch is None else f" batch={t.batch}"
+            rows = "" if t.rows == 1 else f" rows={t.rows}"
             lines.append(
                 f"{directive} {t.name} width={t.width} dtype={t.dtype} bits={t.bits} "
-                f"signed={int(t.signed)}{batch}"
+                f"signed={int(t.signed)}{batch}{rows}"
             )
-    for i, width in enumerate(program.buffers):
-        lines.append(f".buffer b{i} width={width}")
+    missing = len(program.buffers) - len(program.buffer_rows)  # unverified programs
+    buffer_rows = list(program.buffer_rows) + [1] * missing
+    for i, (width, rows) in enumerate(zip(program.buffers, buffer_rows)):
+        lines.append(f".buffer b{i} width={width}" + ("" if rows == 1 else f" rows={rows}"))
     for i, img in enumerate(program.images):
         lines.append(
             f".image img{i} rows={img.physical_rows} cols={img.cols} "
@@ -83,6 +97,7 @@ class _Assembler:
         self.arch: CimArch | None = None
         self.builder: ProgramBuilder | None = None
         self.pending: list = []  # declarations seen before .arch
+        self.attrs_seen = False
 
     def fail(self, line: int, message: str):
         raise ProgramError(f"line {line}: {message}")
@@ -101,6 +116,8 @@ class _Assembler:
                 self.name = rest.strip() or self.name
             elif head == ".arch":
                 self._arch(n, rest)
+            elif head == ".attrs":
+                self._attrs(n, rest)
             elif head in _DECLARED:
                 self._declare(n, head, rest)
             elif head == ".code":
@@ -129,6 +146,20 @@ class _Assembler:
         except (ValueError, ArchError) as exc:
             self.fail(n, f"bad .arch: {exc}")
         self.builder = ProgramBuilder(self.arch, self.name)
+
+    def _attrs(self, n: int, rest: str) -> None:
+        if self.builder is None:
+            self.fail(n, ".attrs before .arch")
+        if self.attrs_seen:
+            self.fail(n, "duplicate .attrs")
+        self.attrs_seen = True
+        try:
+            attrs = json.loads(rest)
+        except ValueError as exc:
+            self.fail(n, f"bad .attrs: {exc}")
+        if not isinstance(attrs, dict):
+            self.fail(n, "bad .attrs: expected a JSON object")
+        self.builder.attrs = attrs
 
     def _keywords(self, n: int, words: list[str]) -> dict[str, str]:
         out = {}
@@ -166,11 +197,15 @@ class _Assembler:
                     bits=self._int(n, "bits", kw.pop("bits")),
                     signed=bool(self._int(n, "signed", kw.pop("signed"))),
                     batch=None if batch is None else self._int(n, "batch", batch),
+                    rows=self._int(n, "rows", kw.pop("rows", "1")),
                 )
                 (b.input if head == ".input" else b.output)(desc)
             elif head == ".buffer":
                 self._label(n, label, "b", len(b.buffers))
-                b.buffer(self._int(n, "width", kw.pop("width")))
+                b.buffer(
+                    self._int(n, "width", kw.pop("width")),
+                    self._int(n, "rows", kw.pop("rows", "1")),
+                )
             elif head == ".image":
                 self._label(n, label, "img", len(b.images))
                 rows = self._int(n, "rows", kw.pop("rows"))

@@ -24,8 +24,10 @@ class ProgramBuilder:
         self.inputs: list[TensorDesc] = []
         self.outputs: list[TensorDesc] = []
         self.buffers: list[int] = []
+        self.buffer_rows: list[int] = []
         self.images: list[CrossbarImage] = []
         self.constants: list[np.ndarray] = []
+        self.attrs: dict = {}
         self.rows: list[list[int]] = []
 
     def input(self, desc: TensorDesc) -> int:
@@ -36,8 +38,10 @@ class ProgramBuilder:
         self.outputs.append(desc)
         return len(self.outputs) - 1
 
-    def buffer(self, width: int) -> int:
+    def buffer(self, width: int, rows: int = 1) -> int:
+        """A buffer of ``rows`` vectors of ``width`` integers per item; its index."""
         self.buffers.append(int(width))
+        self.buffer_rows.append(int(rows))
         return len(self.buffers) - 1
 
     def image(self, cells: np.ndarray, differential_rows: bool = False) -> int:
@@ -77,4 +81,40 @@ class ProgramBuilder:
             images=self.images,
             constants=self.constants,
             name=self.name,
+            buffer_rows=self.buffer_rows,
+            attrs=self.attrs,
         )
+
+
+def im2col_params(
+    height: int,
+    width: int,
+    channels: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> np.ndarray:
+    """The ``[1, 15]`` params constant of an ``im2col`` (see ``isa.IM2COL_PARAMS``).
+
+    Parameters
+    ----------
+    height, width, channels
+        The NHWC source image of one item.
+    kernel
+        ``(KH, KW)``.
+    stride, dilation
+        ``(vertical, horizontal)``.
+    padding
+        ``(top, left, bottom, right)``.
+
+    The output size ``(OH, OW)`` is computed here; the verifier checks it again.
+    """
+    kh, kw = kernel
+    sh, sw = stride
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    oh = (height + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    values = [height, width, channels, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow]
+    return np.array([values], dtype=np.int64)

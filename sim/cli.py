@@ -236,7 +236,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         type=_input_spec,
         metavar="NAME=FILE.npy",
-        help="an input tensor, [batch, width] integers (repeat for each input)",
+        help="an input tensor, [batch, width] integers, or [batch*rows, width] or "
+        "[batch, rows, width] for one with several rows per item (repeat for each input)",
     )
     p.add_argument("--output-dir", metavar="DIR", help="write each output as DIR/NAME.npy")
     p.add_argument("--stats", metavar="FILE.json", help="write the run's statistics as JSON")
@@ -399,9 +400,12 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 def _tensors(tensors: list[TensorDesc]) -> str:
     if not tensors:
         return "none"
-    return ", ".join(
-        f"{t.name}[{'*' if t.batch is None else t.batch}, {t.width}] {t.dtype}" for t in tensors
-    )
+
+    def shape(t: TensorDesc) -> str:
+        rows = "" if t.rows == 1 else f"{t.rows}, "
+        return f"[{'*' if t.batch is None else t.batch}, {rows}{t.width}]"
+
+    return ", ".join(f"{t.name}{shape(t)} {t.dtype}" for t in tensors)
 
 
 @command("verify", help="check that a program is valid", arguments=_verify_arguments)
@@ -436,7 +440,7 @@ def _stats(args: argparse.Namespace) -> int:
     stats = program.estimate(args.batch, arch)
     if args.json:
         _write_json(args.json, stats.to_dict(), "statistics")
-    outputs = {t.name: ((stats.batch, t.width), t.dtype, None) for t in program.outputs}
+    outputs = {t.name: ((stats.batch * t.rows, t.width), t.dtype, None) for t in program.outputs}
     print(_summary(stats, program, outputs))
     return EXIT_OK
 

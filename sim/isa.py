@@ -51,8 +51,11 @@ class InstrSpec:
     fields: tuple[Field, ...]
     latency_class: str | None  # key of CimArch.latency_ps(), or None for free
     unit: str  # crossbar | digital | io | control: the resource it occupies
-    per_vector: bool  # latency and energy scale with the batch of input vectors
+    per_vector: bool  # latency and energy scale with the input vectors it treats
     doc: str
+    #: Buffer operand whose rows per item give the vectors a per-vector instruction treats
+    #: (``batch * rows``): the buffer it acts on.
+    rows_from: str | None = None
 
     def field_index(self, name: str) -> int:
         """Operand column (1-based, after the opcode) of field ``name``."""
@@ -100,6 +103,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "io",
         True,
         "Copy columns of an input tensor into a buffer, for every input vector.",
+        "dst",
     ),
     InstrSpec(
         3,
@@ -116,6 +120,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         True,
         "One bit-serial step: drive the `dac_bits`-wide chunk of each input vector starting "
         "at `bit` into crossbar `xb` and hold its column sums (differential rows subtract).",
+        "src",
     ),
     InstrSpec(
         4,
@@ -134,6 +139,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         True,
         "Convert held column sums through the ADC (round, saturate to `adc_bits`) into a "
         "buffer, overwriting it.",
+        "dst",
     ),
     InstrSpec(
         5,
@@ -152,6 +158,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "digital",
         True,
         "Shift-and-add: `dst[:, dst_col:+ncols] += (-1)**neg * (src[...] << shift)`.",
+        "dst",
     ),
     InstrSpec(
         6,
@@ -167,6 +174,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "digital",
         True,
         "Accumulate partial sums of another row tile: `dst[...] += src[...]`.",
+        "dst",
     ),
     InstrSpec(
         7,
@@ -187,6 +195,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "digital",
         True,
         "Requantize: `clamp(round((src + bias) * multiplier / 2**shift) + zp)` per column.",
+        "dst",
     ),
     InstrSpec(
         8,
@@ -202,6 +211,26 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "io",
         True,
         "Copy buffer columns into an output tensor (cast to its dtype).",
+        "src",
+    ),
+    InstrSpec(
+        9,
+        "im2col",
+        (
+            _buf("dst", "destination buffer: `OH*OW` rows of `KH*KW*C` columns per item"),
+            _buf("src", "source buffer: an NHWC image, `H*W` rows of `C` columns per item"),
+            Field("params", 16, "const", "[1, 15] constant: the convolution geometry"),
+            Field("pad", 16, "int", "value of taps outside the image (zero point)", signed=True),
+        ),
+        "load_store",
+        "digital",
+        True,
+        "Unfold convolution windows: `dst` row `oh*OW + ow`, column `(kh*KW + kw)*C + c` "
+        "becomes `src` row `h*W + w`, column `c`, where `h = oh*stride_h - pad_top + "
+        "kh*dil_h` and `w = ow*stride_w - pad_left + kw*dil_w`, or `pad` where `(h, w)` "
+        "falls outside the image. `params` holds `H, W, C, KH, KW, stride_h, stride_w, "
+        "pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, OH, OW`. Overwrites `dst`.",
+        "dst",
     ),
 )
 
@@ -210,8 +239,32 @@ BY_MNEMONIC: dict[str, InstrSpec] = {spec.mnemonic: spec for spec in INSTRUCTION
 MAX_OPERANDS = max(len(spec.fields) for spec in INSTRUCTIONS)
 OP = {spec.mnemonic.upper(): spec.opcode for spec in INSTRUCTIONS}  # OP["MVM"] == 3
 
+#: The values of an ``im2col`` params constant (shape ``[1, 15]``), in order.
+IM2COL_PARAMS = (
+    "H",
+    "W",
+    "C",
+    "KH",
+    "KW",
+    "stride_h",
+    "stride_w",
+    "pad_top",
+    "pad_left",
+    "pad_bottom",
+    "pad_right",
+    "dil_h",
+    "dil_w",
+    "OH",
+    "OW",
+)
+
 for _spec in INSTRUCTIONS:  # every word must fit 128 bits
     assert OPCODE_BITS + sum(f.bits for f in _spec.fields) <= 8 * WORD_BYTES, _spec.mnemonic
+    # a per-vector instruction scales with the rows of one of its buffers
+    assert (_spec.rows_from is not None) == _spec.per_vector, _spec.mnemonic
+    assert _spec.rows_from is None or (
+        _spec.fields[_spec.field_index(_spec.rows_from) - 1].kind == "buffer"
+    ), _spec.mnemonic
 
 
 def _layout(spec: InstrSpec) -> list[tuple[int, Field]]:

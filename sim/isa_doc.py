@@ -22,9 +22,12 @@ This page is made from the instruction table in `sim/isa.py`
 ## Machine model
 
 A program runs on `crossbars` crossbars of `rows` x `cols` cells, each cell holding
-`cell_bits` bits, plus a set of int64 *buffers* (each `[batch, width]`, zeroed at start),
-a digital unit (shift-add, accumulate, requantize) and an I/O unit (load, store).
-Every instruction works on the whole batch of input vectors at once.
+`cell_bits` bits, plus a set of int64 *buffers*, a digital unit (shift-add, accumulate,
+requantize, im2col) and an I/O unit (load, store). A run treats `batch` *items*; each
+buffer and tensor holds `rows` vectors of `width` integers per item (one unless declared
+otherwise), `[batch * rows, width]` in all, item after item, and buffers are zeroed at
+start. Every instruction works on the whole batch at once, each vector on its own except
+`im2col`, which rearranges the vectors of each item.
 
 * `prog` writes a weight-slice *image* into a crossbar.
 * `mvm` drives one bit-serial input step, the `dac_bits`-wide chunk of every input
@@ -34,6 +37,13 @@ Every instruction works on the whole batch of input vectors at once.
   `2**shift` and saturating to `adc_bits` (lossless when the arch has no `adc_bits`).
 * `shadd` and `acc` recombine slices, polarities, input steps and row tiles; `req`
   requantizes; `load` and `store` move tensors in and out; `halt` ends the program.
+* `im2col` unfolds an NHWC image buffer (`H*W` rows of `C`) into a buffer of
+  convolution windows (`OH*OW` rows of `KH*KW*C`), so that a convolution runs as the
+  matmul above with `OH*OW` vectors per item.
+
+Operands must agree on rows per item: a load or store moves between a tensor and a
+buffer with the same rows, `shadd`, `acc` and `req` combine buffers with the same rows,
+and `adc` reads held column sums into a buffer with the rows of the `mvm` source.
 
 The integer semantics (rounding, saturation, DAC chunks, requantization) are those of
 `tvm_cim/quant.py`, shared with the codegen and training.
@@ -42,11 +52,13 @@ The integer semantics (rounding, saturation, DAC chunks, requantization) are tho
 
 Each instruction occupies one unit: its crossbar (`prog`, `mvm`, `adc`), the digital
 unit, or the I/O unit. Its latency is the arch's figure for its latency class, times the
-batch for per-vector instructions. Instructions start in program order once their unit
-is free and their buffers are ready (read after write, write after read, write after
-write). The simulator reports the makespan of that schedule (`latency_us`) and the plain
-sum (`sequential_latency_us`); with one crossbar and free digital steps both equal the
-CIM-AQ model.
+vectors it treats for per-vector instructions: `batch` times the rows per item of the
+buffer named below. Instructions start in program order once their unit is free and
+their buffers are ready (read after write, write after read, write after write). The
+simulator reports the makespan of that schedule (`latency_us`) and the plain sum
+(`sequential_latency_us`); with one crossbar and free digital steps both equal the
+CIM-AQ model, whose per-image input count is the rows per item of the `mvm` source
+(`OH*OW` for a convolution).
 
 ## Encoding
 
@@ -59,9 +71,10 @@ In assembly, operands are written `name=value`; table indices carry a prefix
 ## Program files
 
 Magic `{_MAGIC_TEXT}`, format version {FORMAT_VERSION}, then the sections
-{", ".join(f"`{t.decode()}`" for t in SECTION_TAGS)} (metadata JSON with the arch and the
-tensor and buffer tables; crossbar images; int64 constants; instruction words), then a
-CRC-32 of everything before it. `cim-sim verify` checks a file without running it.
+{", ".join(f"`{t.decode()}`" for t in SECTION_TAGS)} (metadata JSON with the arch, the
+tensor and buffer tables and free `attrs`; crossbar images; int64 constants; instruction
+words), then a CRC-32 of everything before it. `cim-sim verify` checks a file without
+running it.
 
 ## Instructions
 """
@@ -72,7 +85,7 @@ def render() -> str:
     parts = [_INTRO]
     for spec in isa.INSTRUCTIONS:
         latency = spec.latency_class or "none"
-        scale = " x batch" if spec.per_vector else ""
+        scale = f" x batch x rows of `{spec.rows_from}`" if spec.per_vector else ""
         parts.append(f"\n### `{spec.mnemonic}` (opcode {spec.opcode})\n\n{spec.doc}\n\n")
         parts.append(f"Unit: {spec.unit}. Latency class: `{latency}`{scale}.\n")
         if spec.fields:

@@ -11,10 +11,10 @@ File layout (all integers little-endian)::
          end   CRC-32 of every byte before it  u32
 
 Sections, in this order: ``META`` (UTF-8 JSON: program name, the arch it was compiled
-for, input and output tensor descriptions, buffer widths), ``IMGS`` (crossbar weight
-images), ``CNST`` (int64 constants) and ``INST`` (16-byte instruction words, see
-``isa``). Parsing never trusts a length: every failure is a ``ProgramError`` naming the
-file offset.
+for, input and output tensor descriptions, buffer widths and rows, free metadata
+``attrs``), ``IMGS`` (crossbar weight images), ``CNST`` (int64 constants) and ``INST``
+(16-byte instruction words, see ``isa``). Parsing never trusts a length: every failure is
+a ``ProgramError`` naming the file offset.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tvm_cim.errors import ArchError, ProgramError
 from . import isa
 
 MAGIC = b"CIMPROG\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SECTION_TAGS = (b"META", b"IMGS", b"CNST", b"INST")
 _HEADER = struct.Struct("<8sHHI")
 _SECTION = struct.Struct("<4sIQ")
@@ -46,10 +46,13 @@ TENSOR_DTYPES = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int32": 32, 
 
 @dataclass(frozen=True)
 class TensorDesc:
-    """An input or output of a program: ``[batch, width]`` integers.
+    """An input or output of a program: ``batch`` items of ``rows`` vectors of ``width``
+    integers, held as a ``[batch * rows, width]`` array (row ``item * rows + r``).
 
-    ``batch`` None means any number of input vectors, fixed per run. ``bits`` and
-    ``signed`` give the value range an input must respect (outputs: informative).
+    ``batch`` None means any number of items, fixed per run. ``rows`` is more than one for
+    a tensor with several vectors per item, such as an NHWC image (``rows = H * W``,
+    ``width = C``). ``bits`` and ``signed`` give the value range an input must respect
+    (outputs: informative).
     """
 
     name: str
@@ -58,10 +61,12 @@ class TensorDesc:
     bits: int = 32
     signed: bool = True
     batch: int | None = None
+    rows: int = 1
 
     @property
     def shape(self) -> tuple[int | None, int]:
-        return (self.batch, self.width)
+        """``(batch * rows, width)``; the first entry is None while the batch is free."""
+        return (None if self.batch is None else self.batch * self.rows, self.width)
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +76,7 @@ class TensorDesc:
             "bits": self.bits,
             "signed": self.signed,
             "batch": self.batch,
+            "rows": self.rows,
         }
 
     @classmethod
@@ -83,6 +89,7 @@ class TensorDesc:
                 bits=int(d["bits"]),
                 signed=bool(d["signed"]),
                 batch=None if d.get("batch") is None else int(d["batch"]),
+                rows=int(d.get("rows", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProgramError(f"malformed tensor description {d!r}: {exc}") from None
@@ -126,8 +133,15 @@ class CrossbarImage:
 class Program:
     """A crossbar program: instructions plus the data they refer to.
 
-    Build one with ``codegen.lower_matmul``, the assembler (``Program.from_asm``) or
-    ``Program.load``. ``code`` is the decoded instruction array (see ``isa``).
+    Build one with ``codegen.lower_matmul``, ``ProgramBuilder``, the assembler
+    (``Program.from_asm``) or ``Program.load``. ``code`` is the decoded instruction array
+    (see ``isa``).
+
+    Buffer ``i`` holds ``buffer_rows[i]`` vectors of ``buffers[i]`` integers per item
+    (``batch * buffer_rows[i]`` in all); ``buffer_rows`` defaults to all ones. ``attrs``
+    is free JSON-serializable metadata that travels with the program (for instance the
+    host-side quantization of inputs and dequantization of outputs); the simulator does
+    not read it.
     """
 
     arch: CimArch
@@ -138,12 +152,16 @@ class Program:
     images: list[CrossbarImage] = field(default_factory=list)
     constants: list[np.ndarray] = field(default_factory=list)
     name: str = "program"
+    buffer_rows: list[int] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.code = np.ascontiguousarray(self.code, dtype=np.int64).reshape(
             -1, 1 + isa.MAX_OPERANDS
         )
         self.constants = [np.ascontiguousarray(c, dtype=np.int64) for c in self.constants]
+        if not self.buffer_rows:
+            self.buffer_rows = [1] * len(self.buffers)
 
     def __len__(self) -> int:
         return len(self.code)
@@ -181,7 +199,7 @@ class Program:
         verify(self, arch)
 
     def estimate(self, batch: int | None = None, arch: CimArch | None = None):
-        """The static latency and counts of running ``batch`` input vectors.
+        """The static latency and counts of running ``batch`` items.
 
         ``batch`` defaults to the program's fixed batch, else 1.
         This is the compiler's cost model; the simulator reports the same ``SimStats``.
@@ -209,6 +227,8 @@ class Program:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "buffers": [int(w) for w in self.buffers],
+            "buffer_rows": [int(r) for r in self.buffer_rows],
+            "attrs": self.attrs,
         }
         imgs = [struct.pack("<I", len(self.images))]
         for img in self.images:
@@ -219,7 +239,7 @@ class Program:
             consts.append(_CONST.pack(*c.shape))
             consts.append(c.astype("<i8").tobytes())
         payloads = {
-            b"META": json.dumps(meta, sort_keys=True).encode(),
+            b"META": _meta_json(meta),
             b"IMGS": b"".join(imgs),
             b"CNST": b"".join(consts),
             b"INST": struct.pack("<I", len(self.code)) + isa.encode(self.code),
@@ -234,6 +254,14 @@ class Program:
     @classmethod
     def from_bytes(cls, data: bytes) -> Program:
         return _Parser(bytes(data)).parse()
+
+
+def _meta_json(meta: dict) -> bytes:
+    try:
+        text = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ProgramError(f"program attrs are not plain JSON: {exc}") from None
+    return text.encode()
 
 
 class _Parser:
@@ -299,6 +327,14 @@ class _Parser:
             inputs = [TensorDesc.from_dict(t) for t in meta["inputs"]]
             outputs = [TensorDesc.from_dict(t) for t in meta["outputs"]]
             buffers = [int(w) for w in meta["buffers"]]
+            buffer_rows = [int(r) for r in meta.get("buffer_rows", [1] * len(buffers))]
+            if len(buffer_rows) != len(buffers):
+                raise ProgramError(
+                    f"{len(buffer_rows)} buffer_rows for {len(buffers)} buffers in META"
+                )
+            attrs = meta.get("attrs", {})
+            if not isinstance(attrs, dict):
+                raise ProgramError(f"META attrs must be a JSON object, not {type(attrs).__name__}")
             name = str(meta.get("name", "program"))
         except ArchError as exc:
             raise ProgramError(f"invalid arch in META: {exc}", offset=base) from None
@@ -318,6 +354,8 @@ class _Parser:
             "inputs": inputs,
             "outputs": outputs,
             "buffers": buffers,
+            "buffer_rows": buffer_rows,
+            "attrs": attrs,
             "name": name,
         }
 

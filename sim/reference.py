@@ -8,6 +8,8 @@ sum stays far below 2**53.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from tvm_cim import quant
@@ -16,13 +18,21 @@ from .timing import Timeline
 
 
 class _State:
+    """Every array holds ``batch * rows`` vectors, item after item (``[batch * rows, w]``)."""
+
     def __init__(self, prepared, inputs, batch, functional):
         self.p = prepared
         self.arch = prepared.arch
         self.functional = functional
+        self.batch = batch
         self.inputs = inputs
-        self.outputs = [np.zeros((batch, t.width), dtype=t.dtype) for t in prepared.outputs]
-        self.buffers = [np.zeros((batch, w), dtype=np.int64) for w in prepared.buffers]
+        self.outputs = [
+            np.zeros((batch * t.rows, t.width), dtype=t.dtype) for t in prepared.outputs
+        ]
+        self.buffers = [
+            np.zeros((batch * rows, w), dtype=np.int64)
+            for w, rows in zip(prepared.buffers, prepared.buffer_rows)
+        ]
         self.weights = [None] * self.arch.crossbars  # folded float64 image per crossbar
         self.held = [None] * self.arch.crossbars  # column sums after the last mvm
 
@@ -91,6 +101,34 @@ def execute_store(s: _State, ops):
     out[:, ops["dst_col"] : ops["dst_col"] + n] = src.astype(out.dtype)
 
 
+@lru_cache(maxsize=64)
+def im2col_index(params: tuple[int, ...]) -> np.ndarray:
+    """Gather index ``[OH*OW, KH*KW*C]`` of an ``im2col`` into one item's source.
+
+    The source is read flattened, ``[H*W*C]``, with one extra row of ``C`` pad values
+    appended: taps outside the image point into that row. Read-only, cached per geometry.
+    """
+    h, w, c, kh, kw, sh, sw, pt, pl, _, _, dh, dw, oh, ow = params
+    rows = np.arange(oh)[:, None, None, None] * sh - pt + np.arange(kh)[None, None, :, None] * dh
+    cols = np.arange(ow)[None, :, None, None] * sw - pl + np.arange(kw)[None, None, None, :] * dw
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [OH, OW, KH, KW]
+    pixel = np.where(inside, rows * w + cols, h * w)
+    index = (pixel[..., None] * c + np.arange(c)).reshape(oh * ow, kh * kw * c)
+    index.setflags(write=False)
+    return index
+
+
+def execute_im2col(s: _State, ops):
+    params = tuple(int(v) for v in s.p.constants[ops["params"]][0])
+    h, w, c = params[:3]
+    src = s.buffers[ops["src"]].reshape(s.batch, h * w * c)
+    padded = np.empty((s.batch, (h * w + 1) * c), dtype=np.int64)
+    padded[:, : h * w * c] = src
+    padded[:, h * w * c :] = ops["pad"]
+    index = im2col_index(params)
+    np.take(padded, index, axis=1, out=s.buffers[ops["dst"]].reshape(s.batch, *index.shape))
+
+
 EXECUTE = {
     name[len("execute_") :]: fn for name, fn in globals().items() if name.startswith("execute_")
 }
@@ -99,7 +137,7 @@ EXECUTE = {
 def run(prepared, inputs: list[np.ndarray], batch: int, functional: bool):
     """Execute a verified program; returns ``(outputs, stats)``."""
     state = _State(prepared, inputs, batch, functional)
-    timeline = Timeline(prepared.arch, batch, len(prepared.buffers), prepared.images)
+    timeline = Timeline(prepared.arch, batch, prepared.buffer_rows, prepared.images)
     for mnemonic, ops in prepared.instructions:
         if functional:
             EXECUTE[mnemonic](state, ops)

@@ -61,6 +61,7 @@ class PreparedProgram:
         self.inputs: list[TensorDesc] = list(program.inputs)
         self.outputs: list[TensorDesc] = list(program.outputs)
         self.buffers = [int(w) for w in program.buffers]
+        self.buffer_rows = [int(r) for r in program.buffer_rows]
         self.images = [type(img)(img.cells.copy(), img.differential_rows) for img in program.images]
         self.folded = [img.folded().astype(np.float64) for img in self.images]
         self.constants = [c.copy() for c in program.constants]
@@ -68,12 +69,17 @@ class PreparedProgram:
         self.fixed_batch = next(
             (t.batch for t in self.inputs + self.outputs if t.batch is not None), None
         )
+        mvm_src = self.code[
+            self.code[:, 0] == isa.OP["MVM"], isa.BY_MNEMONIC["mvm"].field_index("src")
+        ]
+        #: Most rows per item an mvm drives: the height of the held column sums.
+        self.mvm_rows = max((self.buffer_rows[int(b)] for b in mvm_src), default=1)
 
     def check_inputs(self, inputs: dict[str, np.ndarray], batch: int | None) -> tuple:
-        """Validate ``inputs``; return them in program order (int64) and the batch.
+        """Validate ``inputs``; return them in program order and the batch.
 
-        Shapes, the batch and the memory it needs are checked before anything is
-        converted or allocated.
+        Each comes back as ``[batch * rows, width]`` int64. Shapes, the batch and the
+        memory it needs are checked before anything is converted or allocated.
         """
         names = [t.name for t in self.inputs]
         unknown = sorted(set(inputs) - set(names))
@@ -83,7 +89,7 @@ class PreparedProgram:
         if missing:
             raise InputError(f"missing input(s) {missing}; the program takes {names}")
         raw = [self._shaped(t, inputs[t.name]) for t in self.inputs]
-        batch = self.resolve_batch({a.shape[0] for a in raw}, batch)
+        batch = self.resolve_batch({a.shape[0] // t.rows for t, a in zip(self.inputs, raw)}, batch)
         return [self._in_range(t, a) for t, a in zip(self.inputs, raw)], batch
 
     def resolve_batch(self, batches: set[int], batch: int | None) -> int:
@@ -102,11 +108,23 @@ class PreparedProgram:
 
     @staticmethod
     def _shaped(t: TensorDesc, value) -> np.ndarray:
+        """``value`` as a ``[batch * rows, width]`` array (a view where possible).
+
+        Accepted: ``[batch * rows, width]``, ``[batch, rows, width]`` and, with one row
+        per item, a single ``[width]`` vector.
+        """
         a = np.asarray(value)
-        if a.ndim == 1 and t.width == a.shape[0]:
+        if a.ndim == 1 and t.rows == 1 and t.width == a.shape[0]:
             a = a[None, :]
-        if a.ndim != 2 or a.shape[1] != t.width:
-            raise InputError(f"input {t.name!r}: shape {a.shape}, expected [batch, {t.width}]")
+        elif a.ndim == 3 and a.shape[1:] == (t.rows, t.width):
+            a = a.reshape(-1, t.width)
+        if a.ndim != 2 or a.shape[1] != t.width or a.shape[0] % t.rows:
+            expected = (
+                f"[batch, {t.width}]"
+                if t.rows == 1
+                else f"[batch*{t.rows}, {t.width}] or [batch, {t.rows}, {t.width}]"
+            )
+            raise InputError(f"input {t.name!r}: shape {a.shape}, expected {expected}")
         if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
             raise InputError(f"input {t.name!r}: dtype {a.dtype} is not an integer type")
         return a
@@ -124,9 +142,11 @@ class PreparedProgram:
         return np.ascontiguousarray(a, dtype=np.int64)
 
     def _check_memory(self, batch: int) -> None:
-        columns = sum(self.buffers) + sum(t.width for t in self.inputs + self.outputs)
-        columns += 2 * self.arch.crossbars * self.arch.cols  # held column sums
-        need = 8 * batch * columns
+        # int64 values per item: buffers, tensors and the held column sums
+        values = sum(w * r for w, r in zip(self.buffers, self.buffer_rows))
+        values += sum(t.width * t.rows for t in self.inputs + self.outputs)
+        values += 2 * self.arch.crossbars * self.arch.cols * self.mvm_rows
+        need = 8 * batch * values
         if need > MEMORY_LIMIT_BYTES:
             raise InputError(
                 f"a batch of {batch} needs {need / 2**30:.1f} GiB of buffers, over the "
@@ -168,13 +188,15 @@ class Simulator:
     ) -> SimResult:
         """Execute ``program`` on ``inputs`` (a dict from input name to array).
 
-        With ``functional=False`` no values are computed (inputs may be omitted if
-        ``batch`` is given) and the outputs are zeros; the stats are the same.
+        An input with ``rows`` vectors per item is ``[batch * rows, width]`` or
+        ``[batch, rows, width]``; outputs come back as ``[batch * rows, width]``. With
+        ``functional=False`` no values are computed (inputs may be omitted if ``batch``
+        is given) and the outputs are zeros; the stats are the same.
         """
         prepared = program if isinstance(program, PreparedProgram) else self.prepare(program)
         if inputs is None and not functional:
             batch = prepared.resolve_batch(set(), batch)
-            arrays = [np.zeros((batch, t.width), np.int64) for t in prepared.inputs]
+            arrays = [np.zeros((batch * t.rows, t.width), np.int64) for t in prepared.inputs]
         else:
             arrays, batch = prepared.check_inputs(inputs or {}, batch)
         if self.backend == "cython":

@@ -2,7 +2,9 @@
 
 Time is kept in integer picoseconds so that sums are exact and independent of order.
 Each instruction occupies one unit (its crossbar, the digital unit, or the I/O unit)
-for its latency, times the batch for per-vector instructions. Two figures come out:
+for its latency, times the vectors it treats for per-vector instructions: the batch times
+the rows per item of the buffer it acts on (``InstrSpec.rows_from``). Two figures come
+out:
 
 * ``sequential_ps``: the sum of all latencies, every instruction after the last;
 * ``latency_ps``: the makespan of an in-order list schedule in which an instruction
@@ -25,15 +27,31 @@ from tvm_cim.arch import CimArch
 from . import isa
 
 #: Which operands an instruction reads and writes (buffers only).
-_READS = {"mvm": ("src",), "shadd": ("src",), "acc": ("src",), "req": ("src",), "store": ("src",)}
-_WRITES = {"load": ("dst",), "adc": ("dst",), "shadd": ("dst",), "acc": ("dst",), "req": ("dst",)}
+_READS = {
+    "mvm": ("src",),
+    "shadd": ("src",),
+    "acc": ("src",),
+    "req": ("src",),
+    "store": ("src",),
+    "im2col": ("src",),
+}
+_WRITES = {
+    "load": ("dst",),
+    "adc": ("dst",),
+    "shadd": ("dst",),
+    "acc": ("dst",),
+    "req": ("dst",),
+    "im2col": ("dst",),
+}
 
 
 @dataclass
 class SimStats:
     """What running a program costs.
 
-    Counts are exact integers; ``*_us`` and ``energy_nj`` are derived from them.
+    Counts are exact integers; ``*_us`` and ``energy_nj`` are derived from them. A
+    vector is one row of a buffer: ``batch`` items of a buffer with ``rows`` rows per
+    item are ``batch * rows`` vectors.
     """
 
     arch: CimArch
@@ -123,20 +141,21 @@ class SimStats:
 class Timeline:
     """Issues instructions one by one into the schedule and tallies ``SimStats``."""
 
-    def __init__(self, arch: CimArch, batch: int, n_buffers: int, images):
+    def __init__(self, arch: CimArch, batch: int, buffer_rows: list[int], images):
         self.stats = SimStats(arch, batch, busy_ps=[0] * arch.crossbars)
         self.lat = arch.latency_ps()
         self.images = images
+        self.buffer_rows = buffer_rows
         self.unit_free: dict[object, int] = {}
-        self.written = [0] * n_buffers  # when the last write of each buffer ends
-        self.read = [0] * n_buffers  # when the last read of each buffer ends
+        self.written = [0] * len(buffer_rows)  # when the last write of each buffer ends
+        self.read = [0] * len(buffer_rows)  # when the last read of each buffer ends
         self.image_on = [None] * arch.crossbars
 
     def issue(self, mnemonic: str, ops: dict[str, int]) -> None:
         spec = isa.BY_MNEMONIC[mnemonic]
         st = self.stats
         st.instructions[mnemonic] = st.instructions.get(mnemonic, 0) + 1
-        vectors = st.batch if spec.per_vector else 1
+        vectors = st.batch * self.buffer_rows[ops[spec.rows_from]] if spec.per_vector else 1
         lat = self.lat[spec.latency_class] * vectors if spec.latency_class else 0
         unit = ("xb", ops["xb"]) if spec.unit == "crossbar" else spec.unit
 
@@ -175,7 +194,7 @@ class Timeline:
 
 
 def estimate(program, batch: int | None = None, arch: CimArch | None = None) -> SimStats:
-    """Static cost of running ``program`` on ``batch`` input vectors (verified first).
+    """Static cost of running ``program`` on ``batch`` items (verified first).
 
     ``batch`` defaults to the program's fixed batch, else 1.
     """
@@ -192,7 +211,7 @@ def estimate(program, batch: int | None = None, arch: CimArch | None = None) -> 
         raise InputError(f"the program is compiled for a batch of {fixed.pop()}, not {batch}")
     if batch < 1:
         raise InputError("the batch must hold at least one input vector")
-    timeline = Timeline(arch, batch, len(program.buffers), program.images)
+    timeline = Timeline(arch, batch, program.buffer_rows, program.images)
     for mnemonic, ops in program.instructions():
         timeline.issue(mnemonic, ops)
     return timeline.stats

@@ -3,8 +3,9 @@
 Everything the simulator backends index is checked here, before any instruction
 runs: the Cython core then executes without bounds checks. The checks follow the
 ISA table (operand kinds) plus the dataflow facts a table cannot express: a crossbar
-is programmed before it is driven, its column sums are held before they are read, and
-the program ends with ``halt``.
+is programmed before it is driven, its column sums are held before they are read (into a
+buffer with as many rows per item as the mvm's source), an ``im2col`` source was written
+first, and the program ends with ``halt``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from tvm_cim.arch import CimArch
 from tvm_cim.errors import ProgramError
 from tvm_cim.quant import MAX_SHIFT
 
-from . import isa
+from . import isa, timing
 from .program import TENSOR_DTYPES, Program
 
 MAX_BUFFERS = 1 << 8
 MAX_WIDTH = (1 << 16) - 1
+#: Most vectors per item of a tensor or buffer (a 4096 x 4096 image).
+MAX_ROWS = 1 << 24
 
 
 def check_arch(program: Program, arch: CimArch | None) -> CimArch:
@@ -65,6 +68,8 @@ def _check_tensors(program: Program) -> None:
                 raise ProgramError(f"{where}: width {t.width} outside 1..{MAX_WIDTH}")
             if t.batch is not None and t.batch < 1:
                 raise ProgramError(f"{where}: batch {t.batch} must be positive")
+            if not 1 <= t.rows <= MAX_ROWS:
+                raise ProgramError(f"{where}: rows {t.rows} outside 1..{MAX_ROWS}")
     batches = {t.batch for t in program.inputs + program.outputs if t.batch is not None}
     if len(batches) > 1:
         raise ProgramError(f"tensors disagree on the batch size: {sorted(batches)}")
@@ -76,6 +81,15 @@ def _check_tables(program: Program, arch: CimArch) -> None:
     for i, width in enumerate(program.buffers):
         if not 1 <= width <= MAX_WIDTH:
             raise ProgramError(f"buffer b{i}: width {width} outside 1..{MAX_WIDTH}")
+    if len(program.buffer_rows) != len(program.buffers):
+        raise ProgramError(
+            f"{len(program.buffer_rows)} buffer_rows entries for {len(program.buffers)} buffers"
+        )
+    for i, rows in enumerate(program.buffer_rows):
+        if not 1 <= rows <= MAX_ROWS:
+            raise ProgramError(f"buffer b{i}: rows {rows} outside 1..{MAX_ROWS}")
+    if not isinstance(program.attrs, dict):
+        raise ProgramError(f"program attrs must be a dict, not {type(program.attrs).__name__}")
     for i, img in enumerate(program.images):
         where = f"image img{i}"
         cells = img.cells
@@ -98,16 +112,29 @@ def _check_tables(program: Program, arch: CimArch) -> None:
 
 
 class _Checker:
-    """Walks the code once, tracking which image each crossbar holds."""
+    """Walks the code once, tracking which image each crossbar holds, the rows of the
+    column sums it holds, and which buffers have been written."""
 
     def __init__(self, program: Program, arch: CimArch):
         self.p = program
         self.arch = arch
         self.image_on = [None] * arch.crossbars  # image index per crossbar
-        self.held = [False] * arch.crossbars  # column sums held since the last write
+        self.held = [0] * arch.crossbars  # rows per item of the held column sums (0: none)
+        self.written = [False] * len(program.buffers)
 
     def fail(self, i: int, message: str):
         raise ProgramError(message, index=i)
+
+    def same_rows(self, i: int, mnemonic: str, what: str, rows: int, buf: int) -> None:
+        """Fail unless buffer ``buf`` has ``rows`` rows per item; ``what`` says whose
+        rows those are ("input tensor 'x' has")."""
+        have = self.p.buffer_rows[buf]
+        if rows != have:
+            self.fail(i, f"{mnemonic}: rows per item differ: {what} {rows}, b{buf} has {have}")
+
+    def same_source_rows(self, i: int, mnemonic: str, ops: dict) -> None:
+        src_rows = self.p.buffer_rows[ops["src"]]
+        self.same_rows(i, mnemonic, f"source b{ops['src']} has", src_rows, ops["dst"])
 
     def index(self, i: int, kind: str, value: int, count: int) -> None:
         if not 0 <= value < count:
@@ -139,6 +166,8 @@ class _Checker:
                 elif f.kind == "crossbar":
                     self.index(i, "crossbar", ops[f.name], self.arch.crossbars)
             getattr(self, f"check_{spec.mnemonic}")(i, ops)
+            for name in timing._WRITES.get(spec.mnemonic, ()):
+                self.written[ops[name]] = True
 
     def check_halt(self, i, ops):
         pass
@@ -146,13 +175,14 @@ class _Checker:
     def check_prog(self, i, ops):
         self.index(i, "image", ops["image"], len(self.p.images))
         self.image_on[ops["xb"]] = ops["image"]
-        self.held[ops["xb"]] = False
+        self.held[ops["xb"]] = 0
 
     def check_load(self, i, ops):
         self.index(i, "tensor", ops["tensor"], len(self.p.inputs))
-        width = self.p.inputs[ops["tensor"]].width
-        self.span(i, "load source", ops["src_col"], ops["ncols"], width)
+        t = self.p.inputs[ops["tensor"]]
+        self.span(i, "load source", ops["src_col"], ops["ncols"], t.width)
         self.span(i, "load destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.same_rows(i, "load", f"input tensor {t.name!r} has", t.rows, ops["dst"])
 
     def check_mvm(self, i, ops):
         image = self.image_on[ops["xb"]]
@@ -160,7 +190,7 @@ class _Checker:
             self.fail(i, f"mvm drives crossbar x{ops['xb']} before it was programmed")
         rows = self.p.images[image].in_rows
         self.span(i, "mvm input", ops["src_col"], rows, self.p.buffers[ops["src"]])
-        self.held[ops["xb"]] = True
+        self.held[ops["xb"]] = self.p.buffer_rows[ops["src"]]
 
     def check_adc(self, i, ops):
         xb = ops["xb"]
@@ -172,6 +202,7 @@ class _Checker:
             i, "adc crossbar", ops["col"], ops["ncols"], self.p.images[self.image_on[xb]].cols
         )
         self.span(i, "adc destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.same_rows(i, "adc", f"crossbar x{xb} holds sums for", self.held[xb], ops["dst"])
         if self.arch.adc_bits is None and ops["shift"]:
             self.fail(i, "adc shift must be 0 with a lossless ADC")
         if ops["shift"] > MAX_SHIFT:
@@ -183,14 +214,17 @@ class _Checker:
         self.span(i, "shadd destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
         if ops["shift"] > MAX_SHIFT:
             self.fail(i, f"shadd shift {ops['shift']} exceeds {MAX_SHIFT}")
+        self.same_source_rows(i, "shadd", ops)
 
     def check_acc(self, i, ops):
         self.span(i, "acc source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
         self.span(i, "acc destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.same_source_rows(i, "acc", ops)
 
     def check_req(self, i, ops):
         self.span(i, "req source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
         self.span(i, "req destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.same_source_rows(i, "req", ops)
         self.index(i, "const", ops["params"], len(self.p.constants))
         params = self.p.constants[ops["params"]]
         if params.shape[0] != 3 or params.shape[1] < ops["ncols"]:
@@ -203,9 +237,45 @@ class _Checker:
 
     def check_store(self, i, ops):
         self.index(i, "tensor", ops["tensor"], len(self.p.outputs))
-        width = self.p.outputs[ops["tensor"]].width
-        self.span(i, "store destination", ops["dst_col"], ops["ncols"], width)
+        t = self.p.outputs[ops["tensor"]]
+        self.span(i, "store destination", ops["dst_col"], ops["ncols"], t.width)
         self.span(i, "store source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
+        self.same_rows(i, "store", f"output tensor {t.name!r} has", t.rows, ops["src"])
+
+    def check_im2col(self, i, ops):
+        dst, src, c = ops["dst"], ops["src"], ops["params"]
+        if dst == src:
+            self.fail(i, f"im2col writes its own source b{src}")
+        if not self.written[src]:
+            self.fail(i, f"im2col reads b{src} before any instruction wrote it")
+        self.index(i, "const", c, len(self.p.constants))
+        const = self.p.constants[c]
+        if const.shape != (1, len(isa.IM2COL_PARAMS)):
+            self.fail(i, f"im2col params c{c} must be [1, {len(isa.IM2COL_PARAMS)}]")
+        g = dict(zip(isa.IM2COL_PARAMS, (int(v) for v in const[0])))
+        where = f"im2col params c{c}"
+        for name, v in g.items():
+            low = 0 if name.startswith("pad_") else 1
+            if not low <= v <= MAX_ROWS:
+                self.fail(i, f"{where}: {name}={v} outside {low}..{MAX_ROWS}")
+        for axis, size, before, after in (("h", "H", "top", "bottom"), ("w", "W", "left", "right")):
+            k = g[f"K{size}"]
+            extent = g[size] + g[f"pad_{before}"] + g[f"pad_{after}"]
+            span = g[f"dil_{axis}"] * (k - 1) + 1
+            out = (extent - span) // g[f"stride_{axis}"] + 1
+            if out < 1:
+                self.fail(i, f"{where}: the kernel spans {span} > padded {size}={extent}")
+            if g[f"O{size}"] != out:
+                self.fail(i, f"{where}: O{size}={g[f'O{size}']}, the geometry gives {out}")
+        hw, taps, ohw = g["H"] * g["W"], g["KH"] * g["KW"] * g["C"], g["OH"] * g["OW"]
+        self.same_rows(i, "im2col", "the H*W source image needs", hw, src)
+        if self.p.buffers[src] != g["C"]:
+            self.fail(i, f"im2col: source b{src} has width {self.p.buffers[src]}, not C={g['C']}")
+        self.same_rows(i, "im2col", "the OH*OW output needs", ohw, dst)
+        if self.p.buffers[dst] != taps:
+            self.fail(
+                i, f"im2col: destination b{dst} has width {self.p.buffers[dst]}, not KH*KW*C={taps}"
+            )
 
 
 def _check_code(program: Program, arch: CimArch) -> None:

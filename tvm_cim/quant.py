@@ -139,3 +139,62 @@ class Requantize:
         """Requantize ``acc`` (``[..., channels]``) with these parameters."""
         bias, multiplier, shift = self.params(np.shape(acc)[-1])
         return requantize(acc, bias, multiplier, shift, self.zero_point, *self.clamp_range())
+
+
+def quantize(x: np.ndarray, scale, zero_point: int, bits: int, signed: bool) -> np.ndarray:
+    """Real values to integer codes: ``clamp(round(x / scale) + zero_point)`` as int64.
+
+    The division happens in float32, as in the graph's ``quantize`` and in training-time
+    fake quantization; rounding is half to even.
+    """
+    qmin, qmax = quant_range(bits, signed)
+    x = np.asarray(x, dtype=np.float32)
+    codes = np.round(x / np.asarray(scale, dtype=np.float32)).astype(np.int64) + int(zero_point)
+    return np.clip(codes, qmin, qmax)
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest code of a symmetric ``bits``-wide weight: ``2**(bits-1) - 1``.
+
+    Symmetric weights keep ``-qmax..qmax`` (the code ``-2**(bits-1)`` stays unused) so
+    that negating a weight never overflows; they therefore need at least 2 bits.
+    """
+    if bits < 2:
+        raise ValueError("symmetric weights need at least 2 bits")
+    return (1 << (bits - 1)) - 1
+
+
+def weight_scales(weight: np.ndarray, bits: int, axis: int = -1) -> np.ndarray:
+    """Per-output-channel scales of symmetric ``bits``-wide weights.
+
+    ``weight`` holds output channels along ``axis``; an all-zero channel gets scale 1.
+    """
+    w = np.moveaxis(np.asarray(weight, dtype=np.float32), axis, -1)
+    absmax = np.abs(w.reshape(-1, w.shape[-1])).max(axis=0)
+    scale = absmax / np.float32(weight_qmax(bits))
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def activation_scale(absmax: float, bits: int, signed: bool) -> float:
+    """Scale mapping ``[-absmax, absmax]`` (or ``[0, absmax]``) onto ``bits``-wide codes."""
+    qmax = quant_range(bits, signed)[1]
+    if qmax == 0 or not absmax > 0:
+        return 1.0
+    return float(np.float32(absmax) / np.float32(qmax))
+
+
+def fixed_point(real: np.ndarray, precision_bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """``(multiplier, shift)`` with ``multiplier / 2**shift`` closest to each ``real`` value.
+
+    Multipliers are below ``2**precision_bits`` and shifts in 0..MAX_SHIFT; a value too
+    small for the shift range becomes 0, one too large saturates the multiplier.
+    """
+    real = np.asarray(real, dtype=np.float64)
+    if np.any(real < 0) or not np.all(np.isfinite(real)):
+        raise ValueError("requantization scales must be finite and non-negative")
+    mantissa, exponent = np.frexp(real)  # real = mantissa * 2**exponent, mantissa in [0.5, 1)
+    shift = np.clip(precision_bits - exponent, 0, MAX_SHIFT).astype(np.int64)
+    multiplier = np.round(np.ldexp(real, shift)).astype(np.int64)
+    limit = (1 << precision_bits) - 1
+    multiplier = np.where(real == 0, 0, np.minimum(multiplier, limit))
+    return multiplier.astype(np.int64), np.where(real == 0, 0, shift).astype(np.int64)

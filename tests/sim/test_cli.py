@@ -14,6 +14,7 @@ import pytest
 
 from tvm_cim.arch import CimArch
 from tvm_cim.codegen.matmul import lower_matmul
+from tvm_cim.sim import Simulator
 
 ENV = {**os.environ, "TVM_CIM_PURE_PYTHON": "1"}
 BATCH = 3
@@ -186,3 +187,28 @@ def test_errors_are_one_line(broken, args, status, message):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("cim-sim: error: ")
     assert message in lines[0]
+
+
+def test_conv_program_with_rows(tmp_path):
+    """A program with several rows per item: shapes in the summaries, [batch, rows, C] input."""
+    from test_program_format import conv_built
+
+    program = conv_built()
+    program.save(tmp_path / "conv.bin")
+    out = ok(cim_sim("verify", tmp_path / "conv.bin"))
+    assert "inputs x[2, 20, 2] uint8; outputs y[2, 6, 8] int32" in out
+    x = np.random.default_rng(0).integers(0, 16, (2, 20, 2)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    out = ok(
+        cim_sim(
+            "run", tmp_path / "conv.bin", "-i", f"x={tmp_path / 'x.npy'}", "--output-dir", tmp_path
+        )
+    )
+    assert "y  [12, 8] int32 -> " in out
+    expected = Simulator(backend="numpy").run(program, {"x": x}).outputs["y"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+    assert "y  [12, 8] int32" in ok(cim_sim("stats", tmp_path / "conv.bin"))
+    ok(cim_sim("disasm", tmp_path / "conv.bin", "-o", tmp_path / "conv.s"))
+    assert (tmp_path / "conv.s").read_text() == program.to_asm()
+    ok(cim_sim("asm", tmp_path / "conv.s", "-o", tmp_path / "conv2.bin"))
+    assert (tmp_path / "conv2.bin").read_bytes() == (tmp_path / "conv.bin").read_bytes()

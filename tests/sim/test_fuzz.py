@@ -26,7 +26,15 @@ from conftest import random_inputs, random_weights, ready_backends
 from tvm_cim import CimArch, CimError
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.quant import Requantize
-from tvm_cim.sim import CrossbarImage, Program, ProgramBuilder, Simulator, TensorDesc, isa
+from tvm_cim.sim import (
+    CrossbarImage,
+    Program,
+    ProgramBuilder,
+    Simulator,
+    TensorDesc,
+    im2col_params,
+    isa,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +68,28 @@ def hand_program() -> Program:
     return b.build()
 
 
+def conv_program() -> Program:
+    """Several rows per item: im2col of a padded 3x4x2 image, then one crossbar tile."""
+    arch = CimArch(rows=8, cols=5, cell_bits=2, dac_bits=1, adc_bits=4, crossbars=2)
+    b = ProgramBuilder(arch, "conv")
+    b.input(TensorDesc("x", 2, "uint8", 2, False, rows=12))
+    b.output(TensorDesc("y", 5, "int16", 12, True, rows=4))
+    for width, rows in ((2, 12), (8, 4), (5, 4), (5, 4)):
+        b.buffer(width, rows=rows)
+    b.image(np.arange(40, dtype=np.uint8).reshape(8, 5) % 4)
+    b.constant(im2col_params(3, 4, 2, (2, 2), (2, 2), (1, 0, 0, 1), (1, 1)))
+    b.emit("load", dst=0, dst_col=0, tensor=0, src_col=0, ncols=2)
+    b.emit("im2col", dst=1, src=0, params=0, pad=-2)
+    b.emit("prog", xb=0, image=0)
+    for bit in (0, 1):
+        b.emit("mvm", xb=0, src=1, src_col=0, bit=bit)
+        b.emit("adc", dst=2, dst_col=0, xb=0, col=0, ncols=5, shift=1)
+        b.emit("shadd", dst=3, dst_col=0, src=2, src_col=0, ncols=5, shift=bit)
+    b.emit("store", tensor=0, dst_col=0, src=3, src_col=0, ncols=5)
+    b.emit("halt")
+    return b.build()
+
+
 def seed_programs() -> list[tuple[Program, dict]]:
     """Small valid programs and valid inputs for them."""
     rng = np.random.default_rng(1234)
@@ -77,11 +107,13 @@ def seed_programs() -> list[tuple[Program, dict]]:
         ),
         lower_matmul(w[:5, :2], w_bits=4, a_bits=2, arch=arch.replace(mapping="dr", dac_bits=1)),
         hand_program(),
+        conv_program(),
     ]
     out = []
     for p in programs:
         p.verify()
-        x = random_inputs(rng, 2, p.inputs[0].width, p.inputs[0].bits, p.inputs[0].signed)
+        t = p.inputs[0]
+        x = random_inputs(rng, 2 * t.rows, t.width, t.bits, t.signed)
         out.append((p, {"x": x}))
     return out
 
@@ -252,7 +284,7 @@ def mutate_program(rng: np.random.Generator, program: Program) -> Program:
     p = copy.deepcopy(program)
     code = p.code
     for _ in range(int(rng.integers(1, 4))):
-        kind = int(rng.integers(10))
+        kind = int(rng.integers(12))
         n = len(code)
         row = int(rng.integers(n)) if n else 0
         if kind <= 3 and n:  # one operand
@@ -292,6 +324,20 @@ def mutate_program(rng: np.random.Generator, program: Program) -> Program:
                 p.constants[int(rng.integers(len(p.constants)))] = const
             else:
                 p.constants.append(const)
+        elif kind == 10 and p.buffers:  # rows per item of a buffer or a tensor
+            rows = int(rng.choice([0, 1, 2, 4, 12, 13]))
+            if rng.integers(2):
+                p.buffer_rows[int(rng.integers(len(p.buffer_rows)))] = rows
+            else:
+                role = p.inputs if rng.integers(2) else p.outputs
+                if role:
+                    role[0] = TensorDesc(**{**role[0].to_dict(), "rows": rows})
+        elif kind == 11:  # one value of an im2col geometry, near the valid one
+            shaped = [c for c in p.constants if c.shape == (1, len(isa.IM2COL_PARAMS))]
+            if shaped:
+                const = shaped[int(rng.integers(len(shaped)))]
+                j = int(rng.integers(const.shape[1]))
+                const[0, j] = max(-1, int(const[0, j]) + int(rng.integers(-2, 3)))
     p.code = np.ascontiguousarray(code, dtype=np.int64)
     return p
 

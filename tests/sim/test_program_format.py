@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from tvm_cim import CimArch
 from tvm_cim.codegen import lower_matmul
+from tvm_cim.errors import ProgramError
 from tvm_cim.quant import Requantize
-from tvm_cim.sim import Program, ProgramBuilder, TensorDesc, isa
+from tvm_cim.sim import Program, ProgramBuilder, TensorDesc, im2col_params, isa
 from tvm_cim.sim import program as program_module
 
 
@@ -27,6 +28,8 @@ def assert_same_program(a: Program, b: Program) -> None:
     assert a.inputs == b.inputs
     assert a.outputs == b.outputs
     assert a.buffers == b.buffers
+    assert a.buffer_rows == b.buffer_rows
+    assert a.attrs == b.attrs
     assert len(a.images) == len(b.images)
     for ia, ib in zip(a.images, b.images):
         assert ia.cells.dtype == ib.cells.dtype == np.uint8
@@ -79,6 +82,32 @@ def hand_built() -> Program:
     return b.build()
 
 
+def conv_built() -> Program:
+    """Rows per item, im2col and attrs: a 3x3 conv of a 4x5x2 image, fixed batch 2."""
+    arch = CimArch(rows=18, cols=8, cell_bits=2, crossbars=1, name="conv; with a semicolon")
+    b = ProgramBuilder(arch, "conv")
+    x = b.input(TensorDesc("x", 2, "uint8", 4, False, 2, rows=20))
+    y = b.output(TensorDesc("y", 8, "int32", 32, True, 2, rows=6))
+    src, cols, out = b.buffer(2, rows=20), b.buffer(18, rows=6), b.buffer(8, rows=6)
+    b.buffer(3)
+    img = b.image(np.arange(144, dtype=np.uint8).reshape(18, 8) % 4)
+    params = b.constant(im2col_params(4, 5, 2, (3, 3), (1, 2), (0, 1, 1, 0), (1, 1)))
+    b.emit("load", dst=src, dst_col=0, tensor=x, src_col=0, ncols=2)
+    b.emit("im2col", dst=cols, src=src, params=params, pad=-32768)
+    b.emit("prog", xb=0, image=img)
+    b.emit("mvm", xb=0, src=cols, src_col=0, bit=0)
+    b.emit("adc", dst=out, dst_col=0, xb=0, col=0, ncols=8)
+    b.emit("store", tensor=y, dst_col=0, src=out, src_col=0, ncols=8)
+    b.emit("halt")
+    b.attrs = {
+        "inputs": {"x": {"scale": 0.025, "zero_point": 3, "layout": "NHWC", "shape": [4, 5, 2]}},
+        "outputs": {"y": {"scale": [0.5, 0.25], "note": 'a; b "quoted" \u00e9\n'}},
+        "empty": {},
+        "none": None,
+    }
+    return b.build()
+
+
 def example_programs() -> dict[str, Program]:
     rng = np.random.default_rng(0)
     w = random_weights(rng, 30, 7, 6)
@@ -103,6 +132,7 @@ def example_programs() -> dict[str, Program]:
             random_weights(rng, 300, 20, 8), w_bits=8, a_bits=8, arch=CimArch.preset("rram-2b")
         ),
         "hand": hand_built(),
+        "conv": conv_built(),
     }
 
 
@@ -151,6 +181,63 @@ def test_asm_is_readable():
     ]
     assert "zp=-32768" in code[7]
     assert code[-1].split()[0] == "halt"
+
+
+def test_asm_rows_and_attrs():
+    program = PROGRAMS["conv"]
+    text = program.to_asm()
+    lines = text.splitlines()
+    assert ".input x width=2 dtype=uint8 bits=4 signed=0 batch=2 rows=20" in lines
+    assert ".output y width=8 dtype=int32 bits=32 signed=1 batch=2 rows=6" in lines
+    assert ".buffer b1 width=18 rows=6" in lines
+    assert ".buffer b3 width=3" in lines  # one row per item: the old syntax
+    attrs = [line for line in lines if line.startswith(".attrs ")]
+    assert len(attrs) == 1 and ";" not in attrs[0]
+    assert json.loads(attrs[0][len(".attrs ") :]) == program.attrs
+    assert ";" not in lines[1]  # the arch's name, escaped
+    code = lines[lines.index(".code") + 1 :]
+    assert code[1].split(";")[0].split() == [
+        "im2col",
+        "dst=b1",
+        "src=b0",
+        "params=c0",
+        "pad=-32768",
+    ]
+    # rows and attrs may be written by hand, in any order of keys
+    edited = text.replace(".buffer b1 width=18 rows=6", ".buffer b1 rows=6 width=18")
+    assert_same_program(Program.from_asm(edited), program)
+    without = "\n".join(line for line in lines if not line.startswith(".attrs"))
+    assert Program.from_asm(without).attrs == {}
+    assert ".attrs" not in PROGRAMS["hand"].to_asm()
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.replace(".attrs {", ".attrs {{"), r"line 3: bad \.attrs"),
+        (lambda t: t.replace(".attrs {", ".attrs [{") + "]", r"line 3: bad \.attrs"),
+        (
+            lambda t: t.replace(".input", '.attrs {"a": 1}\n.input', 1),
+            r"line 4: duplicate \.attrs",
+        ),
+        (lambda t: '.attrs {"a": 1}\n' + t, r"line 1: \.attrs before \.arch"),
+        (lambda t: t.replace("rows=6\n", "rows=six\n", 1), r"rows='six' is not an integer"),
+        (lambda t: t.replace(".attrs {", '.attrs ["not", "an", "object"] ; {'), r"expected a JSON"),
+    ],
+)
+def test_asm_attrs_errors(edit, match):
+    text = PROGRAMS["conv"].to_asm()
+    with pytest.raises(ProgramError, match=match):
+        Program.from_asm(edit(text))
+
+
+def test_attrs_must_be_json():
+    program = conv_built()
+    program.attrs = {"x": np.int64(3)}
+    with pytest.raises(ProgramError, match="program attrs are not plain JSON"):
+        program.to_bytes()
+    program.attrs = {"x": [1, 2.5, "s", None, True, {"y": []}]}
+    assert Program.from_bytes(program.to_bytes()).attrs == program.attrs
 
 
 def test_asm_accepts_comments_and_omitted_flags():
@@ -277,7 +364,7 @@ def test_header_layout(key):
     program = PROGRAMS[key]
     data = program.to_bytes()
     assert data[0:8] == b"CIMPROG\0" == program_module.MAGIC
-    assert struct.unpack_from("<H", data, 8)[0] == 1 == program_module.FORMAT_VERSION
+    assert struct.unpack_from("<H", data, 8)[0] == 2 == program_module.FORMAT_VERSION
     assert struct.unpack_from("<H", data, 10)[0] == 0
     assert struct.unpack_from("<I", data, 12)[0] == 4
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
@@ -288,6 +375,8 @@ def test_header_layout(key):
     assert meta["name"] == program.name
     assert CimArch.from_dict(meta["arch"]) == program.arch
     assert meta["buffers"] == program.buffers
+    assert meta["buffer_rows"] == program.buffer_rows
+    assert meta["attrs"] == program.attrs
     assert [TensorDesc.from_dict(t) for t in meta["inputs"]] == program.inputs
     assert [TensorDesc.from_dict(t) for t in meta["outputs"]] == program.outputs
 

@@ -17,7 +17,15 @@ import pytest
 
 from tvm_cim import CimArch, InputError, ProgramError
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.sim import CrossbarImage, Program, ProgramBuilder, Simulator, TensorDesc, isa
+from tvm_cim.sim import (
+    CrossbarImage,
+    Program,
+    ProgramBuilder,
+    Simulator,
+    TensorDesc,
+    im2col_params,
+    isa,
+)
 
 # ---------------------------------------------------------------- a tiny program
 
@@ -210,7 +218,7 @@ def test_halt_not_last():
     rejects(with_code(p, np.vstack([p.code, p.code[-1:]])), r"halt before the end", index=8)
 
 
-@pytest.mark.parametrize("opcode", [9, 31, 63, -1, 1 << 40])
+@pytest.mark.parametrize("opcode", [10, 31, 63, -1, 1 << 40])
 def test_unknown_opcode(opcode):
     p = tiny()
     p.code[4, 0] = opcode
@@ -439,10 +447,10 @@ def test_bad_magic(good):
     parse_error(b"\0" * len(good), r"bad magic")
 
 
-@pytest.mark.parametrize("version", [0, 2, 65535])
+@pytest.mark.parametrize("version", [0, 1, 3, 65535])
 def test_bad_version(good, version):
     data = good[:8] + struct.pack("<H", version) + good[10:]
-    err = parse_error(data, rf"unsupported format version {version} \(this build reads 1\)")
+    err = parse_error(data, rf"unsupported format version {version} \(this build reads 2\)")
     assert err.offset == 8
 
 
@@ -692,3 +700,297 @@ def test_memory_limit_without_inputs(backend):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="not available"):
         Simulator(backend="fortran")
+
+
+# ------------------------------------------------------- rows per item and im2col
+
+
+def conv_tiny() -> Program:
+    """Every instruction on buffers of several rows per item: a 2x2 conv of a 3x4 image.
+
+    ``y = im2col(x) @ cells[:, :3]`` for 1-bit inputs, OH*OW = 2*3 rows per item.
+    """
+    arch = CimArch(rows=8, cols=6, cell_bits=2, crossbars=2)
+    b = ProgramBuilder(arch, "conv tiny")
+    b.input(TensorDesc("x", 2, "uint8", 1, False, rows=12))
+    b.output(TensorDesc("y", 3, "int32", 32, True, rows=6))
+    for width, rows in ((2, 12), (8, 6), (6, 6), (3, 6), (3, 6), (3, 6)):
+        b.buffer(width, rows=rows)
+    b.image(np.arange(48, dtype=np.uint8).reshape(8, 6) % 4)
+    b.constant(np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]]))
+    b.constant(im2col_params(3, 4, 2, (2, 2)))
+    b.emit("load", dst=0, dst_col=0, tensor=0, src_col=0, ncols=2)
+    b.emit("im2col", dst=1, src=0, params=1, pad=0)
+    b.emit("prog", xb=0, image=0)
+    b.emit("mvm", xb=0, src=1, src_col=0, bit=0)
+    b.emit("adc", dst=2, dst_col=0, xb=0, col=0, ncols=6)
+    b.emit("shadd", dst=3, dst_col=0, src=2, src_col=0, ncols=3)
+    b.emit("acc", dst=4, dst_col=0, src=3, src_col=0, ncols=3)
+    b.emit("req", dst=5, dst_col=0, src=4, src_col=0, ncols=3, params=0, bits=16, signed=1)
+    b.emit("store", tensor=0, dst_col=0, src=5, src_col=0, ncols=3)
+    b.emit("halt")
+    return b.build()
+
+
+CONV_AT = {
+    m: i
+    for i, m in enumerate(
+        ["load", "im2col", "prog", "mvm", "adc", "shadd", "acc", "req", "store", "halt"]
+    )
+}
+
+
+def test_conv_tiny_is_valid(backend):
+    p = conv_tiny()
+    p.verify()
+    x = np.random.default_rng(0).integers(0, 2, (2, 3, 4, 2))
+    y = Simulator(backend=backend).run(p, {"x": x.reshape(2, 12, 2)}).outputs["y"]
+    windows = np.stack(
+        [x[:, i : i + 2, j : j + 2].reshape(2, 8) for i in range(2) for j in range(3)], axis=1
+    )
+    assert np.array_equal(y, (windows @ p.images[0].cells[:, :3]).reshape(12, 3))
+
+
+def instruction(mnemonic: str, **operands) -> np.ndarray:
+    spec = isa.BY_MNEMONIC[mnemonic]
+    row = np.zeros(1 + isa.MAX_OPERANDS, dtype=np.int64)
+    row[0] = spec.opcode
+    for name, value in operands.items():
+        row[spec.field_index(name)] = value
+    return row
+
+
+def with_rows(buffer: int, rows: int) -> Program:
+    p = conv_tiny()
+    p.buffer_rows[buffer] = rows
+    return p
+
+
+def with_tensor(role: str, **change) -> Program:
+    p = conv_tiny()
+    tensors = getattr(p, role)
+    tensors[0] = TensorDesc(**{**tensors[0].to_dict(), **change})
+    return p
+
+
+def with_im2col(**params) -> Program:
+    p = conv_tiny()
+    for name, value in params.items():
+        p.constants[1][0, isa.IM2COL_PARAMS.index(name)] = value
+    return p
+
+
+def with_operands(mnemonic: str, **fields) -> Program:
+    p = conv_tiny()
+    spec = isa.BY_MNEMONIC[mnemonic]
+    for name, value in fields.items():
+        p.code[CONV_AT[mnemonic], spec.field_index(name)] = value
+    return p
+
+
+ROW_MISMATCHES = [
+    # (program, instruction, message)
+    (
+        lambda: with_tensor("inputs", rows=11),
+        "load",
+        r"load: rows per item differ: input tensor 'x' has 11, b0 has 12",
+    ),
+    (
+        lambda: with_tensor("outputs", rows=5),
+        "store",
+        r"store: rows per item differ: output tensor 'y' has 5, b5 has 6",
+    ),
+    (
+        lambda: with_rows(2, 3),
+        "adc",
+        r"adc: rows per item differ: crossbar x0 holds sums for 6, b2 has 3",
+    ),
+    (lambda: with_rows(3, 5), "shadd", r"shadd: rows per item differ: source b2 has 6, b3 has 5"),
+    (lambda: with_rows(4, 7), "acc", r"acc: rows per item differ: source b3 has 6, b4 has 7"),
+    (lambda: with_rows(5, 1), "req", r"req: rows per item differ: source b4 has 6, b5 has 1"),
+    (
+        lambda: _src_rows_13(),
+        "im2col",
+        r"im2col: rows per item differ: the H\*W source image needs 12, b0 has 13",
+    ),
+    (
+        lambda: with_rows(1, 5),
+        "im2col",
+        r"im2col: rows per item differ: the OH\*OW output needs 6, b1 has 5",
+    ),
+]
+
+
+def _src_rows_13() -> Program:
+    p = with_tensor("inputs", rows=13)
+    p.buffer_rows[0] = 13
+    return p
+
+
+@pytest.mark.parametrize(
+    ("make", "mnemonic", "match"),
+    ROW_MISMATCHES,
+    ids=[f"{m}-{i}" for i, (_, m, _) in enumerate(ROW_MISMATCHES)],
+)
+def test_rows_mismatch(make, mnemonic, match):
+    rejects(make(), match, index=CONV_AT[mnemonic])
+
+
+def test_adc_rows_follow_the_last_mvm():
+    """The held sums have the rows of the latest mvm's source, whatever came before."""
+    p = conv_tiny()
+    p.buffers.append(8)  # b6: 8 columns, one row per item
+    p.buffer_rows.append(1)
+    code = np.insert(p.code, 4, instruction("mvm", xb=0, src=6), axis=0)
+    rejects(with_code(p, code), r"adc: rows per item differ: crossbar x0 holds sums for 1", index=5)
+    code = np.insert(code, 5, instruction("mvm", xb=0, src=1), axis=0)  # back to b1's 6 rows
+    with_code(p, code).verify()
+
+
+BAD_IM2COL = [
+    # (program, message)
+    (lambda: with_im2col(OH=3), r"im2col params c1: OH=3, the geometry gives 2"),
+    (lambda: with_im2col(OW=2), r"im2col params c1: OW=2, the geometry gives 3"),
+    (lambda: with_im2col(stride_h=0), r"im2col params c1: stride_h=0 outside 1\.\.16777216"),
+    (lambda: with_im2col(stride_w=-2), r"stride_w=-2 outside 1\.\."),
+    (lambda: with_im2col(dil_w=0), r"dil_w=0 outside 1\.\."),
+    (lambda: with_im2col(pad_left=-1), r"pad_left=-1 outside 0\.\."),
+    (lambda: with_im2col(KH=0), r"KH=0 outside 1\.\."),
+    (lambda: with_im2col(C=0), r"C=0 outside 1\.\."),
+    (lambda: with_im2col(H=2**40), r"H=1099511627776 outside 1\.\."),
+    (lambda: with_im2col(KH=5), r"the kernel spans 5 > padded H=3"),
+    (lambda: with_im2col(KW=3, dil_w=2), r"the kernel spans 5 > padded W=4"),
+    (lambda: with_im2col(H=4, OH=3), r"the H\*W source image needs 16, b0 has 12"),
+    (lambda: with_im2col(C=1), r"im2col: source b0 has width 2, not C=1"),
+    (lambda: with_im2col(C=4), r"im2col: source b0 has width 2, not C=4"),
+    (lambda: _dst_width(7), r"im2col: destination b1 has width 7, not KH\*KW\*C=8"),
+    (lambda: with_operands("im2col", params=2), r"const c2 out of range \(have 2\)"),
+    (lambda: with_operands("im2col", src=1), r"im2col writes its own source b1"),
+    (lambda: with_operands("im2col", src=2), r"im2col reads b2 before any instruction wrote it"),
+    (lambda: with_operands("im2col", params=0), r"im2col params c0 must be \[1, 15\]"),
+    (lambda: _params_shape((15, 1)), r"im2col params c1 must be \[1, 15\]"),
+    (lambda: _params_shape((1, 16)), r"im2col params c1 must be \[1, 15\]"),
+    (lambda: with_operands("im2col", dst=9), r"buffer b9 out of range \(have 6\)"),
+    (lambda: with_operands("im2col", pad=1 << 15), r"im2col: pad=32768 overflows its field"),
+]
+
+
+def _dst_width(width: int) -> Program:
+    p = conv_tiny()
+    p.buffers[1] = width
+    return p
+
+
+def _params_shape(shape) -> Program:
+    p = conv_tiny()
+    p.constants[1] = np.ones(shape, dtype=np.int64)
+    return p
+
+
+@pytest.mark.parametrize(("make", "match"), BAD_IM2COL, ids=[m for _, m in BAD_IM2COL])
+def test_bad_im2col(make, match):
+    rejects(make(), match, index=CONV_AT["im2col"])
+
+
+def test_im2col_source_must_be_written():
+    p = conv_tiny()
+    rejects(with_code(p, p.code[1:]), r"im2col reads b0 before any instruction wrote it", index=0)
+    # any instruction that writes the buffer counts, here a requantization in place
+    p.constants.append(np.array([[0, 0], [1, 1], [0, 0]]))
+    code = p.code.copy()
+    code[0] = instruction("req", dst=0, src=0, ncols=2, params=2, bits=8)
+    with_code(p, code).verify()
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda p: p.buffer_rows.__setitem__(3, 0), r"buffer b3: rows 0 outside 1\.\.16777216"),
+        (lambda p: p.buffer_rows.__setitem__(3, 1 << 24 + 1), r"buffer b3: rows \d+ outside"),
+        (lambda p: p.buffer_rows.pop(), r"5 buffer_rows entries for 6 buffers"),
+        (lambda p: p.buffer_rows.append(1), r"7 buffer_rows entries for 6 buffers"),
+        (lambda p: setattr(p, "attrs", [1]), r"program attrs must be a dict, not list"),
+    ],
+)
+def test_bad_row_tables(edit, match):
+    p = conv_tiny()
+    edit(p)
+    rejects(p, match)
+
+
+@pytest.mark.parametrize("rows", [0, -1, (1 << 24) + 1])
+def test_bad_tensor_rows(rows):
+    rejects(with_tensor("inputs", rows=rows), rf"input tensor 'x': rows {rows} outside 1\.\.")
+
+
+def test_rows_default_to_one():
+    p = tiny()
+    assert p.buffer_rows == [1] * len(p.buffers)
+    assert all(t.rows == 1 for t in p.inputs + p.outputs)
+    assert Program(arch=p.arch, code=p.code, buffers=[3, 4]).buffer_rows == [1, 1]
+    assert TensorDesc.from_dict({k: v for k, v in p.inputs[0].to_dict().items() if k != "rows"})
+    assert TensorDesc("x", 3, batch=2, rows=5).shape == (10, 3)
+    assert TensorDesc("x", 3, rows=5).shape == (None, 3)
+
+
+def test_rows_in_meta_are_checked(good):
+    meta = meta_of(good)
+    meta["buffer_rows"] = [1, 2]
+    parse_error(rebuild(good, META=json.dumps(meta).encode()), r"2 buffer_rows for 5 buffers")
+    meta["buffer_rows"] = ["a"] * 5
+    parse_error(rebuild(good, META=json.dumps(meta).encode()), r"malformed META")
+    meta["buffer_rows"] = [1, 1, 1, 1, 0]
+    program = Program.from_bytes(rebuild(good, META=json.dumps(meta).encode()))
+    rejects(program, r"buffer b4: rows 0 outside")
+    meta = meta_of(good)
+    meta["attrs"] = [1]
+    parse_error(rebuild(good, META=json.dumps(meta).encode()), r"META attrs must be a JSON object")
+    meta = meta_of(good)
+    del meta["buffer_rows"], meta["attrs"], meta["inputs"][0]["rows"]
+    program = Program.from_bytes(rebuild(good, META=json.dumps(meta).encode()))
+    assert program.buffer_rows == [1] * 5 and program.attrs == {} and program.inputs[0].rows == 1
+    program.verify()
+
+
+# ------------------------------------------------------- inputs with rows per item
+
+
+def test_inputs_with_rows(backend):
+    sim = Simulator(backend=backend)
+    p = conv_tiny()
+    x = np.random.default_rng(1).integers(0, 2, (3, 12, 2))
+    expected = sim.run(p, {"x": x}).outputs["y"]
+    assert expected.shape == (3 * 6, 3)
+    assert np.array_equal(sim.run(p, {"x": x.reshape(36, 2)}).outputs["y"], expected)
+    assert np.array_equal(sim.run(p, {"x": x[:1]}).outputs["y"], expected[:6])
+    assert sim.run(p, {"x": x}, functional=False).stats.batch == 3
+    assert sim.run(p, functional=False, batch=2).outputs["y"].shape == (12, 3)
+    for bad, shape in [
+        (x.reshape(36, 2)[:35], r"\(35, 2\)"),
+        (x[:, :11], r"\(3, 11, 2\)"),
+        (x[0, 0], r"\(2,\)"),
+        (x.reshape(3, 12, 2, 1), r"\(3, 12, 2, 1\)"),
+        (x.reshape(3, 24), r"\(3, 24\)"),
+    ]:
+        with pytest.raises(
+            InputError, match=rf"input 'x': shape {shape}, expected \[batch\*12, 2\] or "
+        ):
+            sim.run(p, {"x": bad})
+    with pytest.raises(InputError, match=r"disagree on the batch size: \[3, 4\]"):
+        sim.run(p, {"x": x}, batch=4)
+    with pytest.raises(InputError, match=r"at least one input vector"):
+        sim.run(p, {"x": x[:0]})
+
+
+def test_memory_limit_counts_rows(backend):
+    sim = Simulator(backend=backend)
+    p = conv_tiny()
+    p.buffers[3] = p.buffers[4] = p.buffers[5] = 3
+    p.buffers[2] = 6
+    p.buffers.append(65535)  # 6 rows of 65535 values: 3 MiB per item
+    p.buffer_rows.append(6)
+    with pytest.raises(InputError, match=r"a batch of 700 needs 2\.\d GiB of buffers"):
+        sim.run(p, functional=False, batch=700)
+    sim.run(p, functional=False, batch=600)
+    p.buffer_rows[-1] = 1
+    sim.run(p, functional=False, batch=3000)

@@ -1,0 +1,124 @@
+"""Calibration: run the float model once per sample and record each operator's input range.
+
+Each offloaded call is replaced by a call of a Python function that computes its region in
+float (``float_forward``) and records the range of every float operator's input; the rest
+of the model runs on llvm as it will in the final build.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_cim.errors import CimError
+from tvm_cim.quant import quantize
+
+from .extract import GraphOp, GraphRegion, read_region
+from .partition import call_packed, offloaded_functions, rewrite_offloaded_calls
+
+_ids = itertools.count()
+
+
+def conv2d_nchw(x: np.ndarray, weight_matrix: np.ndarray, op: GraphOp) -> np.ndarray:
+    """Convolution through im2col: ``x`` NCHW, ``weight_matrix`` ``[KH*KW*C, O]``."""
+    g = op.conv
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = g.kernel, g.strides, g.padding, g.dilation
+    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh, ow = g.out_height, g.out_width
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            patch = padded[
+                :,
+                :,
+                i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                j * dw : j * dw + sw * (ow - 1) + 1 : sw,
+            ]
+            cols.append(patch.transpose(0, 2, 3, 1))  # N, OH, OW, C
+    patches = np.concatenate(cols, axis=-1)  # N, OH, OW, KH*KW*C
+    out = patches.reshape(-1, patches.shape[-1]) @ weight_matrix
+    return out.reshape(x.shape[0], oh, ow, -1).transpose(0, 3, 1, 2)
+
+
+def _real_weight(op: GraphOp) -> np.ndarray:
+    if op.weight_float is not None:
+        return op.weight_float.astype(np.float64)
+    w = op.weight_codes.astype(np.float64)
+    return w * op.weight_scale if op.weight_scale is not None else w
+
+
+def float_forward(region: GraphRegion, args: list[np.ndarray], ranges: dict) -> list[np.ndarray]:
+    """Outputs of ``region`` computed in float64; widens ``ranges[name]`` for float inputs."""
+    values: list[np.ndarray] = []
+    for op in region.ops:
+        kind, index = op.source
+        x = args[index] if kind == "param" else values[index]
+        if op.input_codes is not None:
+            c = op.input_codes
+            x = x.astype(np.float64) - c.zero_point
+            if c.scale is not None:
+                x = x * c.scale
+        else:
+            x = x.astype(np.float64)
+            lo, hi = float(x.min()), float(x.max())
+            old = ranges.get(op.name, (lo, hi))
+            ranges[op.name] = (min(old[0], lo), max(old[1], hi))
+        w = _real_weight(op)
+        if op.kind == "conv2d":
+            y = conv2d_nchw(x, w, op)
+            bias_shape = (1, -1, 1, 1)
+        else:
+            y = (x.reshape(-1, w.shape[0]) @ w).reshape(op.out_shape)
+            bias_shape = (-1,)
+        if op.real_bias is not None:
+            y = y + op.real_bias.reshape(bias_shape)
+        if op.relu:
+            y = np.maximum(y, 0)
+        if op.output is not None:
+            o = op.output
+            y = quantize(y.astype(np.float32), o.scale, o.zero_point, o.bits, o.signed)
+        values.append(y)
+    return [values[j] for j in region.outputs]
+
+
+def calibrate(mod: tvm.IRModule, samples: Iterable) -> dict[str, tuple[float, float]]:
+    """Input ``(min, max)`` of every float operator of a partitioned module.
+
+    ``samples`` yields the ``main`` arguments of one run each: an array, a tuple of
+    arrays, or a dict from parameter name to array.
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+    regions = {gv: read_region(gv.name_hint, fn) for gv, fn in offloaded_functions(mod)}
+    run_id = next(_ids)
+
+    def rewrite(gv, fn, call):
+        region = regions[gv]
+        symbol = f"tvm_cim.calibrate.{run_id}.{gv.name_hint}"
+
+        def run(*tensors, _region=region):
+            arrays = [t.numpy() for t in tensors[: len(_region.params)]]
+            outs = float_forward(_region, arrays, ranges)
+            for dst, value in zip(tensors[len(_region.params) :], outs):
+                dst.copyfrom(np.ascontiguousarray(value, dtype=str(dst.dtype)))
+
+        tvm.register_global_func(symbol, run, override=True)
+        return call_packed(symbol, list(call.args), call)
+
+    ex = tvm.compile(rewrite_offloaded_calls(mod, rewrite), target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    params = [p.name for p in mod["main"].params]
+    count = 0
+    for sample in samples:
+        if isinstance(sample, dict):
+            sample = [sample[name] for name in params]
+        elif not isinstance(sample, (list, tuple)):
+            sample = [sample]
+        vm["main"](*[tvm.runtime.tensor(np.asarray(a)) for a in sample])
+        count += 1
+    if count == 0:
+        raise CimError("calibration data is empty")
+    return ranges

@@ -1,0 +1,326 @@
+"""Read a partitioned ``cim`` function back into operators the codegen understands.
+
+A function made by ``MergeCompositeFunctions`` binds its composite functions locally and
+calls them in dataflow order. Each composite body is evaluated symbolically: constant
+subexpressions (reshaped biases, transposed or dequantized weights) are computed with
+numpy, the parameter is followed through ``dequantize``, ``astype`` and ``subtract``, and
+the anchor ``matmul`` or ``conv2d`` with its bias, ReLU and ``quantize`` becomes one
+``GraphOp``. The result still holds float weights for float models; ``quantize`` turns it
+into the codegen's integer ``CimOp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import relax
+
+from tvm_cim.errors import CimError
+
+from ..codegen.layers import Codes, ConvGeometry
+from .partition import operator_name
+from .patterns import ANCHORS
+
+
+@dataclass
+class GraphOp:
+    """One offloaded operator as the graph states it.
+
+    ``input_codes`` None means float activations (quantized by the precision config and
+    calibration); otherwise the parameter already holds integer codes. Exactly one of
+    ``weight_float`` and ``weight_codes`` is set; both are ``[K, N]``.
+    """
+
+    name: str
+    kind: str
+    source: tuple[str, int]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    input_codes: Codes | None = None
+    weight_float: np.ndarray | None = None
+    weight_codes: np.ndarray | None = None
+    weight_scale: np.ndarray | None = None
+    real_bias: np.ndarray | None = None
+    relu: bool = False
+    output: Codes | None = None
+    conv: ConvGeometry | None = None
+
+
+@dataclass
+class GraphRegion:
+    """A partitioned function: parameter shapes and dtypes, operators, returned operators."""
+
+    name: str
+    params: list[tuple[tuple[int, ...], str]]
+    ops: list[GraphOp] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ symbolic values
+
+
+@dataclass
+class _Dequantized:
+    """``(codes - zero_point) * scale`` of a constant, with the channel axis of the scale."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def real(self) -> np.ndarray:
+        shape = [1] * self.codes.ndim
+        if self.scale.size > 1:
+            shape[self.axis] = -1
+        scale = self.scale.reshape(shape) if self.scale.size > 1 else self.scale
+        zp = self.zero_point.reshape(shape) if self.zero_point.size > 1 else self.zero_point
+        return ((self.codes.astype(np.float64) - zp) * scale).astype(np.float32)
+
+
+@dataclass
+class _Activation:
+    """The composite's parameter, as codes once dequantized or cast."""
+
+    source: tuple[str, int]
+    shape: tuple[int, ...]
+    dtype: str
+    codes: Codes | None = None
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _bits_of(dtype: str) -> tuple[int, bool]:
+    return {"int8": (8, True), "uint8": (8, False)}.get(dtype, (0, False))
+
+
+def _scalar(value, what: str, op: str) -> float:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise CimError(f"{op}: {what} must be a single value, got shape {arr.shape}")
+    return arr.reshape(()).item()
+
+
+class _CompositeReader:
+    def __init__(self, fn: relax.Function, sources: list, name: str):
+        self.fn = fn
+        self.name = name
+        self.env: dict = {}
+        for param, src in zip(fn.params, sources):
+            self.env[param] = _Activation(src, _shape(param), str(param.ty.dtype))
+        self.op: GraphOp | None = None
+
+    def read(self) -> GraphOp:
+        for block in self.fn.body.blocks:
+            for binding in block.bindings:
+                self.env[binding.var] = self.visit(binding.value, binding.var)
+        if self.op is None:
+            raise CimError(f"{self.name}: no dense or convolution operator in the region")
+        return self.op
+
+    def value(self, expr):
+        if isinstance(expr, relax.Var):
+            return self.env[expr]
+        if isinstance(expr, relax.ShapeExpr):
+            return tuple(int(v) for v in expr.values)
+        if hasattr(expr, "value") and hasattr(expr.value, "numpy"):
+            return expr.value.numpy()
+        raise CimError(f"{self.name}: cannot read {type(expr).__name__} in a cim region")
+
+    def visit(self, call, var):
+        name = call.op.name
+        args = [self.value(a) for a in call.args]
+        handler = getattr(self, "op_" + name.split(".")[-1], None)
+        if handler is None:
+            raise CimError(f"{self.name}: unexpected operator {name} in a cim region")
+        return handler(call, args, var)
+
+    # constant folding and activation tracking
+    def op_reshape(self, call, args, var):
+        data, shape = args
+        if isinstance(data, _Dequantized):
+            data = data.real()
+        if not isinstance(data, np.ndarray):
+            raise CimError(f"{self.name}: reshape of a non-constant in a cim region")
+        return data.reshape(shape)
+
+    def op_permute_dims(self, call, args, var):
+        (data,) = args
+        axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+        if isinstance(data, _Dequantized):
+            axes = axes or list(range(data.codes.ndim))[::-1]
+            return _Dequantized(
+                np.transpose(data.codes, axes), data.scale, data.zero_point, axes.index(data.axis)
+            )
+        return np.transpose(data, axes)
+
+    def op_astype(self, call, args, var):
+        (data,) = args
+        dtype = str(call.attrs.dtype)
+        if isinstance(data, np.ndarray):
+            return data.astype(dtype)
+        bits, signed = _bits_of(data.dtype)
+        return _Activation(data.source, data.shape, dtype, Codes(bits, signed, None, 0))
+
+    def op_subtract(self, call, args, var):
+        a, b = args
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return a.astype(np.int64) - b.astype(np.int64)
+        if isinstance(a, _Activation) and isinstance(b, np.ndarray) and a.codes is not None:
+            zp = int(_scalar(b, "activation zero point", self.name))
+            return _Activation(
+                a.source, a.shape, a.dtype, Codes(a.codes.bits, a.codes.signed, None, zp)
+            )
+        raise CimError(f"{self.name}: unsupported subtract in a cim region")
+
+    def op_dequantize(self, call, args, var):
+        data, scale, zp = args
+        axis = int(call.attrs.axis)
+        if isinstance(data, np.ndarray):
+            axis = axis % data.ndim
+            return _Dequantized(
+                data.astype(np.int64), np.asarray(scale, np.float32), np.asarray(zp), axis
+            )
+        bits, signed = _bits_of(data.dtype)
+        codes = Codes(
+            bits,
+            signed,
+            float(_scalar(scale, "activation scale", self.name)),
+            int(_scalar(zp, "activation zero point", self.name)),
+        )
+        return _Activation(data.source, data.shape, data.dtype, codes)
+
+    # the operator itself
+    def op_matmul(self, call, args, var):
+        return self._anchor(call, args, var, "dense")
+
+    def op_conv2d(self, call, args, var):
+        return self._anchor(call, args, var, "conv2d")
+
+    def _anchor(self, call, args, var, kind):
+        x, w = args
+        if x.codes is None and _bits_of(x.dtype)[0]:  # integer codes used as they are
+            x = _Activation(x.source, x.shape, x.dtype, Codes(*_bits_of(x.dtype), None, 0))
+        op = GraphOp(
+            name=operator_name(call) or var.name,
+            kind=kind,
+            source=x.source,
+            in_shape=x.shape,
+            out_shape=_shape(call),
+            out_dtype=str(call.ty.dtype),
+            input_codes=x.codes,
+        )
+        if kind == "conv2d":
+            a = call.attrs
+            _, c, h, wd = x.shape
+            o, _, kh, kw = w.codes.shape if isinstance(w, _Dequantized) else w.shape
+            op.conv = ConvGeometry(
+                channels=c,
+                height=h,
+                width=wd,
+                kernel=(kh, kw),
+                strides=tuple(int(s) for s in a.strides),
+                padding=tuple(int(p) for p in a.padding),
+                dilation=tuple(int(d) for d in a.dilation),
+            )
+        out_axis = 0 if kind == "conv2d" else 1
+        if isinstance(w, _Dequantized):
+            if np.any(w.zero_point != 0):
+                raise CimError(f"{op.name}: weights with a nonzero zero point are not supported")
+            if w.scale.size > 1 and w.axis != out_axis:
+                raise CimError(f"{op.name}: weight scales must be per output channel")
+            n = w.codes.shape[out_axis]
+            op.weight_codes = _as_matrix(w.codes, kind)
+            op.weight_scale = np.broadcast_to(w.scale.reshape(-1), (n,)).astype(np.float32)
+        elif np.issubdtype(w.dtype, np.integer):
+            op.weight_codes = _as_matrix(w, kind)
+        else:
+            op.weight_float = _as_matrix(w, kind)
+        self.op = op
+        return op
+
+    def op_add(self, call, args, var):
+        op = args[0] if isinstance(args[0], GraphOp) else args[1]
+        bias = args[1] if op is args[0] else args[0]
+        if isinstance(bias, _Dequantized):
+            bias = bias.real()
+        n = op.out_shape[1] if op.kind == "conv2d" else op.out_shape[-1]
+        bias = np.asarray(bias, dtype=np.float32)
+        if bias.size == 1:
+            bias = np.full(n, bias.reshape(()).item(), np.float32)
+        elif bias.size == n:
+            # [N], [1, N] or [1, N, 1, 1]: one value per output channel
+            channel_axis = 1 if op.kind == "conv2d" else -1
+            if bias.ndim > 1 and bias.shape[channel_axis] != n:
+                raise CimError(f"{op.name}: bias of shape {bias.shape} is not per channel")
+            bias = bias.reshape(n)
+        else:
+            raise CimError(f"{op.name}: bias of shape {bias.shape} is not per channel")
+        op.real_bias = bias if op.real_bias is None else op.real_bias + bias
+        op.out_dtype = str(call.ty.dtype)
+        return op
+
+    def op_relu(self, call, args, var):
+        (op,) = args
+        op.relu = True
+        return op
+
+    def op_quantize(self, call, args, var):
+        op, scale, zp = args
+        dtype = str(call.attrs.out_dtype)
+        bits, signed = _bits_of(dtype)
+        op.output = Codes(
+            bits,
+            signed,
+            float(_scalar(scale, "output scale", op.name)),
+            int(_scalar(zp, "output zero point", op.name)),
+        )
+        op.out_dtype = dtype
+        return op
+
+
+def _as_matrix(weight: np.ndarray, kind: str) -> np.ndarray:
+    """Dense weights stay ``[K, N]``; OIHW convolution weights become ``[KH*KW*C, O]``."""
+    if kind == "dense":
+        return np.ascontiguousarray(weight)
+    o = weight.shape[0]
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)).reshape(-1, o))
+
+
+def read_region(name: str, fn: relax.Function) -> GraphRegion:
+    """The operators of a ``Codegen="cim"`` function, in dataflow order."""
+    region = GraphRegion(name, [(_shape(p), str(p.ty.dtype)) for p in fn.params])
+    env: dict = {p: ("param", i) for i, p in enumerate(fn.params)}
+    local_fns: dict = {}
+    for block in fn.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Function):
+                local_fns[binding.var] = value
+                continue
+            if isinstance(value, relax.Call) and value.op in local_fns:
+                sources = [env[a] for a in value.args]
+                op = _CompositeReader(local_fns[value.op], sources, name).read()
+                region.ops.append(op)
+                env[binding.var] = ("op", len(region.ops) - 1)
+            elif isinstance(value, relax.Var):
+                env[binding.var] = env[value]
+            else:
+                raise CimError(f"{name}: unexpected {type(value).__name__} binding in a region")
+    body = fn.body.body
+    returned = body.fields if isinstance(body, relax.Tuple) else [body]
+    for var in returned:
+        kind, index = env[var]
+        if kind != "op":
+            raise CimError(f"{name}: a region returning its parameter is not supported")
+        region.outputs.append(index)
+    return region
+
+
+def anchor_kind(call) -> str | None:
+    """``"dense"`` or ``"conv2d"`` for an anchor call, else None."""
+    op = getattr(call, "op", None)
+    return ANCHORS.get(getattr(op, "name", None))

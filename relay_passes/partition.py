@@ -1,0 +1,146 @@
+"""Partitioning a Relax module for ``cim`` and rewriting the offloaded calls.
+
+``partition_for_cim`` names every dense and convolution operator, fuses the pattern
+table's matches into composite functions, merges adjacent ones into ``Codegen="cim"``
+functions and gives each a symbol unique to the build. ``rewrite_offloaded_calls`` then
+replaces every call of such a function with whatever the caller makes of it: the runtime
+call that carries the crossbar program, or a calibration hook.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Sequence
+
+import tvm
+from tvm import relax
+
+from .patterns import ANCHORS, cim_patterns
+
+_build_ids = itertools.count()
+
+#: Source-name prefix of the span that carries an operator's name through partitioning.
+OPERATOR_SPAN_PREFIX = "cim-op:"
+
+
+def operator_name(call: relax.Call) -> str | None:
+    """The name ``name_operators`` gave an anchor call, if any."""
+    source = getattr(getattr(call, "span", None), "source_name", None)
+    text = getattr(source, "name", None)
+    if text and str(text).startswith(OPERATOR_SPAN_PREFIX):
+        return str(text)[len(OPERATOR_SPAN_PREFIX) :]
+    return None
+
+
+@relax.expr_functor.mutator
+class _AnchorNamer(relax.PyExprMutator):
+    """Rebinds every anchor operator to a variable carrying the operator's name."""
+
+    def __init__(self, mod, names: Sequence[str] | None):
+        super().__init__(mod)
+        self.names = list(names) if names is not None else None
+        self.count = 0
+
+    def visit_var_binding_(self, binding):
+        value = self.visit_expr(binding.value)
+        op = getattr(value, "op", None)
+        kind = ANCHORS.get(getattr(op, "name", None))
+        if kind is None:
+            super().visit_var_binding_(binding)
+            return
+        if self.names is not None and self.count < len(self.names):
+            name = self.names[self.count]
+        else:
+            name = f"{kind}_{self.count}"
+        self.count += 1
+        # The span survives fusion and merging, unlike variable names.
+        span = tvm.ir.Span(tvm.ir.SourceName(OPERATOR_SPAN_PREFIX + name), 0, 0, 0, 0)
+        value = relax.Call(value.op, value.args, value.attrs, value.ty_args, span)
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(value, name)
+        else:
+            new_var = self.builder_.emit_output(value, name)
+        self.set_var_remap(binding.var, new_var)
+
+
+def name_operators(mod: tvm.IRModule, names: Sequence[str] | None = None) -> tvm.IRModule:
+    """Name the variable each ``matmul``/``conv2d`` binds: ``names`` in binding order
+    (ONNX node names), else ``dense_<i>`` / ``conv2d_<i>``."""
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    for gv, fn in mod.functions.items():
+        if isinstance(fn, relax.Function) and not _is_offloaded(fn):
+            out[gv] = _AnchorNamer(mod, names).visit_expr(fn)
+    return out
+
+
+def _is_offloaded(fn) -> bool:
+    return isinstance(fn, relax.Function) and fn.attrs is not None and "Codegen" in fn.attrs
+
+
+def offloaded_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
+    """The ``Codegen="cim"`` functions, in the order ``main`` calls them."""
+    found = {gv: fn for gv, fn in mod.functions.items() if _is_offloaded(fn)}
+    order: list = []
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            super().visit_call_(call)
+            if call.op in found and call.op not in order:
+                order.append(call.op)
+
+    for fn in mod.functions.values():
+        if isinstance(fn, relax.Function) and not _is_offloaded(fn):
+            _Calls().visit_expr(fn)
+    order += [gv for gv in found if gv not in order]
+    return [(gv, found[gv]) for gv in order]
+
+
+def partition(mod: tvm.IRModule, names: Sequence[str] | None = None) -> tvm.IRModule:
+    """Name operators, fuse the table's matches and merge them into ``cim`` functions."""
+    mod = name_operators(mod, names)
+    mod = relax.transform.FuseOpsByPattern(
+        cim_patterns(), bind_constants=True, annotate_codegen=False
+    )(mod)
+    mod = relax.transform.MergeCompositeFunctions()(mod)
+    build = next(_build_ids)
+    for gv, fn in offloaded_functions(mod):
+        symbol = re.sub(r"\W", "_", str(fn.attrs["global_symbol"]))
+        mod[gv] = fn.with_attr("global_symbol", f"{symbol}_b{build}")
+    return mod
+
+
+@relax.expr_functor.mutator
+class _CallRewriter(relax.PyExprMutator):
+    def __init__(self, mod, rewrite):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.rewrite = rewrite
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if isinstance(call.op, tvm.ir.GlobalVar) and _is_offloaded(self.mod_[call.op]):
+            return self.rewrite(call.op, self.mod_[call.op], call)
+        return call
+
+
+def rewrite_offloaded_calls(
+    mod: tvm.IRModule, rewrite: Callable[[tvm.ir.GlobalVar, relax.Function, relax.Call], relax.Expr]
+) -> tvm.IRModule:
+    """Replace each call of a ``cim`` function by ``rewrite(gv, fn, call)``; drop the functions."""
+    out = tvm.IRModule({}, attrs=mod.attrs)
+    for gv, fn in mod.functions.items():
+        if _is_offloaded(fn):
+            continue
+        if isinstance(fn, relax.Function):
+            fn = _CallRewriter(mod, rewrite).visit_expr(fn)
+        out[gv] = fn
+    return out
+
+
+def call_packed(symbol: str, args: list, call: relax.Call) -> relax.Call:
+    """``call_dps_packed(symbol, args)`` with the output types of ``call``."""
+    ty = call.ty
+    out = list(ty.fields) if isinstance(ty, relax.TupleType) else ty
+    return relax.call_dps_packed(symbol, args, out)

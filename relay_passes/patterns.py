@@ -1,0 +1,215 @@
+"""The ``cim`` pattern table: which Relax subgraphs the crossbars run.
+
+Three families, each for dense (``matmul``) and 2-D convolution, with an optional bias
+(in either operand order) and an optional ReLU:
+
+* float: ``cim.dense``, ``cim.dense_relu``, ``cim.conv2d``, ``cim.conv2d_relu``: float
+  activations and constant float weights; quantized by a precision config and calibration.
+* QDQ: ``cim.qdq.*``: ``dequantize`` around the activations and the constant weights, as
+  the ONNX frontend imports QuantizeLinear/DequantizeLinear; the ``*_quantize`` forms also
+  take the ``quantize`` of the result, so chains of quantized layers stay integer and merge.
+* integer: ``cim.int.*``: ``astype``/``subtract``/``matmul(out_dtype="int32")`` as the ONNX
+  frontend imports MatMulInteger and ConvInteger; computed bit-exactly.
+
+Every pattern carries the same check functions, one per hardware limit; an operator that
+fails one stays on the CPU.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.backend.pattern_registry import get_patterns_with_prefix, register_patterns
+from tvm.relax.dpl import is_const, is_op, wildcard
+from tvm.relax.transform import PatternCheckContext
+
+from ..codegen.matmul import MAX_DIM
+
+#: Anchor Relax operators and the operator kind they become.
+ANCHORS = {"relax.matmul": "dense", "relax.nn.conv2d": "conv2d"}
+_FLOAT_DTYPES = ("float16", "float32", "float64")
+_CODE_DTYPES = ("int8", "uint8")
+
+
+def _const_or_reshaped():
+    return is_const() | is_op("relax.reshape")(is_const(), wildcard())
+
+
+def _dequantized_const():
+    return is_op("relax.dequantize")(is_const(), is_const(), is_const())
+
+
+def _int_operand(source):
+    """``astype(v)`` or ``astype(v) - zero_point``, as MatMulInteger imports."""
+    cast = is_op("relax.astype")(source)
+    zero_point = is_const() | is_op("relax.astype")(is_const())
+    return is_op("relax.subtract")(cast, zero_point) | cast
+
+
+def _operands(form: str, kind: str):
+    """``(input, weight)`` patterns of a family."""
+    if form == "float":
+        x = wildcard()
+        w = is_const()
+        if kind == "dense":
+            w = w | is_op("relax.permute_dims")(is_const())
+    elif form == "qdq":
+        x = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+        w = _dequantized_const()
+        if kind == "dense":
+            w = w | is_op("relax.permute_dims")(_dequantized_const())
+    else:
+        x = _int_operand(wildcard()) | wildcard()
+        w = _int_operand(is_const()) | is_const()
+        if kind == "dense":
+            w = w | is_op("relax.permute_dims")(w)
+    return x, w
+
+
+def make_pattern(form: str, kind: str, relu: bool, quantize: bool):
+    """``(pattern, annotations)`` of one table entry."""
+    x, w = _operands(form, kind)
+    op = "relax.matmul" if kind == "dense" else "relax.nn.conv2d"
+    anchor = is_op(op)(x, w)
+    out = anchor
+    if form != "int":
+        bias = _const_or_reshaped()
+        if form == "qdq":
+            bias = bias | _dequantized_const()
+            bias = bias | is_op("relax.reshape")(_dequantized_const(), wildcard())
+        out = is_op("relax.add")(anchor, bias) | is_op("relax.add")(bias, anchor) | anchor
+    if relu:
+        out = is_op("relax.nn.relu")(out)
+    if quantize:
+        out = is_op("relax.quantize")(out, is_const(), is_const())
+    return out, {"anchor": anchor, "input": x, "weight": w}
+
+
+# ---------------------------------------------------------------- one check per limit
+
+
+def _anchor(ctx: PatternCheckContext):
+    return ctx.annotated_expr["anchor"]
+
+
+def _check_static_shapes(ctx: PatternCheckContext) -> bool:
+    # Programs are compiled for fixed tensor widths.
+    for arg in (*_anchor(ctx).args, _anchor(ctx)):
+        shape = getattr(arg.ty, "shape", None)
+        if shape is None or not all(hasattr(d, "value") for d in shape):
+            return False
+    return True
+
+
+def _check_float_dtypes(ctx: PatternCheckContext) -> bool:
+    # Float forms quantize float activations; other dtypes are not theirs.
+    return all(str(a.ty.dtype) in _FLOAT_DTYPES for a in _anchor(ctx).args)
+
+
+def _check_int_dtypes(ctx: PatternCheckContext) -> bool:
+    # Integer forms take 8-bit codes in and an int32 accumulator out.
+    anchor = _anchor(ctx)
+    if str(anchor.ty.dtype) != "int32":
+        return False
+    for operand in (ctx.annotated_expr["input"], ctx.annotated_expr["weight"]):
+        source = operand
+        while True:
+            if source in ctx.matched_bindings:  # a variable bound inside the match
+                source = ctx.matched_bindings[source]
+            elif hasattr(source, "op") and getattr(source.op, "name", None) in (
+                "relax.astype",
+                "relax.subtract",
+                "relax.permute_dims",
+            ):
+                source = source.args[0]
+            else:
+                break
+        if str(source.ty.dtype) not in _CODE_DTYPES:
+            return False
+    return True
+
+
+def _check_qdq_codes(ctx: PatternCheckContext) -> bool:
+    # Dequantized codes must be 8-bit or narrower integers.
+    x = ctx.annotated_expr["input"]
+    return str(x.args[0].ty.dtype) in _CODE_DTYPES
+
+
+def _check_conv_layout(ctx: PatternCheckContext) -> bool:
+    # One crossbar matmul per output pixel: NCHW/OIHW, no groups (depthwise stays on CPU).
+    anchor = _anchor(ctx)
+    if anchor.op.name != "relax.nn.conv2d":
+        return True
+    a = anchor.attrs
+    return (
+        int(a.groups) == 1
+        and str(a.data_layout) == "NCHW"
+        and str(a.kernel_layout) == "OIHW"
+        and str(a.out_layout) == "NCHW"
+    )
+
+
+def _check_matmul_shapes(ctx: PatternCheckContext) -> bool:
+    # The weight is one [K, N] matrix; the input may carry leading batch dimensions.
+    anchor = _anchor(ctx)
+    if anchor.op.name != "relax.matmul":
+        return True
+    x, w = anchor.args
+    return len(w.ty.shape) == 2 and len(x.ty.shape) >= 2
+
+
+def _check_dimensions(ctx: PatternCheckContext) -> bool:
+    # Column and row counts are 16-bit fields of the instructions.
+    anchor = _anchor(ctx)
+    w_shape = [int(d) for d in anchor.args[1].ty.shape]
+    if anchor.op.name == "relax.matmul":
+        k, n = w_shape
+    else:
+        n, c, kh, kw = w_shape
+        k = c * kh * kw
+    return k <= MAX_DIM and n <= MAX_DIM
+
+
+_COMMON = (_check_static_shapes, _check_conv_layout, _check_matmul_shapes, _check_dimensions)
+_FORM_CHECKS = {
+    "float": (_check_float_dtypes,),
+    "qdq": (_check_qdq_codes,),
+    "int": (_check_int_dtypes,),
+}
+
+
+def _checker(form: str):
+    checks = _FORM_CHECKS[form] + _COMMON
+
+    def check(ctx: PatternCheckContext) -> bool:
+        return all(c(ctx) for c in checks)
+
+    check.__name__ = f"check_{form}"
+    return check
+
+
+def pattern_entries() -> list[tuple]:
+    """The table, lowest priority first (``register_patterns`` favours later entries)."""
+    entries = []
+    for form in ("float", "int", "qdq"):
+        prefix = "cim." if form == "float" else f"cim.{form}."
+        for kind in ("dense", "conv2d"):
+            variants = [(False, False)]
+            if form != "int":
+                variants += [(True, False)]
+            if form == "qdq":
+                variants += [(False, True), (True, True)]
+            for relu, quantize in variants:
+                name = prefix + kind + ("_relu" if relu else "") + ("_quantize" if quantize else "")
+                entries.append((name, *make_pattern(form, kind, relu, quantize), _checker(form)))
+    return entries
+
+
+def register() -> None:
+    """Register the table with TVM's pattern registry (idempotent)."""
+    if not get_patterns_with_prefix("cim."):
+        register_patterns(pattern_entries())
+
+
+def cim_patterns():
+    """The registered ``cim`` patterns, highest priority first."""
+    register()
+    return get_patterns_with_prefix("cim.")
