@@ -65,7 +65,7 @@ def _slice(values: np.ndarray, slices: int, cell_bits: int) -> list[np.ndarray]:
 
 def map_weights(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping:
     """Slice and sign-map ``weight`` (``[K, N]`` ints within signed ``w_bits``)."""
-    weight = np.asarray(weight, dtype=np.int64)
+    weight = np.asarray(weight, dtype=np.int16)  # 8-bit weights plus their offset fit
     n = weight.shape[1]
     slices = weight_slices(w_bits, arch.cell_bits)
     cb = arch.cell_bits
@@ -90,6 +90,36 @@ def map_weights(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping
             blocks.append(ColumnBlock(len(cells) * n, s * cb, negative))
             cells.append(part)
     return WeightMapping(np.hstack(cells), None, n, blocks)
+
+
+def is_placeholder(weight: np.ndarray) -> bool:
+    """A zero-stride weight stands in for one whose values a cost estimate does not need."""
+    return weight.ndim == 2 and weight.size > 0 and weight.strides == (0, 0)
+
+
+def placeholder_weight(k: int, n: int) -> np.ndarray:
+    """A ``[k, n]`` weight taking no memory, for cost-only lowering."""
+    return np.broadcast_to(np.int8(0), (k, n))
+
+
+def placeholder_mapping(k: int, n: int, w_bits: int, arch: CimArch) -> WeightMapping:
+    """The mapping of a ``[k, n]`` weight with the right shapes and no cell values."""
+    slices = weight_slices(w_bits, arch.cell_bits)
+    cb = arch.cell_bits
+    if arch.mapping == "offset":
+        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
+        cells = np.broadcast_to(np.uint8(0), (k, slices * n + 1))
+        return WeightMapping(cells, None, n, blocks, ones_col=slices * n, offset=1 << (w_bits - 1))
+    if arch.mapping == "differential-row":
+        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
+        cells = np.broadcast_to(np.uint8(0), (k, slices * n))
+        return WeightMapping(cells, cells, n, blocks)
+    blocks = [
+        ColumnBlock((2 * s + int(neg)) * n, s * cb, neg)
+        for s in range(slices)
+        for neg in (False, True)
+    ]
+    return WeightMapping(np.broadcast_to(np.uint8(0), (k, 2 * slices * n)), None, n, blocks)
 
 
 def logical_shape(k: int, n: int, w_bits: int, arch: CimArch) -> tuple[int, int]:

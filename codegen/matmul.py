@@ -19,7 +19,7 @@ from tvm_cim.quant import MAX_SHIFT, Requantize, quant_range, rounding_right_shi
 
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
-from .mapping import WeightMapping, map_weights
+from .mapping import WeightMapping, is_placeholder, map_weights, placeholder_mapping
 
 MAX_DIM = (1 << 16) - 1  # column fields are 16 bits wide
 
@@ -53,6 +53,9 @@ def adc_setting(folded: np.ndarray, dac_bits: int, signed_chunk: bool, adc_bits:
     gets the smallest step (``2**shift``) whose code range holds that range.
     """
     lo_in, hi_in = _chunk_range(dac_bits, signed_chunk)
+    if adc_bits is None:  # only the sign of the code range matters
+        signed = (lo_in < 0 and int(folded.max()) > 0) or (hi_in > 0 and int(folded.min()) < 0)
+        return 0, bool(signed)
     f = folded.astype(np.int64)
     hi = int(np.maximum(f * lo_in, f * hi_in).sum(axis=0).max())
     lo = int(np.minimum(f * lo_in, f * hi_in).sum(axis=0).min())
@@ -195,7 +198,11 @@ def emit_matmul(
     ``xbuf`` holds the input codes (``weight.shape[0]`` columns, ``rows`` vectors per
     item); the weight is checked by the caller. Tiles go round-robin over the crossbars.
     """
-    mapping = map_weights(np.asarray(weight), w_bits, b.arch)
+    weight = np.asarray(weight)
+    if is_placeholder(weight):
+        mapping = placeholder_mapping(*weight.shape, w_bits, b.arch)
+    else:
+        mapping = map_weights(weight, w_bits, b.arch)
     return _Lowering(b, mapping, w_bits, a_bits, signed_input, rows).accumulate(xbuf)
 
 

@@ -24,7 +24,7 @@ from tvm_cim.quant import MAX_SHIFT, Requantize, fixed_point, quant_range
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
 from .layers import CimOp, Codes, Region
-from .mapping import logical_shape
+from .mapping import is_placeholder, logical_shape
 from .matmul import (
     _smallest_dtype,
     accumulator_bits,
@@ -241,6 +241,8 @@ def lower_region(region: Region, arch: CimArch) -> Program:
         An operator whose weights, bits or scales the crossbars cannot take, naming it.
     """
     for op in region.ops:
+        if is_placeholder(op.weight):
+            continue
         wmin, wmax = quant_range(op.w_bits, True)
         if op.weight.min() < wmin or op.weight.max() > wmax:
             raise CimError(

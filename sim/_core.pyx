@@ -19,6 +19,8 @@ release the GIL. The verifier has checked every index, so nothing is bounds-chec
   up at import time so the build needs no scipy headers). float32 is used when every
   image's largest possible column sum fits its 24-bit significand, which makes it
   exact; otherwise float64, exact below 2**53 as the reference's.
+* A ``prog`` folds its image's cells into the crossbar's float weights, as the reference
+  does: only the images the crossbars hold take floats, however many the program has.
 """
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
@@ -197,8 +199,10 @@ cdef struct Machine:
     int dac_bits
     int adc_bits  # 0: lossless
     bint f32  # column sums, images and DAC chunks in float32 (else float64)
-    # program tables (owned by the _Plan)
-    void **img  # folded [in_rows, cols] float image per image index
+    # program tables (owned by the _Plan), per image index
+    const uint8_t **cells  # [physical_rows, cols] uint8, any strides
+    Py_ssize_t *cell_strides  # bytes between rows, then between columns
+    bint *differential
     int *in_rows
     int *phys_rows
     int *img_cols
@@ -223,11 +227,12 @@ cdef struct Machine:
     int64_t out_w[MAXN]
     int64_t out_rows[MAXN]
     int out_size[MAXN]  # output itemsize: casting keeps the low bytes, as astype does
+    void *weights[MAXN]  # folded [in_rows, cols] image per crossbar some mvm drives
     void *held[MAXN]  # column sums per crossbar, [vectors, held_w]
     int64_t held_w[MAXN]
     void *chunks  # the DAC chunk plane of one mvm, [vectors, in_rows]
     int64_t *row  # one buffer row, for sources that overlap their destination
-    int image_on[MAXN]  # image each crossbar holds, as execution goes
+    int image_on[MAXN]  # image each crossbar holds, as execution goes (-1: none yet)
     # schedule and counts, as timing.Timeline keeps them
     int sched_image[MAXN]  # image each crossbar holds, as scheduling goes
     int64_t unit_free[NUNITS]
@@ -384,10 +389,50 @@ cdef inline void _adc_round_int32(int64_t *d, const float *s, int64_t n, int64_t
         d[j] = _shl(v, sh)
 
 
+cdef void _fold(real *dst, const uint8_t *cells, Py_ssize_t row_stride,
+                Py_ssize_t col_stride, int k, int cols, bint differential) noexcept nogil:
+    """``CrossbarImage.folded`` into the float plane ``[k, cols]``."""
+    cdef int r, j
+    cdef const uint8_t *pos
+    cdef const uint8_t *neg = cells
+    cdef real *d
+    for r in range(k):
+        pos = cells + r * row_stride
+        if differential:
+            neg = cells + (r + k) * row_stride
+        d = dst + r * cols
+        if col_stride != 1:  # a broadcast or strided view
+            for j in range(cols):
+                d[j] = <real>(<int32_t>pos[j * col_stride]
+                              - (<int32_t>neg[j * col_stride] if differential else 0))
+        elif differential:
+            for j in range(cols):
+                d[j] = <real>(<int32_t>pos[j] - <int32_t>neg[j])
+        else:
+            for j in range(cols):
+                d[j] = <real>pos[j]
+
+
 # -------------------------------------------------------------- instructions
 
 cdef void _prog(Machine *m, const int64_t *ops) noexcept nogil:
-    m.image_on[ops[0]] = <int>ops[1]
+    """Fold the image into the crossbar's weights, unless they hold it already (from the
+    previous row tile) or no mvm reads them."""
+    cdef int64_t xb = ops[0]
+    cdef int img = <int>ops[1]
+    if m.image_on[xb] == img:
+        return
+    m.image_on[xb] = img
+    if m.weights[xb] == NULL:
+        return
+    if m.f32:
+        _fold(<float *>m.weights[xb], m.cells[img], m.cell_strides[2 * img],
+              m.cell_strides[2 * img + 1], m.in_rows[img], m.img_cols[img],
+              m.differential[img])
+    else:
+        _fold(<double *>m.weights[xb], m.cells[img], m.cell_strides[2 * img],
+              m.cell_strides[2 * img + 1], m.in_rows[img], m.img_cols[img],
+              m.differential[img])
 
 
 cdef void _load(Machine *m, const int64_t *ops) noexcept nogil:
@@ -433,11 +478,12 @@ cdef void _mvm(Machine *m, const int64_t *ops) noexcept nogil:
     m.held_w[xb] = cols
     if m.f32:
         _dac_plane(<float *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
-        _column_sums(<float *>m.img[img], k, cols, <float *>m.chunks, <float *>m.held[xb], rows)
+        _column_sums(<float *>m.weights[xb], k, cols, <float *>m.chunks,
+                     <float *>m.held[xb], rows)
     else:
         _dac_plane(<double *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
-        _column_sums(<double *>m.img[img], k, cols, <double *>m.chunks, <double *>m.held[xb],
-                     rows)
+        _column_sums(<double *>m.weights[xb], k, cols, <double *>m.chunks,
+                     <double *>m.held[xb], rows)
 
 
 cdef void _adc(Machine *m, const int64_t *ops) noexcept nogil:
@@ -545,6 +591,7 @@ cdef void _im2col(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t OH = g[13], OW = g[14]
     cdef int64_t item, oh, ow, kh, kw, h, w, c
     cdef const int64_t *s
+    cdef const int64_t *row
     cdef int64_t *d = m.buf[dst]  # dst rows are OH*OW, its width KH*KW*C: write in order
     for item in range(m.items):
         s = m.buf[src] + item * H * W * C
@@ -552,15 +599,22 @@ cdef void _im2col(Machine *m, const int64_t *ops) noexcept nogil:
             for ow in range(OW):
                 for kh in range(KH):
                     h = oh * sh - pt + kh * dh
+                    if h < 0 or h >= H:  # a whole kernel row of padding
+                        for c in range(KW * C):
+                            d[c] = pad
+                        d += KW * C
+                        continue
+                    row = s + h * W * C
                     for kw in range(KW):
                         w = ow * sw - pl + kw * dw
-                        if h < 0 or h >= H or w < 0 or w >= W:
+                        if w < 0 or w >= W:
                             for c in range(C):
                                 d[c] = pad
-                        elif C == 1:
-                            d[0] = s[h * W + w]
-                        else:
-                            memcpy(d, s + (h * W + w) * C, C * sizeof(int64_t))
+                        elif C >= 16:
+                            memcpy(d, row + w * C, C * sizeof(int64_t))
+                        else:  # a call costs more than a few moves
+                            for c in range(C):
+                                d[c] = row[w * C + c]
                         d += C
 
 
@@ -637,7 +691,9 @@ cdef class _Plan:
     prepared program (which is immutable) and cached on it."""
 
     cdef object keep  # the arrays the pointers below point into
-    cdef void **img
+    cdef const uint8_t **cells
+    cdef Py_ssize_t *cell_strides
+    cdef bint *differential
     cdef int *in_rows
     cdef int *phys_rows
     cdef int *img_cols
@@ -648,6 +704,7 @@ cdef class _Plan:
     cdef int max_in_rows
     cdef int max_cols
     cdef object sums_xbs  # crossbars some mvm drives
+    cdef object weight_sizes  # per crossbar of sums_xbs: most floats an image there folds to
     cdef object mvm_rows  # most rows per item an mvm drives (the held sums' height)
     cdef object max_rows  # most rows per item of any buffer
     cdef object bound  # every count and time is at most batch * bound
@@ -656,40 +713,49 @@ cdef class _Plan:
         arch = prepared.arch
         images = prepared.images
         nimg, ncon = len(images), len(prepared.constants)
-        self.img = <void **>calloc(max(nimg, 1), sizeof(void *))
+        self.cells = <const uint8_t **>calloc(max(nimg, 1), sizeof(uint8_t *))
+        self.cell_strides = <Py_ssize_t *>calloc(max(2 * nimg, 1), sizeof(Py_ssize_t))
+        self.differential = <bint *>calloc(max(nimg, 1), sizeof(bint))
         self.in_rows = <int *>calloc(max(nimg, 1), sizeof(int))
         self.phys_rows = <int *>calloc(max(nimg, 1), sizeof(int))
         self.img_cols = <int *>calloc(max(nimg, 1), sizeof(int))
         self.consts = <int64_t **>calloc(max(ncon, 1), sizeof(int64_t *))
         self.const_w = <int64_t *>calloc(max(ncon, 1), sizeof(int64_t))
-        if not (self.img and self.in_rows and self.phys_rows and self.img_cols
-                and self.consts and self.const_w):
+        if not (self.cells and self.cell_strides and self.differential and self.in_rows
+                and self.phys_rows and self.img_cols and self.consts and self.const_w):
             raise MemoryError()
 
         # float32 is exact when no column sum can reach 2**24.
         largest = ((1 << arch.dac_bits) * ((1 << arch.cell_bits) - 1))
         self.f32 = all(img.physical_rows * largest < (1 << 24) for img in images)
-        dtype = np.float32 if self.f32 else np.float64
         keep = []
         for i, img in enumerate(images):
-            folded = np.ascontiguousarray(prepared.folded[i], dtype=dtype)
-            keep.append(folded)
-            self.img[i] = _data(folded)
-            self.in_rows[i] = folded.shape[0]
+            cells = img.cells  # verified uint8: read in place, folded by each prog
+            keep.append(cells)
+            self.cells[i] = <const uint8_t *>_data(cells)
+            self.cell_strides[2 * i] = cells.strides[0]
+            self.cell_strides[2 * i + 1] = cells.strides[1]
+            self.differential[i] = img.differential_rows
+            self.in_rows[i] = img.in_rows
             self.phys_rows[i] = img.physical_rows
-            self.img_cols[i] = folded.shape[1]
+            self.img_cols[i] = img.cols
         for i, const in enumerate(prepared.constants):
             const = np.ascontiguousarray(const, dtype=np.int64)
             keep.append(const)
             self.consts[i] = <int64_t *>_data(const)
             self.const_w[i] = const.shape[1]
         self.keep = keep
-        self.max_in_rows = max([f.shape[0] for f in keep[:nimg]], default=1)
-        self.max_cols = max([f.shape[1] for f in keep[:nimg]], default=1)
+        self.max_in_rows = max([img.in_rows for img in images], default=1)
+        self.max_cols = max([img.cols for img in images], default=1)
 
         code = prepared.code
         ops = code[:, 0]
         self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1]})
+        sizes = [img.in_rows * img.cols for img in images]
+        largest_on = {}
+        for xb, image in code[ops == PROG, 1:3].tolist():
+            largest_on[xb] = max(largest_on.get(xb, 0), sizes[image])
+        self.weight_sizes = [largest_on[xb] for xb in self.sums_xbs]
         buffer_rows = np.array(list(prepared.buffer_rows) + [1], dtype=np.int64)
         # rows per item each instruction treats (1 for those that are not per vector)
         rows = np.ones(len(code), dtype=np.int64)
@@ -716,7 +782,9 @@ cdef class _Plan:
             raise ValueError("program exceeds the core's table sizes")
 
     def __dealloc__(self):
-        free(self.img)
+        free(self.cells)
+        free(self.cell_strides)
+        free(self.differential)
         free(self.in_rows)
         free(self.phys_rows)
         free(self.img_cols)
@@ -763,7 +831,9 @@ def run(prepared, arrays, batch, functional):
         m.dac_bits = arch.dac_bits
         m.adc_bits = arch.adc_bits or 0
         m.f32 = plan.f32
-        m.img = plan.img
+        m.cells = plan.cells
+        m.cell_strides = plan.cell_strides
+        m.differential = plan.differential
         m.in_rows = plan.in_rows
         m.phys_rows = plan.phys_rows
         m.img_cols = plan.img_cols
@@ -777,6 +847,14 @@ def run(prepared, arrays, batch, functional):
             widths = prepared.buffers
             per_item = [w * r for w, r in zip(widths, prepared.buffer_rows)]
             nsums = len(plan.sums_xbs)
+            # this run's own: runs of one prepared program may overlap (without the GIL)
+            weights = np.empty(max(sum(plan.weight_sizes), 1), dtype=dtype)
+            offset = 0
+            for i, xb in enumerate(plan.sums_xbs):
+                m.weights[xb] = <char *>_data(weights) + offset
+                offset += plan.weight_sizes[i] * weights.itemsize
+            for i in range(arch.crossbars):
+                m.image_on[i] = -1
             item_bytes = 8 * sum(per_item) + dtype().itemsize * plan.mvm_rows * (
                 nsums * plan.max_cols + plan.max_in_rows
             )

@@ -10,6 +10,16 @@ from tvm_cim.errors import ProgramError
 from . import isa
 from .program import CrossbarImage, Program, TensorDesc
 
+#: Per mnemonic: opcode, (name, min, max, bits) per field, and the field names.
+_LAYOUT = {
+    spec.mnemonic: (
+        spec.opcode,
+        tuple((f.name, f.min_value, f.max_value, f.bits) for f in spec.fields),
+        frozenset(f.name for f in spec.fields),
+    )
+    for spec in isa.INSTRUCTIONS
+}
+
 
 class ProgramBuilder:
     """Collects tables and instructions, then makes a ``Program``.
@@ -45,7 +55,16 @@ class ProgramBuilder:
         return len(self.buffers) - 1
 
     def image(self, cells: np.ndarray, differential_rows: bool = False) -> int:
-        self.images.append(CrossbarImage(np.ascontiguousarray(cells, np.uint8), differential_rows))
+        """Add a crossbar image; its index.
+
+        The cells are copied into memory nothing can write (a ``bytes`` object), which
+        prepared programs then share instead of copying. Broadcast placeholders (cost-only
+        programs) stay views.
+        """
+        cells = np.asarray(cells, np.uint8)
+        if 0 not in cells.strides:
+            cells = np.frombuffer(cells.tobytes(), np.uint8).reshape(cells.shape)
+        self.images.append(CrossbarImage(cells, differential_rows))
         return len(self.images) - 1
 
     def constant(self, values: np.ndarray) -> int:
@@ -53,17 +72,16 @@ class ProgramBuilder:
         return len(self.constants) - 1
 
     def emit(self, mnemonic: str, **operands: int) -> None:
-        spec = isa.BY_MNEMONIC[mnemonic]
-        names = {f.name for f in spec.fields}
-        unknown = set(operands) - names
-        if unknown:
-            raise ProgramError(f"{mnemonic}: unknown operand(s) {sorted(unknown)}")
-        row = [spec.opcode]
-        for f in spec.fields:
-            value = int(operands.get(f.name, 0))
-            if not f.min_value <= value <= f.max_value:
+        opcode, fields, names = _LAYOUT[mnemonic]
+        if not names.issuperset(operands):
+            unknown = sorted(set(operands) - names)
+            raise ProgramError(f"{mnemonic}: unknown operand(s) {unknown}")
+        row = [opcode]
+        for name, lo, hi, bits in fields:
+            value = int(operands.get(name, 0))
+            if not lo <= value <= hi:
                 raise ProgramError(
-                    f"{mnemonic}: {f.name}={value} does not fit {f.bits} bits",
+                    f"{mnemonic}: {name}={value} does not fit {bits} bits",
                     index=len(self.rows),
                 )
             row.append(value)

@@ -102,7 +102,7 @@ class CrossbarImage:
     ``cells`` is ``[physical_rows, cols]`` uint8, each below ``2**cell_bits``. With
     ``differential_rows`` the bottom half holds negative weights: input ``k`` drives row
     ``k`` positively and row ``k + in_rows`` negatively, so a column reads their
-    difference.
+    difference. ``ProgramBuilder`` and ``Program.from_bytes`` make read-only cells.
     """
 
     cells: np.ndarray
@@ -368,7 +368,8 @@ class _Parser:
             if flags > 1:
                 raise ProgramError(f"image {i}: unknown flags {flags}", offset=sub.pos - 4)
             raw = sub.take(rows * cols, f"image {i} cells")
-            cells = np.frombuffer(raw, dtype=np.uint8).reshape(rows, cols).copy()
+            # read-only over the bytes taken: prepared programs share it
+            cells = np.frombuffer(raw, dtype=np.uint8).reshape(rows, cols)
             images.append(CrossbarImage(cells, differential_rows=bool(flags)))
         if sub.pos != sub.end:
             raise ProgramError("trailing bytes in IMGS", offset=sub.pos)

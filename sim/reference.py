@@ -8,8 +8,6 @@ sum stays far below 2**53.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from tvm_cim import quant
@@ -33,7 +31,7 @@ class _State:
             np.zeros((batch * rows, w), dtype=np.int64)
             for w, rows in zip(prepared.buffers, prepared.buffer_rows)
         ]
-        self.weights = [None] * self.arch.crossbars  # folded float64 image per crossbar
+        self.weights = [None] * self.arch.crossbars  # the folded image each crossbar holds
         self.held = [None] * self.arch.crossbars  # column sums after the last mvm
 
 
@@ -42,7 +40,7 @@ def execute_halt(s: _State, ops):
 
 
 def execute_prog(s: _State, ops):
-    s.weights[ops["xb"]] = s.p.folded[ops["image"]]
+    s.weights[ops["xb"]] = s.p.images[ops["image"]].folded().astype(np.float64)
 
 
 def execute_load(s: _State, ops):
@@ -101,31 +99,32 @@ def execute_store(s: _State, ops):
     out[:, ops["dst_col"] : ops["dst_col"] + n] = src.astype(out.dtype)
 
 
-@lru_cache(maxsize=64)
 def im2col_index(params: tuple[int, ...]) -> np.ndarray:
     """Gather index ``[OH*OW, KH*KW*C]`` of an ``im2col`` into one item's source.
 
-    The source is read flattened, ``[H*W*C]``, with one extra row of ``C`` pad values
-    appended: taps outside the image point into that row. Read-only, cached per geometry.
+    ``params`` are the values of ``isa.IM2COL_PARAMS``. The source is read flattened,
+    ``[H*W*C]``, with one extra row of ``C`` pad values appended: taps outside the image
+    point into that row.
     """
     h, w, c, kh, kw, sh, sw, pt, pl, _, _, dh, dw, oh, ow = params
     rows = np.arange(oh)[:, None, None, None] * sh - pt + np.arange(kh)[None, None, :, None] * dh
     cols = np.arange(ow)[None, :, None, None] * sw - pl + np.arange(kw)[None, None, None, :] * dw
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [OH, OW, KH, KW]
     pixel = np.where(inside, rows * w + cols, h * w)
-    index = (pixel[..., None] * c + np.arange(c)).reshape(oh * ow, kh * kw * c)
-    index.setflags(write=False)
-    return index
+    return (pixel[..., None] * c + np.arange(c)).reshape(oh * ow, kh * kw * c)
 
 
 def execute_im2col(s: _State, ops):
     params = tuple(int(v) for v in s.p.constants[ops["params"]][0])
+    # The index is as large as one item's output: kept per prepared program, not globally.
+    cache = s.p.__dict__.setdefault("_im2col_index", {})
+    index = cache.get(params)
+    if index is None:
+        index = cache[params] = im2col_index(params)
     h, w, c = params[:3]
-    src = s.buffers[ops["src"]].reshape(s.batch, h * w * c)
     padded = np.empty((s.batch, (h * w + 1) * c), dtype=np.int64)
-    padded[:, : h * w * c] = src
+    padded[:, : h * w * c] = s.buffers[ops["src"]].reshape(s.batch, h * w * c)
     padded[:, h * w * c :] = ops["pad"]
-    index = im2col_index(params)
     np.take(padded, index, axis=1, out=s.buffers[ops["dst"]].reshape(s.batch, *index.shape))
 
 

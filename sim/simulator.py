@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -40,6 +41,26 @@ def default_backend() -> str:
     return "cython"
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` itself where nothing can write to it, else a read-only copy.
+
+    Nothing can write to memory that a ``bytes`` object owns (``np.frombuffer``, as
+    ``ProgramBuilder`` and ``Program.from_bytes`` make cells): numpy refuses to make any
+    view of it writeable. A broadcast view is copied without the axes it repeats.
+    """
+    owner = a
+    while isinstance(owner, np.ndarray) and not owner.flags.writeable:
+        owner = owner.base
+    if isinstance(owner, memoryview) and owner.readonly:
+        owner = owner.obj
+    if type(owner) is bytes:
+        return a
+    repeated = tuple(slice(0, 1) if s == 0 else slice(None) for s in a.strides)
+    copy = a[repeated].copy()
+    copy.setflags(write=False)
+    return np.broadcast_to(copy, a.shape) if 0 in a.strides else copy
+
+
 @dataclass
 class SimResult:
     """Outputs by name, and what the run cost."""
@@ -49,7 +70,10 @@ class SimResult:
 
 
 class PreparedProgram:
-    """A verified, immutable snapshot of a program, ready to run many times."""
+    """A verified, immutable snapshot of a program, ready to run many times.
+
+    Image cells that nothing can write (those built or loaded) are shared, not copied.
+    """
 
     def __init__(self, program: Program, arch: CimArch):
         arch = check_arch(program, arch)
@@ -62,10 +86,11 @@ class PreparedProgram:
         self.outputs: list[TensorDesc] = list(program.outputs)
         self.buffers = [int(w) for w in program.buffers]
         self.buffer_rows = [int(r) for r in program.buffer_rows]
-        self.images = [type(img)(img.cells.copy(), img.differential_rows) for img in program.images]
-        self.folded = [img.folded().astype(np.float64) for img in self.images]
+        # Backends fold an image when a prog writes it: only the held ones take floats.
+        self.images = [
+            type(img)(_frozen(img.cells), img.differential_rows) for img in program.images
+        ]
         self.constants = [c.copy() for c in program.constants]
-        self.instructions = list(program.instructions())
         self.fixed_batch = next(
             (t.batch for t in self.inputs + self.outputs if t.batch is not None), None
         )
@@ -74,6 +99,16 @@ class PreparedProgram:
         ]
         #: Most rows per item an mvm drives: the height of the held column sums.
         self.mvm_rows = max((self.buffer_rows[int(b)] for b in mvm_src), default=1)
+
+    @cached_property
+    def instructions(self) -> list[tuple[str, dict[str, int]]]:
+        """``(mnemonic, operands)`` per instruction: the numpy reference's view of
+        ``code``, decoded on first use (the Cython core reads ``code`` itself)."""
+        decoded = []
+        for row in self.code.tolist():
+            spec = isa.BY_OPCODE[row[0]]
+            decoded.append((spec.mnemonic, {f.name: v for f, v in zip(spec.fields, row[1:])}))
+        return decoded
 
     def check_inputs(self, inputs: dict[str, np.ndarray], batch: int | None) -> tuple:
         """Validate ``inputs``; return them in program order and the batch.

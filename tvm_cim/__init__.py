@@ -20,6 +20,7 @@ _LAZY = {
     "build": "compiler",
     "partition_for_cim": "compiler",
     "compile_for_cim": "compiler",
+    "cost_report": "compiler",
     "Precision": "precision",
 }
 
@@ -43,6 +44,7 @@ __all__ = [
     "build",
     "partition_for_cim",
     "compile_for_cim",
+    "cost_report",
     "Precision",
     "__version__",
 ]

@@ -42,7 +42,7 @@ EXIT_ERROR = 3
 
 #: Suffix of the program files ``compile --dump-programs`` writes.
 PROGRAM_SUFFIX = ".cimprog"
-_MAX_FILE_STEM = 120
+_MAX_FILE_STEM = 200
 
 
 class UsageError(Exception):
@@ -185,9 +185,14 @@ def _compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--output",
-        required=True,
         metavar="OUT.so",
-        help="shared library to write (run it with 'tvm-cim run')",
+        help="shared library to write (run it with 'tvm-cim run'); required unless --cost-only",
+    )
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only the latency report, from the static estimate: no weight images, no "
+        "library (for models too large to simulate)",
     )
     _add_arch_precision(p)
     p.add_argument(
@@ -207,13 +212,26 @@ def _compile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from tvm_cim.compiler import compile_for_cim
-    from tvm_cim.frontend import calibration_from_npz, main_inputs
-
     _check_file(args.precision, "precision file")
     _check_file(args.calibration, "calibration data")
     arch = _load_arch(args.arch)
+    if args.cost_only and args.dump_programs:
+        raise CimError("--dump-programs needs weight images; drop --cost-only")
+    if not args.cost_only and not args.output:
+        raise CimError("-o/--output is required unless --cost-only")
     mod, names = _load_model(args)
+
+    from tvm_cim.compiler import compile_for_cim, cost_report
+    from tvm_cim.frontend import calibration_from_npz, main_inputs
+
+    if args.cost_only:
+        report = cost_report(mod, arch=arch, precision=args.precision, names=names)
+        print(report.table())
+        if args.report:
+            data = {**report.to_dict(), "model": str(args.model), "cost_only": True}
+            _write_json(args.report, data, "report")
+            print(f"wrote {args.report}")
+        return EXIT_OK
     calibration = None
     if args.calibration is not None:
         calibration = calibration_from_npz(args.calibration, mod)
@@ -265,6 +283,10 @@ def _form(op) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _check_file(args.precision, "precision file")
+    arch = _load_arch(args.arch)
+    mod, names = _load_model(args)
+
     from tvm_cim.compiler import partition_for_cim
     from tvm_cim.frontend import main_inputs
     from tvm_cim.precision import Precision
@@ -272,9 +294,6 @@ def _inspect(args: argparse.Namespace) -> int:
     from tvm_cim.relay_passes.partition import offloaded_functions
     from tvm_cim.report import cpu_operators
 
-    _check_file(args.precision, "precision file")
-    arch = _load_arch(args.arch)
-    mod, names = _load_model(args)
     partitioned = partition_for_cim(mod, arch=arch, precision=args.precision, names=names)
     ops = [
         (gv.name_hint, op)
@@ -395,7 +414,8 @@ def _run(args: argparse.Namespace) -> int:
     missing = [p for p in params if p not in given]
     if missing:
         raise CimError(
-            f"missing input {missing[0]!r}: give each of {', '.join(params)} as --input NAME=FILE"
+            f"missing input {missing[0]!r}: give every input ({', '.join(params)}) "
+            "as --input NAME=FILE.npy"
         )
     arrays = [_load_npy(name, given[name]) for name in params]
 

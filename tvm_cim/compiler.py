@@ -115,6 +115,34 @@ def lower_partitioned(
     return lowered, report
 
 
+def cost_report(
+    mod: tvm.IRModule,
+    *,
+    params: dict | None = None,
+    arch: CimArch | str | None = None,
+    precision=None,
+    names: Sequence[str] | None = None,
+) -> CompileReport:
+    """The latency report from the static estimate, without weight images or a TVM build.
+
+    The instruction streams are those a full compile emits (placeholder weights take no
+    memory), so the latencies equal the full compile's and the simulator's.
+    """
+    if params:
+        mod = relax.transform.BindParams("main", params)(mod)
+    partitioned = partition_for_cim(mod, arch=arch, precision=precision, names=names)
+    arch = _arch(arch)
+    graph_regions = [read_region(gv.name_hint, fn) for gv, fn in offloaded_functions(partitioned)]
+    bits = Precision.load(precision).resolve([op.name for r in graph_regions for op in r.ops])
+    programs = [lower_region(quantize_region(r, bits, None), arch) for r in graph_regions]
+    return CompileReport(
+        arch=arch,
+        operators=operator_reports(programs, arch),
+        cpu=cpu_operators(partitioned),
+        programs=programs,
+    )
+
+
 def compile_for_cim(
     mod: tvm.IRModule,
     *,

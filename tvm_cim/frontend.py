@@ -122,16 +122,16 @@ def _shape_dict(model, path: Path, input_shapes: Mapping[str, Sequence[int]] | N
                 f"input {name!r} has no known shape; give one with --input-shape {name}:D0,D1,..."
             )
         if not all(isinstance(d, int) for d in dims):
-            example = ",".join(str(d) if isinstance(d, int) else "N" for d in dims)
+            example = ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
             raise CimError(
                 f"input {name!r} has a dynamic shape {_format_dims(dims)}; give a static one "
-                f"with --input-shape {name}:{example}"
+                f"with --input-shape, e.g. --input-shape {name}:{example}"
             )
         shapes[name] = dims
     return shapes
 
 
-def _conv_rank(node, initializers: dict, producers: dict) -> int | None:
+def _conv_rank(node, initializers: dict, producers: dict, ranks: dict) -> int | None:
     """Spatial rank of a ``Conv``: from ``kernel_shape``, else from its weight's rank."""
     for attr in node.attribute:
         if attr.name == "kernel_shape":
@@ -140,6 +140,8 @@ def _conv_rank(node, initializers: dict, producers: dict) -> int | None:
     for _ in range(8):
         if name in initializers:
             return len(initializers[name].dims) - 2
+        if name in ranks:
+            return ranks[name] - 2
         producer = producers.get(name)
         if producer is None:
             return None
@@ -165,6 +167,11 @@ def onnx_operator_names(model) -> list[str]:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    ranks = {}
+    for value_info in (*graph.input, *graph.value_info):
+        dims = _dims(value_info)
+        if dims is not None:
+            ranks[value_info.name] = len(dims)
     names: list[str] = []
     seen: set[str] = set()
     for index, node in enumerate(graph.node):
@@ -173,7 +180,7 @@ def onnx_operator_names(model) -> list[str]:
         ):
             continue
         if node.op_type in ("Conv", "ConvInteger"):
-            rank = _conv_rank(node, initializers, producers)
+            rank = _conv_rank(node, initializers, producers, ranks)
             if rank is not None and rank != 2:
                 continue
         name = node.name or f"{node.op_type}_{index}"

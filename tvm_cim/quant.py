@@ -141,16 +141,20 @@ class Requantize:
         return requantize(acc, bias, multiplier, shift, self.zero_point, *self.clamp_range())
 
 
-def quantize(x: np.ndarray, scale, zero_point: int, bits: int, signed: bool) -> np.ndarray:
-    """Real values to integer codes: ``clamp(round(x / scale) + zero_point)`` as int64.
+def quantize(
+    x: np.ndarray, scale, zero_point: int, bits: int, signed: bool, dtype=np.int64
+) -> np.ndarray:
+    """Real values to integer codes: ``clamp(round(x / scale) + zero_point)``.
 
     The division happens in float32, as in the graph's ``quantize`` and in training-time
-    fake quantization; rounding is half to even.
+    fake quantization; rounding is half to even. Clamping happens before the cast to
+    ``dtype``, so out-of-range values saturate instead of wrapping.
     """
     qmin, qmax = quant_range(bits, signed)
-    x = np.asarray(x, dtype=np.float32)
-    codes = np.round(x / np.asarray(scale, dtype=np.float32)).astype(np.int64) + int(zero_point)
-    return np.clip(codes, qmin, qmax)
+    codes = np.round(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
+    codes += np.float32(zero_point)
+    np.clip(codes, qmin, qmax, out=codes)
+    return codes.astype(dtype)
 
 
 def weight_qmax(bits: int) -> int:

@@ -94,15 +94,9 @@ class CompileReport:
 def _vectors(program: Program, row: np.ndarray) -> int:
     """Vectors per item an instruction processes (its buffer's or tensor's rows)."""
     spec = isa.BY_OPCODE[int(row[0])]
-    if not spec.per_vector:
+    if spec.rows_from is None:
         return 1
-    ops = {f.name: int(row[i + 1]) for i, f in enumerate(spec.fields)}
-    if spec.mnemonic == "mvm":
-        return program.buffer_rows[ops["src"]]
-    if spec.mnemonic in ("load", "store"):
-        tensors = program.inputs if spec.mnemonic == "load" else program.outputs
-        return tensors[ops["tensor"]].rows
-    return program.buffer_rows[ops["dst"]]
+    return program.buffer_rows[int(row[spec.field_index(spec.rows_from)])]
 
 
 def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorReport]:

@@ -126,6 +126,76 @@ def test_row_tiles(monkeypatch, tile):
     assert_parity(program, {"x": x})
 
 
+@pytest.mark.parametrize("tile", [1, 2, 64])
+def test_prog_folds_the_image_a_crossbar_holds(monkeypatch, tile):
+    """Crossbars re-programmed within and across row tiles, twice in a row with one
+    image, and one programmed but never read."""
+    monkeypatch.setattr(_core, "_TILE_BYTES", 1)
+    monkeypatch.setattr(_core, "_MIN_TILE", tile)
+    rng = np.random.default_rng(tile)
+    arch = timed_arch(rows=6, cols=5, cell_bits=3, dac_bits=2, crossbars=3)
+    b = ProgramBuilder(arch, "reprogram")
+    x = b.input(TensorDesc("x", 6, "uint8", 4, False))
+    xs, read, acc = b.buffer(6), b.buffer(5), b.buffer(5)
+    plain = b.image(rng.integers(0, 8, (5, 5)))
+    diff = b.image(rng.integers(0, 8, (6, 4)), differential_rows=True)
+    narrow = b.image(rng.integers(0, 8, (2, 3)))
+    b.emit("load", dst=xs, dst_col=0, tensor=x, src_col=0, ncols=6)
+    b.emit("prog", xb=2, image=plain)
+    sequence = [(0, plain), (0, diff), (0, diff), (1, narrow), (0, plain), (1, diff), (1, narrow)]
+    for xb, image in sequence:
+        cols = b.images[image].cols
+        b.emit("prog", xb=xb, image=image)
+        for bit in (0, 2):
+            b.emit("mvm", xb=xb, src=xs, src_col=1, bit=bit, signed=0)
+            b.emit("adc", dst=read, dst_col=0, xb=xb, col=0, ncols=cols, signed=1)
+            b.emit("shadd", dst=acc, dst_col=0, src=read, src_col=0, ncols=cols, shift=bit)
+    y = b.output(TensorDesc("y", 5, "int64", 64, True))
+    b.emit("store", tensor=y, dst_col=0, src=acc, src_col=0, ncols=5)
+    b.emit("halt")
+    program = b.build()
+    x = rng.integers(0, 16, (7, 6))
+    core = assert_parity(program, {"x": x})
+    expected = np.zeros((7, 5), dtype=np.int64)
+    for _, i in sequence:
+        img = b.images[i]
+        expected[:, : img.cols] += x[:, 1 : 1 + img.in_rows] @ img.folded()
+    assert np.array_equal(core.outputs["y"], expected)
+
+
+def variants(cells: np.ndarray) -> list[np.ndarray]:
+    """Read-only views of ``cells`` with other strides (the simulator shares them)."""
+
+    def frozen(a):
+        return np.frombuffer(a.tobytes(), np.uint8).reshape(a.shape)
+
+    return [
+        frozen(cells[:, ::-1])[:, ::-1],  # negative column stride
+        frozen(cells.T).T,  # column-major
+        frozen(np.repeat(cells, 3, axis=1))[:, ::3],  # every third column
+    ]
+
+
+@pytest.mark.parametrize("mapping", ["offset", "differential-row"])
+def test_images_with_any_strides(mapping):
+    rng = np.random.default_rng(len(mapping))
+    arch = timed_arch(rows=10, cols=9, cell_bits=3, dac_bits=2, mapping=mapping, crossbars=2)
+    weight = rng.integers(-8, 8, (23, 11))
+    program = lower_matmul(weight, w_bits=4, a_bits=5, arch=arch)
+    x = rng.integers(0, 32, (6, 23))
+    expected = x @ weight
+    for i in range(3):
+        for img in program.images:
+            img.cells = variants(np.ascontiguousarray(img.cells))[i]
+        core = assert_parity(program, {"x": x})
+        assert np.array_equal(core.outputs["y"], expected)
+    # broadcast cells: one column, or one row, repeated
+    for repeat in (lambda c: c[:, :1], lambda c: c[:1]):
+        for img in program.images:
+            img.cells = np.broadcast_to(repeat(np.ascontiguousarray(img.cells)), img.cells.shape)
+        assert_parity(program, {"x": x})
+
+
 def test_prepared_program_reruns_with_other_batches():
     rng = np.random.default_rng(3)
     arch = timed_arch(rows=16, cols=16, cell_bits=4, adc_bits=6)

@@ -230,6 +230,7 @@ def test_unknown_opcode(opcode):
 
 def test_cell_above_cell_bits():
     p = tiny()
+    p.images[0].cells = p.images[0].cells.copy()  # built cells are read-only
     p.images[0].cells[2, 3] = 4
     rejects(p, r"image img0: cell value 4 exceeds 2-bit cells")
     p.images[0].cells[2, 3] = 255

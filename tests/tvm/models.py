@@ -114,7 +114,7 @@ def int_conv(rng, batch=2, stride=1, padding=0, dilation=1, cin=3, cout=5, size=
     return _module([tensor("x", (batch, cin, size, size), "int8")], body)
 
 
-def qdq_mlp(rng, batch=8, sizes=(16, 24, 10), w_bits=8):
+def qdq_mlp(rng, batch=8, sizes=(16, 24, 10), w_bits=8, quantize_output=False):
     """Activations as quantize/dequantize pairs, int8 weights with per-channel scales."""
     qmax = 2 ** (w_bits - 1) - 1
     layers = []
@@ -138,6 +138,10 @@ def qdq_mlp(rng, batch=8, sizes=(16, 24, 10), w_bits=8):
                 y = bb.emit(R.nn.relu(y))
                 h = bb.emit(
                     R.quantize(y, c(np.float32(0.04)), c(np.uint8(0)), axis=-1, out_dtype="uint8")
+                )
+            elif quantize_output:
+                h = bb.emit(
+                    R.quantize(y, c(np.float32(0.1)), c(np.int8(0)), axis=-1, out_dtype="int8")
                 )
             else:
                 h = y

@@ -95,16 +95,30 @@ def test_integer_conv_bit_exact(rng, stride, padding, dilation):
 
 
 def test_qdq_mlp_within_one_step_and_same_argmax(rng):
-    mod = models.qdq_mlp(rng, batch=500)
+    mod = models.qdq_mlp(rng, batch=1000, quantize_output=True)
     ex, report = compile_for_cim(mod)
     assert len(report.operators) == 2
-    x = rng.standard_normal((500, 16)).astype("float32") * 2
+    assert len(report.programs) == 1  # both layers, and the requantization between, in one
+    x = rng.standard_normal((1000, 16)).astype("float32") * 2
     got, ref = run_vm(ex, x), run_vm(build_llvm(mod), x)
-    # one output step: the last layer's accumulator scale, plus the hidden layer's step
-    # propagated through its weights
-    step = 0.05 * 3 * np.abs(got).max() / 127 + 0.04 * 10
-    assert np.abs(got - ref).max() <= step
+    assert got.dtype == np.int8
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1  # one quantization step
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.999
+
+
+def test_qdq_float_output_matches_llvm(rng):
+    mod = models.qdq_mlp(rng, batch=200)
+    ex, _ = compile_for_cim(mod)
+    x = rng.standard_normal((200, 16)).astype("float32") * 2
+    got, ref = run_vm(ex, x), run_vm(build_llvm(mod), x)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_cim_target_tag_registered():
+    target = tvm.target.Target("cim")
+    assert str(target.kind.name) == "llvm"
+    assert {"cim", "cpu"} <= {str(k) for k in target.keys}
 
 
 def test_float_cnn_close_to_float_with_calibration(rng):
@@ -203,3 +217,41 @@ def test_relax_ext_cim_codegen_through_run_codegen(rng):
     x = rng.integers(0, 256, (3, 40)).astype("uint8")
     got = run_vm(tvm.compile(lowered, target="llvm"), x)
     np.testing.assert_array_equal(got, run_vm(build_llvm(mod), x))
+
+
+@pytest.mark.parametrize("mapping", ["differential-column", "offset", "differential-row"])
+@pytest.mark.parametrize("crossbars", [1, 3])
+def test_cost_only_report_equals_full_compile(rng, mapping, crossbars):
+    from tvm_cim import cost_report
+
+    arch = CimArch(rows=32, cols=32, mapping=mapping, crossbars=crossbars)
+    mod = models.float_cnn(rng)
+    calib = [rng.standard_normal((2, 3, 10, 10)).astype("float32")]
+    precision = {"conv2d_0": {"w_bits": 4, "a_bits": 6}}
+    _, full = compile_for_cim(mod, arch=arch, calibration=calib, precision=precision)
+    cost = cost_report(mod, arch=arch, precision=precision)
+    assert [op.to_dict() for op in cost.operators] == [op.to_dict() for op in full.operators]
+    assert cost.total_latency_us == pytest.approx(full.total_latency_us)
+    assert all(
+        img.cells.strides == (0, 0)
+        for p in cost.programs
+        for img in p.images
+        if not img.differential_rows
+    )
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (models.float_mlp, [(4, 32)]),
+        (models.residual_block, [(2, 4, 6, 6)]),
+        (models.mixed_unsupported, [(2, 4, 4, 4), (8, 3)]),
+    ],
+)
+def test_float_models_close_to_llvm(rng, make, shape):
+    mod = make(rng)
+    samples = [tuple(rng.standard_normal(s).astype("float32") for s in shape) for _ in range(4)]
+    ex, report = compile_for_cim(mod, calibration=samples)
+    assert report.operators
+    got, ref = run_vm(ex, *samples[0]), run_vm(build_llvm(mod), *samples[0])
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
