@@ -124,8 +124,8 @@ class _RegionLowering:
                 self.values[key] = self._load_param(op)
             else:
                 producer = self.region.ops[op.source[1]]
-                target = producer.output or op.input
-                rq = requantization(producer, target)
+                # The consumer's codes: the producer's quantize may be the wider container.
+                rq = requantization(producer, op.input)
                 self.values[key] = emit_requant(
                     self.b,
                     self.accs[op.source[1]],

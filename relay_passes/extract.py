@@ -19,6 +19,7 @@ from tvm import relax
 from tvm_cim.errors import CimError
 
 from ..codegen.layers import Codes, ConvGeometry
+from .canonicalize import clip_bounds, clipped_code_range
 from .partition import operator_name
 from .patterns import ANCHORS
 
@@ -46,6 +47,7 @@ class GraphOp:
     relu: bool = False
     output: Codes | None = None
     conv: ConvGeometry | None = None
+    clip: tuple[float, float] | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class _Activation:
     shape: tuple[int, ...]
     dtype: str
     codes: Codes | None = None
+    clip: tuple[float, float] | None = None
 
 
 def _shape(expr) -> tuple[int, ...]:
@@ -128,6 +131,8 @@ class _CompositeReader:
             return tuple(int(v) for v in expr.values)
         if hasattr(expr, "value") and hasattr(expr.value, "numpy"):
             return expr.value.numpy()
+        if isinstance(getattr(expr, "value", None), (int, float)):  # clip bounds
+            return expr.value
         raise CimError(f"{self.name}: cannot read {type(expr).__name__} in a cim region")
 
     def visit(self, call, var):
@@ -185,6 +190,8 @@ class _CompositeReader:
                 data.astype(np.int64), np.asarray(scale, np.float32), np.asarray(zp), axis
             )
         bits, signed = _bits_of(data.dtype)
+        if data.codes is not None:  # quantized inside this region: keep its code width
+            bits, signed = data.codes.bits, data.codes.signed
         codes = Codes(
             bits,
             signed,
@@ -263,23 +270,34 @@ class _CompositeReader:
         op.out_dtype = str(call.ty.dtype)
         return op
 
+    def op_clip(self, call, args, var):
+        value = args[0]
+        bounds = clip_bounds(call)
+        if isinstance(value, _Activation):
+            return _Activation(value.source, value.shape, value.dtype, value.codes, bounds)
+        value.clip = bounds
+        return value
+
     def op_relu(self, call, args, var):
         (op,) = args
         op.relu = True
         return op
 
     def op_quantize(self, call, args, var):
-        op, scale, zp = args
+        value, scale, zp = args
         dtype = str(call.attrs.out_dtype)
+        scale = float(_scalar(scale, "quantization scale", self.name))
+        zp = int(_scalar(zp, "quantization zero point", self.name))
         bits, signed = _bits_of(dtype)
-        op.output = Codes(
-            bits,
-            signed,
-            float(_scalar(scale, "output scale", op.name)),
-            int(_scalar(zp, "output zero point", op.name)),
-        )
-        op.out_dtype = dtype
-        return op
+        clip = value.clip
+        if clip is not None:  # the pattern check made sure it cuts at a code range
+            bits, signed = clipped_code_range(*clip, scale, zp, dtype)
+        codes = Codes(bits, signed, scale, zp)
+        if isinstance(value, _Activation):  # quantized on the host from real values
+            return _Activation(value.source, value.shape, dtype, codes)
+        value.output = codes
+        value.out_dtype = dtype
+        return value
 
 
 def _as_matrix(weight: np.ndarray, kind: str) -> np.ndarray:
@@ -310,6 +328,14 @@ def read_region(name: str, fn: relax.Function) -> GraphRegion:
                 env[binding.var] = env[value]
             else:
                 raise CimError(f"{name}: unexpected {type(value).__name__} binding in a region")
+    for op in region.ops:  # codes a producer quantized here have the producer's width
+        kind, index = op.source
+        producer = region.ops[index] if kind == "op" else None
+        if producer is not None and producer.output is not None and op.input_codes is not None:
+            c = op.input_codes
+            op.input_codes = Codes(
+                producer.output.bits, producer.output.signed, c.scale, c.zero_point
+            )
     body = fn.body.body
     returned = body.fields if isinstance(body, relax.Tuple) else [body]
     for var in returned:

@@ -29,6 +29,10 @@ _FLOAT_DTYPES = ("float16", "float32", "float64")
 _CODE_DTYPES = ("int8", "uint8")
 
 
+def _clipped(pattern):
+    return is_op("relax.clip")(pattern, wildcard(), wildcard()) | pattern
+
+
 def _const_or_reshaped():
     return is_const() | is_op("relax.reshape")(is_const(), wildcard())
 
@@ -52,7 +56,9 @@ def _operands(form: str, kind: str):
         if kind == "dense":
             w = w | is_op("relax.permute_dims")(is_const())
     elif form == "qdq":
-        x = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+        # The activation's own quantize (after an optional clip) when no producer took it.
+        leading = is_op("relax.quantize")(_clipped(wildcard()), is_const(), is_const())
+        x = is_op("relax.dequantize")(leading | wildcard(), is_const(), is_const())
         w = _dequantized_const()
         if kind == "dense":
             w = w | is_op("relax.permute_dims")(_dequantized_const())
@@ -78,9 +84,11 @@ def make_pattern(form: str, kind: str, relu: bool, quantize: bool):
         out = is_op("relax.add")(anchor, bias) | is_op("relax.add")(bias, anchor) | anchor
     if relu:
         out = is_op("relax.nn.relu")(out)
+    annotations = {"anchor": anchor, "input": x, "weight": w}
     if quantize:
-        out = is_op("relax.quantize")(out, is_const(), is_const())
-    return out, {"anchor": anchor, "input": x, "weight": w}
+        out = is_op("relax.quantize")(_clipped(out), is_const(), is_const())
+        annotations["output"] = out
+    return out, annotations
 
 
 # ---------------------------------------------------------------- one check per limit
@@ -133,6 +141,31 @@ def _check_qdq_codes(ctx: PatternCheckContext) -> bool:
     return str(x.args[0].ty.dtype) in _CODE_DTYPES
 
 
+def _check_clip_alignment(ctx: PatternCheckContext) -> bool:
+    # A clip before a quantize must cut exactly at a code range: then the codes are that
+    # narrower width (a ReLU6-like clip stays on the CPU instead).
+    from .canonicalize import clip_bounds, clipped_code_range
+
+    quantizes = [ctx.annotated_expr.get("output")]
+    x = ctx.annotated_expr["input"]
+    source = ctx.matched_bindings.get(x.args[0], x.args[0])
+    if getattr(getattr(source, "op", None), "name", None) == "relax.quantize":
+        quantizes.append(source)
+    for q in quantizes:
+        if q is None:
+            continue
+        clip = ctx.matched_bindings.get(q.args[0], q.args[0])
+        if getattr(getattr(clip, "op", None), "name", None) != "relax.clip":
+            continue
+        scale, zp = (a.value.numpy() for a in q.args[1:3])
+        if scale.size != 1 or zp.size != 1:
+            return False
+        lo, hi = clip_bounds(clip)
+        if clipped_code_range(lo, hi, float(scale), int(zp), str(q.ty.dtype)) is None:
+            return False
+    return True
+
+
 def _check_conv_layout(ctx: PatternCheckContext) -> bool:
     # One crossbar matmul per output pixel: NCHW/OIHW, no groups (depthwise stays on CPU).
     anchor = _anchor(ctx)
@@ -171,7 +204,7 @@ def _check_dimensions(ctx: PatternCheckContext) -> bool:
 _COMMON = (_check_static_shapes, _check_conv_layout, _check_matmul_shapes, _check_dimensions)
 _FORM_CHECKS = {
     "float": (_check_float_dtypes,),
-    "qdq": (_check_qdq_codes,),
+    "qdq": (_check_qdq_codes, _check_clip_alignment),
     "int": (_check_int_dtypes,),
 }
 
@@ -213,3 +246,6 @@ def cim_patterns():
     """The registered ``cim`` patterns, highest priority first."""
     register()
     return get_patterns_with_prefix("cim.")
+
+
+register()

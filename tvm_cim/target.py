@@ -28,10 +28,13 @@ def register() -> None:
     from tvm import relax
 
     from . import runtime
-    from .relay_passes.patterns import register as register_patterns
+    from .relay_passes import patterns
 
     tvm.register_global_func("tvm_cim.run", runtime.run, override=True)
-    register_patterns()
+    # While ``patterns`` is itself being imported (its ``import tvm`` got us here), it
+    # registers the table at the end of its own import.
+    if hasattr(patterns, "register"):
+        patterns.register()
     tvm.target.register_tag("cim", TAG, override=True)
 
     @relax.pipeline.register_pipeline("cim")
