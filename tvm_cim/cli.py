@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_cim import __version__
+from tvm_cim import __version__, cli_train
 from tvm_cim.errors import CimError
 
 PROG = "tvm-cim"
@@ -468,6 +468,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _inspect,
     ),
     "run": ("run a compiled library on .npy inputs with the simulator", _run_arguments, _run),
+    "train": (
+        "train a zoo model: FP32, W8A8 QAT or mixed-precision finetuning",
+        cli_train.train_arguments,
+        cli_train.train,
+    ),
 }
 
 

@@ -101,22 +101,30 @@ class DigitsCNN(nn.Module):
         Number of outputs.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.relu2 = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.dropout = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(c2 * 4 * 4, hidden)
         self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(64, num_classes)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.conv1(x))
         x = self.pool(self.relu2(self.conv2(x)))
-        x = self.relu3(self.fc1(self.flatten(x)))
+        x = self.relu3(self.fc1(self.dropout(self.flatten(x))))
         return self.fc2(x)
 
 
