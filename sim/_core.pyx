@@ -19,12 +19,17 @@ release the GIL. The verifier has checked every index, so nothing is bounds-chec
   up at import time so the build needs no scipy headers). float32 is used when every
   image's largest possible column sum fits its 24-bit significand, which makes it
   exact; otherwise float64, exact below 2**53 as the reference's.
+* BLAS runs on one thread while a run executes (see ``_BlasThreads``): a run makes one
+  product per mvm and row tile, thousands of small ones, and a threaded BLAS hands each
+  to its threads and waits for them several times per product. That gains little, and
+  where the CPU is shared each wait lasts until a descheduled thread runs again: ResNet-18
+  took 25 times as long on two cores that another process kept busy.
 * A ``prog`` folds its image's cells into the crossbar's float weights, as the reference
   does: only the images the crossbars hold take floats, however many the program has.
 """
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -66,6 +71,95 @@ cdef sgemm_t _sgemm = <sgemm_t>_blas_function("sgemm")
 cdef dgemm_t _dgemm = <dgemm_t>_blas_function("dgemm")
 cdef sgemv_t _sgemv = <sgemv_t>_blas_function("sgemv")
 cdef dgemv_t _dgemv = <dgemv_t>_blas_function("dgemv")
+
+
+ctypedef void (*set_threads_t)(int) noexcept nogil
+ctypedef int (*get_threads_t)() noexcept nogil
+
+
+cdef class _BlasThreads:
+    """Keeps the BLAS behind ``cython_blas`` on one thread while any run executes.
+
+    OpenBLAS splits every product above a small size among its threads and waits for
+    each of them at several points per product; the core makes one product per mvm and
+    row tile. The thread count is global to the library (other users of scipy's BLAS see
+    one thread meanwhile), so the count it had comes back when the last of the runs that
+    overlap ends: ``hold`` and ``release`` (``with blas_threads:``) run with the GIL
+    held. A BLAS without OpenBLAS's thread calls is left as it is.
+    """
+
+    cdef set_threads_t set_threads
+    cdef get_threads_t get_threads
+    cdef int holders  # runs in progress
+    cdef int saved  # the thread count before the first of them
+
+    def __cinit__(self):
+        try:
+            import ctypes
+
+            from scipy.linalg import cython_blas
+
+            # dlsym through the module's handle also searches the libraries it links.
+            lib = ctypes.CDLL(cython_blas.__file__)
+        except (ImportError, OSError):
+            return
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("", "64_"):
+                try:
+                    set_fn = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                    get_fn = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                except AttributeError:
+                    continue
+                self.set_threads = <set_threads_t><uintptr_t>ctypes.cast(
+                    set_fn, ctypes.c_void_p).value
+                self.get_threads = <get_threads_t><uintptr_t>ctypes.cast(
+                    get_fn, ctypes.c_void_p).value
+                return
+
+    cdef void hold(self) noexcept:
+        if self.set_threads == NULL:
+            return
+        if self.holders == 0:
+            self.saved = self.get_threads()
+            if self.saved != 1:
+                self.set_threads(1)
+        self.holders += 1
+
+    cdef void release(self) noexcept:
+        if self.set_threads == NULL or self.holders == 0:
+            return
+        self.holders -= 1
+        if self.holders == 0 and self.saved != 1 and self.saved > 0:
+            self.set_threads(self.saved)
+
+    def __enter__(self):
+        self.hold()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    @property
+    def controlled(self):
+        """Whether the core found the BLAS's thread calls (and sets its count in runs)."""
+        return self.set_threads != NULL
+
+    @property
+    def threads(self):
+        """The BLAS's thread count now (0 where not controlled). Setting it sets the
+        library's count, as ``openblas_set_num_threads`` does; while runs execute, the
+        count they saved comes back when the last ends."""
+        return self.get_threads() if self.get_threads != NULL else 0
+
+    @threads.setter
+    def threads(self, int n):
+        if self.set_threads == NULL:
+            raise RuntimeError("the BLAS's thread count is not controlled")
+        self.set_threads(n)
+
+
+cdef _BlasThreads _blas_threads = _BlasThreads()
+blas_threads = _blas_threads
 
 
 # ------------------------------------------------------------------- the ISA table
@@ -889,8 +983,12 @@ def run(prepared, arrays, batch, functional):
             m.chunks = _data(chunks)
             row = np.empty(max(widths, default=1), dtype=np.int64)
             m.row = <int64_t *>_data(row)
-            with nogil:
-                _execute(m, &code[0, 0], code.shape[0], code.shape[1])
+            _blas_threads.hold()
+            try:
+                with nogil:
+                    _execute(m, &code[0, 0], code.shape[0], code.shape[1])
+            finally:
+                _blas_threads.release()
         return outputs, _stats(m, arch, batch)
     finally:
         free(m)
