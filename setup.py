@@ -50,6 +50,7 @@ EXTENSIONS = cythonize(
 )
 
 TVM_REQUIRES = ["apache-tvm==0.27.0.post1", "onnx>=1.16", "tqdm>=4.60"]
+TRAIN_REQUIRES = ["scikit-learn>=1.3", "mnist1d>=0.0.2"]
 DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
 
 setup(
@@ -63,8 +64,9 @@ setup(
     install_requires=["numpy>=1.26", "pyyaml>=6", "scipy>=1.11"],
     extras_require={
         "tvm": TVM_REQUIRES,
+        "train": TRAIN_REQUIRES,
         "dev": DEV_REQUIRES,
-        "all": TVM_REQUIRES + DEV_REQUIRES,
+        "all": TVM_REQUIRES + TRAIN_REQUIRES + DEV_REQUIRES,
     },
     entry_points={
         "console_scripts": [

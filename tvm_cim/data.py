@@ -272,6 +272,7 @@ def _mnist1d_arrays(args: dict) -> dict:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays, args=np.array(json.dumps(args, sort_keys=True)))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

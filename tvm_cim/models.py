@@ -14,7 +14,7 @@ name            input shape         model
 =============== =================== ================================================
 ``digits-mlp``  ``(1, 8, 8)``       MLP 64-128-64-10 for scikit-learn's digits
 ``digits-cnn``  ``(1, 8, 8)``       two 3x3 convolutions, two linear layers
-``mnist1d-cnn`` ``(1, 1, 40)``      three ``(1, k)`` convolutions, a linear layer
+``mnist1d-cnn`` ``(1, 1, 40)``      three ``(1, k)`` convolutions with BN, a linear layer
 ``resnet20``    ``(3, 32, 32)``     CIFAR ResNet-20 (He et al., option A shortcuts)
 ``resnet18``    ``(3, 224, 224)``   ImageNet ResNet-18 (torchvision layout)
 ``vgg16``       ``(3, 224, 224)``   ImageNet VGG-16 (torchvision layout)
@@ -92,13 +92,20 @@ class DigitsMLP(nn.Module):
 class DigitsCNN(nn.Module):
     """Small CNN for 8x8 digit images.
 
-    ``conv1`` (1->16, 3x3), ``conv2`` (16->32, 3x3), 2x2 max pooling, ``fc1`` (512->64) and
-    ``fc2`` (64->classes), with ReLU after every layer but the last.
+    ``conv1`` (1->16, 3x3, padding 1), ``conv2`` (16->32, 3x3, padding 1), 2x2 max pooling,
+    ``dropout``, ``fc1`` (512->64) and ``fc2`` (64->classes), with ReLU after every layer
+    but the last. Dropout only acts in training mode; exported graphs do not contain it.
 
     Parameters
     ----------
     num_classes
         Number of outputs.
+    channels
+        Output channels of ``conv1`` and ``conv2``.
+    hidden
+        Width of ``fc1``.
+    dropout
+        Dropout probability before ``fc1``.
     """
 
     def __init__(
@@ -106,7 +113,7 @@ class DigitsCNN(nn.Module):
         num_classes: int = 10,
         channels: tuple[int, int] = (16, 32),
         hidden: int = 64,
-        dropout: float = 0.0,
+        dropout: float = 0.25,
     ) -> None:
         super().__init__()
         c1, c2 = channels
@@ -131,8 +138,10 @@ class DigitsCNN(nn.Module):
 class Mnist1dCNN(nn.Module):
     """CNN for MNIST-1D signals laid out as ``(N, 1, 1, 40)`` images of height 1.
 
-    ``conv1`` (1->32, kernel (1, 5)), ``conv2`` (32->32, (1, 3), stride 2), ``conv3``
-    (32->32, (1, 3), stride 2), each with ReLU, then ``fc`` (320->classes).
+    ``conv1`` (1->32, kernel (1, 5)), ``conv2`` and ``conv3`` (32->32, kernel (1, 3),
+    stride (1, 2)), each followed by batch norm (``bn1``..``bn3``) and ReLU, then ``fc``
+    (32 * 10 -> classes). The convolutions are ``nn.Conv2d`` with kernels of height 1, so
+    the exported graph holds 2-D convolutions.
 
     Parameters
     ----------
@@ -140,25 +149,30 @@ class Mnist1dCNN(nn.Module):
         Number of outputs.
     length
         Signal length (the input's width).
+    channels
+        Channels of the three convolutions.
     """
 
-    def __init__(self, num_classes: int = 10, length: int = 40) -> None:
+    def __init__(self, num_classes: int = 10, length: int = 40, channels: int = 32) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, (1, 5), padding=(0, 2))
+        c = channels
+        self.conv1 = nn.Conv2d(1, c, (1, 5), padding=(0, 2), bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(32, 32, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.conv2 = nn.Conv2d(c, c, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
         self.relu2 = nn.ReLU()
-        self.conv3 = nn.Conv2d(32, 32, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.conv3 = nn.Conv2d(c, c, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
         self.relu3 = nn.ReLU()
         self.flatten = nn.Flatten()
-        width = (length + 1) // 2
-        width = (width + 1) // 2
-        self.fc = nn.Linear(32 * width, num_classes)
+        width = ((length + 1) // 2 + 1) // 2
+        self.fc = nn.Linear(c * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.conv1(x))
-        x = self.relu2(self.conv2(x))
-        x = self.relu3(self.conv3(x))
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
         return self.fc(self.flatten(x))
 
 
@@ -688,6 +702,10 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
 
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
@@ -698,6 +716,8 @@ def _conv_bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             and src.op == "call_module"
             and isinstance(modules.get(src.target), _CONV_TYPES)
             and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
         ):
             pairs.append((src.target, node.target))
     return pairs
@@ -743,8 +763,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Eval-mode copy of a model with every batch norm folded into its convolution.
 
     A batch norm is folded when it reads the output of a convolution that feeds nothing
-    else (found by tracing the model with ``torch.fx``; a model that cannot be traced falls
-    back to a batch norm directly after a convolution among a module's children). The
+    else, and neither module is called anywhere else (found by tracing the model with
+    ``torch.fx``; for a model that cannot be traced, a batch norm directly after a
+    convolution among a module's children is folded). The
     convolution's weight and bias absorb the normalisation and the batch norm is replaced by
     ``nn.Identity``, so every module path stays valid. The input model is left unchanged.
 
@@ -810,7 +831,7 @@ def _module_path(node_name: str, modules: dict) -> str | None:
     return path if path in modules else None
 
 
-def _fold_constant_nodes(graph, max_elements: int = 4096) -> None:
+def _fold_constant_nodes(proto, max_elements: int = 4096) -> None:
     """Replace small nodes computed from ``Constant`` nodes alone by ``Constant`` nodes.
 
     The exporter leaves index arithmetic on constants in the graph (for example the pads of
@@ -820,6 +841,8 @@ def _fold_constant_nodes(graph, max_elements: int = 4096) -> None:
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
+    graph = proto.graph
+    opsets = {op.domain: op.version for op in proto.opset_import}
     values: dict = {}
     nodes = []
     for node in graph.node:
@@ -840,7 +863,9 @@ def _fold_constant_nodes(graph, max_elements: int = 4096) -> None:
             nodes.append(node)
             continue
         try:
-            outputs = ReferenceEvaluator(node).run(None, {i: values[i] for i in inputs})
+            outputs = ReferenceEvaluator(node, opsets=opsets).run(
+                None, {i: values[i] for i in inputs}
+            )
         except Exception:
             nodes.append(node)
             continue
@@ -873,13 +898,15 @@ def export_onnx(
     ``y``) by PyTorch's TorchScript-based exporter at opset 17; batch norm after a
     convolution is folded into it by the exporter. Each ``Conv``, ``Gemm`` and ``MatMul``
     node produced by a module is then renamed to that module's ``named_modules()`` path
-    (``layer1.0.conv1``, ``fc``), so precision configs can name layers either way; a module
-    that emits several such nodes gets ``_1``, ``_2`` suffixes on the later ones.
+    (``layer1.0.conv1``, ``fc``), so precision configs written against the PyTorch model
+    name the same layers in the ONNX file; a module that emits several such nodes gets
+    ``_1``, ``_2`` suffixes on the later ones. Small computations on constants that the
+    exporter leaves in the graph (such as the pads of a ``Pad``) are folded into constants.
 
     Parameters
     ----------
     model
-        The model; its training mode is restored afterwards.
+        The model; the training mode of each of its modules is restored afterwards.
     path
         The ``.onnx`` file to write.
     input_shape
@@ -905,7 +932,7 @@ def export_onnx(
     path = Path(path)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *(int(d) for d in input_shape)), generator=gen)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -922,10 +949,11 @@ def export_onnx(
                 do_constant_folding=True,
             )
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
 
     proto = onnx.load(str(path))
-    _fold_constant_nodes(proto.graph)
+    _fold_constant_nodes(proto)
     modules = dict(model.named_modules())
     seen: dict[str, int] = {}
     for node in proto.graph.node:
