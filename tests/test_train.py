@@ -45,6 +45,16 @@ def test_stages_chain_through_checkpoints(tmp_path):
     assert all(b == {"w_bits": 4, "a_bits": 4} for b in mixed["precision"].values())
     model, blob = training.load_checkpoint(tmp_path / "mixed.pt", "digits-cnn")
     assert blob["stage"] == "mixed"
+    assert (tmp_path / "fp32.onnx").stat().st_size > 0
+
+    # the exported QDQ model compiles with no precision flag, at the trained widths
+    report = tmp_path / "report.json"
+    onnx = str(tmp_path / "mixed.onnx")
+    assert main(["compile", onnx, "-o", str(tmp_path / "m.so"), "--report", str(report)]) == 0
+    layers = json.loads(report.read_text())["layers"]
+    assert {x["name"]: (x["w_bits"], x["a_bits"]) for x in layers} == {
+        name: (4, 4) for name in mixed["precision"]
+    }
 
 
 def test_checkpoint_of_another_model(tmp_path, capsys):

@@ -30,7 +30,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     import torch
 
-    from . import data, qat, train
+    from . import data, models, qat, train
 
     if args.epochs < 0:
         raise CimError(f"--epochs must be >= 0, got {args.epochs}")
@@ -59,8 +59,10 @@ def train(args: argparse.Namespace) -> int:
         f"test {result.test_accuracy:.2f} % ({result.seconds:.1f} s)"
     )
     print(f"wrote {checkpoint}")
-    if stage != "fp32":
-        example = torch.from_numpy(data.load(args.dataset, seed=args.seed).test[0][:1])
+    example = torch.from_numpy(data.load(args.dataset, seed=args.seed).test[0][:1])
+    if stage == "fp32":  # a float graph: compiling it needs --calibration
+        onnx_path = models.export_onnx(model, out / "fp32.onnx", tuple(example.shape[1:]))
+    else:
         onnx_path = qat.export_onnx(model, out / f"{stage}.onnx", example)
-        print(f"wrote {onnx_path} (compile it with: tvm-cim compile {onnx_path} -o model.so)")
+    print(f"wrote {onnx_path} (compile it with: tvm-cim compile {onnx_path} -o model.so)")
     return 0
