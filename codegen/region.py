@@ -71,10 +71,9 @@ def _codes_dict(codes: Codes) -> dict:
 
 
 class _RegionLowering:
-    def __init__(self, region: Region, arch: CimArch, param_dtypes: list[str]):
+    def __init__(self, region: Region, arch: CimArch):
         self.region = region
         self.b = ProgramBuilder(arch, region.name)
-        self.param_dtypes = param_dtypes
         self.values: dict[tuple, int] = {}  # (source, codes) -> buffer of codes
         self.accs: dict[int, int] = {}  # op index -> accumulator buffer
         self.ranges: dict[int, list[list[int]]] = {j: [] for j in range(len(region.ops))}
@@ -249,5 +248,4 @@ def lower_region(region: Region, arch: CimArch) -> Program:
                 f"{op.name}: weight codes {op.weight.min()}..{op.weight.max()} do not fit "
                 f"signed {op.w_bits} bits"
             )
-    dtypes = [dtype for _, dtype in region.params]
-    return _RegionLowering(region, arch, dtypes).lower()
+    return _RegionLowering(region, arch).lower()

@@ -21,7 +21,6 @@ from tvm_cim.errors import CimError
 from ..codegen.layers import Codes, ConvGeometry
 from .canonicalize import clip_bounds, clipped_code_range
 from .partition import operator_name
-from .patterns import ANCHORS
 
 
 @dataclass
@@ -344,9 +343,3 @@ def read_region(name: str, fn: relax.Function) -> GraphRegion:
             raise CimError(f"{name}: a region returning its parameter is not supported")
         region.outputs.append(index)
     return region
-
-
-def anchor_kind(call) -> str | None:
-    """``"dense"`` or ``"conv2d"`` for an anchor call, else None."""
-    op = getattr(call, "op", None)
-    return ANCHORS.get(getattr(op, "name", None))

@@ -28,7 +28,6 @@ from .relay_passes.partition import (
 )
 from .relay_passes.quantize import quantize_region
 from .report import CompileReport, cpu_operators, operator_reports
-from .sim.program import Program
 
 RUNTIME_FUNCTION = "tvm_cim.run"
 
@@ -203,11 +202,3 @@ def build(
     return compile_for_cim(
         mod, params=params, arch=arch, precision=precision, calibration=calibration, names=names
     )[0]
-
-
-def program_of(report: CompileReport, region: str) -> Program:
-    """The program compiled for region ``region`` (its function name)."""
-    for program in report.programs:
-        if program.attrs.get("region") == region:
-            return program
-    raise KeyError(region)
