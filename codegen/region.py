@@ -19,7 +19,7 @@ import numpy as np
 
 from tvm_cim.arch import CimArch
 from tvm_cim.errors import CimError
-from tvm_cim.quant import MAX_SHIFT, Requantize, fixed_point, quant_range
+from tvm_cim.quant import MAX_SHIFT, Requantize, fixed_point, quant_range, quantize
 
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
@@ -42,9 +42,9 @@ def requantization(op: CimOp, target: Codes) -> Requantize:
         np.float64(op.input.scale) * np.asarray(op.weight_scale, np.float64) / float(target.scale)
     )
     bias = op.int_bias_or_zero()
-    if op.real_bias is not None:
+    if op.real_bias is not None:  # on the accumulator's grid, as QAT rounds it
         step = np.float64(op.input.scale) * np.asarray(op.weight_scale, np.float64)
-        bias = bias + np.round(np.asarray(op.real_bias, np.float64) / step).astype(np.int64)
+        bias = bias + quantize(op.real_bias, step, 0, 32, True)
     # Keep (acc + bias) * multiplier inside int64.
     bound = accumulator_bound(op.in_features, op.w_bits, op.a_bits, op.input.signed)
     magnitude = bound + int(np.abs(bias).max(initial=0)) + 1

@@ -90,13 +90,10 @@ def clipped_code_range(lo: float, hi: float, scale: float, zero_point: int, dtyp
     Only then does a narrow code width reproduce the graph: ``quantize`` clamps to that
     range, which equals clipping at its bounds.
     """
-    from tvm_cim.quant import quant_range
+    from tvm_cim.quant import quant_range, quantize
 
-    bounds = np.array([lo, hi], dtype=np.float32) / np.float32(scale)
-    qlo, qhi = (int(v) + int(zero_point) for v in np.round(bounds))
     signed = dtype == "int8"
-    dmin, dmax = quant_range(8, signed)
-    qlo, qhi = max(qlo, dmin), min(qhi, dmax)
+    qlo, qhi = (int(v) for v in quantize(np.array([lo, hi]), scale, zero_point, 8, signed))
     for bits in range(1, 9):
         if (qlo, qhi) == quant_range(bits, signed):
             return bits, signed

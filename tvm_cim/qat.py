@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import CimError
 from .precision import W8A8, Bits, Precision
-from .quant import quant_range, weight_qmax
+from .quant import quant_range, quantize, weight_qmax
 
 ACT_MOMENTUM = 0.9
 
@@ -315,7 +315,7 @@ def _fold_weight_quantization(model, layer_paths: set[str]) -> None:
         scale = value(node.input[1]).astype(np.float32)
         w = numpy_helper.to_array(inits[source]).astype(np.float32)
         shape = (-1,) + (1,) * (w.ndim - 1)
-        codes = np.clip(np.round(w / scale.reshape(shape)), -128, 127).astype(np.int8)
+        codes = quantize(w, scale.reshape(shape), 0, 8, True, dtype=np.int8)
         codes_name = f"{layer}.weight_codes"
         g.initializer.append(numpy_helper.from_array(codes, codes_name))
         dropped.add(id(node))
