@@ -42,20 +42,26 @@ def test_mnist1d_cnn_fp32_accuracy():
     assert result.test_accuracy >= 90.0
 
 
-def _simulated_logits(model, x, tmp_path):
+def _simulated_logits(model, x, tmp_path, frontend):
     import tvm
     from tvm import relax
 
     from tvm_cim import compile_for_cim
-    from tvm_cim.frontend import load_onnx
+    from tvm_cim.frontend import load_onnx, load_torch
 
-    path = qat.export_onnx(model, tmp_path / "model.onnx", torch.from_numpy(x[:1]))
-    mod, names = load_onnx(path)
+    example = torch.from_numpy(x[:1])
+    if frontend == "onnx":
+        mod, names = load_onnx(qat.export_onnx(model, tmp_path / "model.onnx", example))
+    else:
+        mod, names = load_torch(model, example)
     ex, report = compile_for_cim(mod, names=names)
     bits = {op.name: {"w_bits": op.w_bits, "a_bits": op.a_bits} for op in report.operators}
     assert bits == qat.precision_of(model)
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    return np.concatenate([vm["main"](tvm.runtime.tensor(s[None])).numpy() for s in x])
+    outputs = [vm["main"](tvm.runtime.tensor(s[None])) for s in x]
+    if frontend != "onnx":  # torch.export programs return a tuple
+        outputs = [out[0] for out in outputs]
+    return np.concatenate([out.numpy() for out in outputs])
 
 
 @pytest.mark.parametrize(
@@ -63,7 +69,8 @@ def _simulated_logits(model, x, tmp_path):
     [None, {"conv1": [8, 8], "conv2": [2, 4], "fc1": [4, 3], "fc2": [3, 2]}],
     ids=["W8A8", "mixed-2to4"],
 )
-def test_simulated_accuracy_matches_pytorch(digits_stages, tmp_path, policy):
+@pytest.mark.parametrize("frontend", ["onnx", "torch.export"])
+def test_simulated_accuracy_matches_pytorch(digits_stages, tmp_path, policy, frontend):
     _, _, w8a8, _ = digits_stages
     model = w8a8
     if policy is not None:
@@ -73,7 +80,7 @@ def test_simulated_accuracy_matches_pytorch(digits_stages, tmp_path, policy):
         )
     x, y = data.load("digits").test
     ref = training.predictions(model, x)
-    got = _simulated_logits(model, x, tmp_path)
+    got = _simulated_logits(model, x, tmp_path, frontend)
     acc_ref = 100 * (ref.argmax(1) == y).mean()
     acc_sim = 100 * (got.argmax(1) == y).mean()
     assert abs(acc_sim - acc_ref) <= 0.1

@@ -285,15 +285,13 @@ def test_load_torch_compiles_and_matches_torch():
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(1, 3, 6, 6)
-    mod = load_torch(net, x)
+    mod, names = load_torch(net, x)
     assert count_anchors(mod) == 2
+    assert names == ["conv", "fc"]
     rng = np.random.default_rng(6)
     calibration = [rng.standard_normal((1, 3, 6, 6)).astype(np.float32) for _ in range(8)]
-    executable, report = compile_for_cim(mod, calibration=calibration)
-    assert [(op.name, op.kind) for op in report.operators] == [
-        ("conv2d_0", "conv2d"),
-        ("dense_1", "dense"),
-    ]
+    executable, report = compile_for_cim(mod, calibration=calibration, names=names)
+    assert [(op.name, op.kind) for op in report.operators] == [("conv", "conv2d"), ("fc", "dense")]
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     y = out[0].numpy()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from torch import nn  # noqa: E402
 
 import tvm_cim.qat as qat  # noqa: E402
 from tvm_cim import CimError, compile_for_cim  # noqa: E402
-from tvm_cim.frontend import load_onnx  # noqa: E402
+from tvm_cim.frontend import load_onnx, load_torch  # noqa: E402
 from tvm_cim.quant import quantize, weight_qmax, weight_scales  # noqa: E402
 
 
@@ -99,7 +99,8 @@ def _train_briefly(model, x, y, steps=30):
     ],
     ids=["W8A8", "mixed-2to4"],
 )
-def test_exported_model_on_simulator_matches_pytorch(tmp_path, precision):
+@pytest.mark.parametrize("frontend", ["onnx", "torch.export"])
+def test_exported_model_on_simulator_matches_pytorch(tmp_path, precision, frontend):
     torch.manual_seed(1)
     x = torch.rand(256, 1, 8, 8)
     y = (x.mean(dim=(1, 2, 3)) * 10).long().clamp(0, 4)
@@ -107,9 +108,10 @@ def test_exported_model_on_simulator_matches_pytorch(tmp_path, precision):
     qat.calibrate(model, [x[:64]])
     _train_briefly(model, x, y)
     model.eval()
-    path = qat.export_onnx(model, tmp_path / "model.onnx", x[:1])
-
-    mod, names = load_onnx(path)
+    if frontend == "onnx":
+        mod, names = load_onnx(qat.export_onnx(model, tmp_path / "model.onnx", x[:1]))
+    else:
+        mod, names = load_torch(model, x[:1])
     ex, report = compile_for_cim(mod, names=names)
     assert [op.name for op in report.operators] == ["0", "2", "5", "7"]
     bits = {op.name: {"w_bits": op.w_bits, "a_bits": op.a_bits} for op in report.operators}
@@ -120,8 +122,57 @@ def test_exported_model_on_simulator_matches_pytorch(tmp_path, precision):
 
     vm = relax.VirtualMachine(ex, tvm.cpu())
     test = torch.rand(200, 1, 8, 8)
-    got = np.concatenate([vm["main"](tvm.runtime.tensor(t[None].numpy())).numpy() for t in test])
+    outputs = [vm["main"](tvm.runtime.tensor(t[None].numpy())) for t in test]
+    if frontend != "onnx":  # torch.export programs return a tuple
+        outputs = [out[0] for out in outputs]
+    got = np.concatenate([out.numpy() for out in outputs])
     with torch.no_grad():
         ref = model(test).numpy()
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.995
     assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+def test_export_refuses_an_uncalibrated_model(tmp_path):
+    model = qat.prepare(small_cnn())
+    with pytest.raises(CimError, match="0: no activation scale yet"):
+        qat.export_onnx(model, tmp_path / "model.onnx", torch.rand(1, 1, 8, 8))
+    with pytest.raises(CimError, match="call tvm_cim.qat.prepare"):
+        qat.export_program(small_cnn(), torch.rand(1, 1, 8, 8))
+
+
+class _TorchFakeQuantNet(nn.Module):
+    """Fake quantization written with PyTorch's own operators, as other QAT tools emit it:
+    4-bit unsigned activations (codes 0..15) and 3-bit weights (codes -3..3)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(12, 6)
+        self.register_buffer("w_scale", self.fc.weight.detach().abs().amax(1) / 3)
+        self.register_buffer("w_zero", torch.zeros(6, dtype=torch.int32))
+
+    def forward(self, x):
+        x = torch.fake_quantize_per_tensor_affine(x, 0.1, 0, 0, 15)
+        w = torch.fake_quantize_per_channel_affine(
+            self.fc.weight, self.w_scale, self.w_zero, 0, -3, 3
+        )
+        return nn.functional.linear(x, w, self.fc.bias)
+
+
+def test_torch_fake_quantize_operators_import_with_their_widths():
+    net = _TorchFakeQuantNet().eval()
+    x = torch.rand(1, 12) * 2
+    mod, names = load_torch(net, x)
+    assert names is None  # the linear is called in the root module: no path to name it by
+    calibration = [np.random.default_rng(0).random((1, 12), dtype=np.float32)]
+    ex, report = compile_for_cim(mod, names=names, calibration=calibration)
+    assert [(op.name, op.w_bits, op.a_bits) for op in report.operators] == [("dense_0", 3, 4)]
+
+
+def test_torch_fake_quantize_wider_than_8_bits_is_refused():
+    class Wide(nn.Module):
+        def forward(self, x):
+            return torch.fake_quantize_per_tensor_affine(x, 0.1, 0, 0, 1023)
+
+    with pytest.raises(CimError, match="0..1023 does not fit 8 bits"):
+        load_torch(Wide(), torch.rand(1, 4))

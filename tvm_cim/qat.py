@@ -27,6 +27,7 @@ compile`` takes it with no further flags.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Iterable
@@ -105,13 +106,12 @@ class _QuantMixin:
             self.act_min.copy_(torch.minimum(self.act_min, x.detach().min()))
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:  # scale and range frozen as Python numbers: graph constants
+            return _export_activation(x, *self.export_activation)
         if self.training or not bool(self.calibrated):
             self._observe(x)
         qmin, qmax = self.act_range()
-        scale = self.act_scale()
-        if self.exporting:
-            return _export_activation(x, scale, qmin, qmax)
-        return fake_quantize(x, scale, qmin, qmax)
+        return fake_quantize(x, self.act_scale(), qmin, qmax)
 
     def quantized_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fake-quantized weight and bias; the bias on the accumulator's grid.
@@ -120,9 +120,8 @@ class _QuantMixin:
         the integer accumulator it is added to on the crossbars.
         """
         if self.exporting:  # codes and scales fixed before tracing: constants in the graph
-            zeros = torch.zeros(self.export_scale.numel(), dtype=torch.int32)
             weight = torch.fake_quantize_per_channel_affine(
-                self.export_weight, self.export_scale, zeros, 0, -128, 127
+                self.export_weight, self.export_scale, self.export_zero_point, 0, -128, 127
             )
             return weight, getattr(self, "export_bias", None)
         weight, w_scale = weight_fake_quantize(self.weight, self.bits.w_bits)
@@ -148,17 +147,16 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return F.linear(x, *self.quantized_params())
 
 
-def _export_activation(x, scale, qmin, qmax):
+def _export_activation(x, scale: float, qmin: int, qmax: int):
     """``Clip`` to the code range, then an 8-bit QDQ pair: ONNX export of ``fake_quantize``.
 
     Clipping at ``code * scale`` and then rounding gives the codes the narrow fake
     quantization gives, so the graph means the same in any ONNX runtime; tvm-cim reads
     the activation width back from the clip bounds.
     """
-    scale_f = float(scale)
-    x = torch.clamp(x, qmin * scale_f, qmax * scale_f)
+    x = torch.clamp(x, qmin * scale, qmax * scale)
     lo, hi = (-128, 127) if qmin < 0 else (0, 255)
-    return torch.fake_quantize_per_tensor_affine(x, scale_f, 0, lo, hi)
+    return torch.fake_quantize_per_tensor_affine(x, scale, 0, lo, hi)
 
 
 def _quantizable(module: nn.Module) -> bool:
@@ -237,17 +235,24 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     model.train(was_training)
 
 
-def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
-    """Write the prepared model as a QDQ ONNX file; returns the path.
+@contextlib.contextmanager
+def _frozen_for_export(model: nn.Module):
+    """Eval mode with every quantized layer's codes, scales and ranges fixed as constants.
 
-    Conv and Gemm nodes of quantized layers are named by their module paths, so
-    precision configs and compile reports use the same names as training.
+    Inside, quantized layers compute with ``torch.fake_quantize_per_*_affine`` on frozen
+    buffers (``export_weight``, ``export_scale``, ``export_bias``) and Python-number
+    activation scales, which both ONNX export and ``torch.export`` trace into constants.
+    Yields ``{path: layer}``; restores the model on exit.
     """
-    import onnx
-
     layers = {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}
     if not layers:
-        raise CimError("export_onnx: the model has no quantized layers; call prepare() first")
+        raise CimError("the model has no quantized layers; call tvm_cim.qat.prepare() first")
+    uncalibrated = [n for n, m in layers.items() if not bool(m.calibrated)]
+    if uncalibrated:
+        raise CimError(
+            f"{uncalibrated[0]}: no activation scale yet; run tvm_cim.qat.calibrate() or "
+            "train the model before exporting it"
+        )
     was_training = model.training
     model.eval()
     for m in layers.values():
@@ -257,36 +262,61 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
         # Registered buffers become initializers named after the layer's path.
         m.register_buffer("export_weight", weight_q)
         m.register_buffer("export_scale", scale)
+        m.register_buffer("export_zero_point", torch.zeros(scale.numel(), dtype=torch.int32))
         if bias_q is not None:
             m.register_buffer("export_bias", bias_q)
+        m.export_activation = (float(m.act_scale()), *m.act_range())
         m.exporting = True
-    buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example_input,),
-                buffer,
-                dynamo=False,
-                opset_version=17,
-                do_constant_folding=False,  # keep weight codes and scales apart
-                input_names=["x"],
-                output_names=["y"],
-            )
+        yield layers
     finally:
         for m in layers.values():
             m.exporting = False
-            del m.export_weight, m.export_scale
+            del m.export_weight, m.export_scale, m.export_zero_point, m.export_activation
             if hasattr(m, "export_bias"):
                 del m.export_bias
         model.train(was_training)
+
+
+def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
+    """Write the prepared model as a QDQ ONNX file; returns the path.
+
+    Conv and Gemm nodes of quantized layers are named by their module paths, so
+    precision configs and compile reports use the same names as training.
+    """
+    import onnx
+
+    buffer = io.BytesIO()
+    with _frozen_for_export(model) as layers, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example_input,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=False,  # keep weight codes and scales apart
+            input_names=["x"],
+            output_names=["y"],
+        )
     graph = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantization(graph, set(layers))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, str(path))
     return path
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor):
+    """``torch.export`` of the prepared model, with the quantization as QDQ operators.
+
+    The program carries ``fake_quantize_per_tensor_affine`` for activations (after a
+    ``clamp`` to the code range) and ``fake_quantize_per_channel_affine`` for weights;
+    ``tvm_cim.frontend.load_torch`` imports them as Relax ``quantize``/``dequantize``, the
+    same graph the QDQ ONNX file imports as.
+    """
+    with _frozen_for_export(model):
+        return torch.export.export(model, (example_input,))
 
 
 def _fold_weight_quantization(model, layer_paths: set[str]) -> None:

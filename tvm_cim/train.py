@@ -173,16 +173,17 @@ def run_stage(
     return model, result
 
 
-def evaluate_policy(
+def policy_model(
     model: nn.Module,
     dataset: datasets.Dataset,
     precision,
     *,
     finetune_steps: int = 0,
     config: TrainConfig | None = None,
-) -> float:
-    """Validation accuracy (percent) of ``model`` at ``precision``: recalibrate, optionally
-    finetune for a few steps, measure. ``model`` (float or prepared) is left untouched."""
+) -> nn.Module:
+    """A prepared copy of ``model`` at ``precision``: recalibrated on the training split,
+    then finetuned for ``finetune_steps`` batches. Deterministic for ``config.seed``;
+    ``model`` (float or prepared) is left untouched."""
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     candidate = copy.deepcopy(model)
@@ -201,6 +202,22 @@ def evaluate_policy(
             optimizer.zero_grad()
             nn.functional.cross_entropy(candidate(x), y).backward()
             optimizer.step()
+    return candidate.eval()
+
+
+def evaluate_policy(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    precision,
+    *,
+    finetune_steps: int = 0,
+    config: TrainConfig | None = None,
+) -> float:
+    """Validation accuracy (percent) of ``policy_model(model, dataset, precision, ...)``:
+    the "evaluate this policy" step of the precision search."""
+    candidate = policy_model(
+        model, dataset, precision, finetune_steps=finetune_steps, config=config
+    )
     return accuracy(candidate, dataset.val)
 
 
