@@ -51,6 +51,12 @@ EXTENSIONS = cythonize(
 
 TVM_REQUIRES = ["apache-tvm==0.27.0.post1", "onnx>=1.16", "tqdm>=4.60"]
 TRAIN_REQUIRES = ["scikit-learn>=1.3", "mnist1d>=0.0.2"]
+SEARCH_REQUIRES = [
+    "gymnasium>=1.0,<2",
+    "stable-baselines3>=2.9,<3",
+    "optuna>=4,<5",
+    "matplotlib>=3.7",
+]
 DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
 
 setup(
@@ -65,8 +71,9 @@ setup(
     extras_require={
         "tvm": TVM_REQUIRES,
         "train": TRAIN_REQUIRES,
+        "search": SEARCH_REQUIRES,
         "dev": DEV_REQUIRES,
-        "all": TVM_REQUIRES + TRAIN_REQUIRES + DEV_REQUIRES,
+        "all": TVM_REQUIRES + TRAIN_REQUIRES + SEARCH_REQUIRES + DEV_REQUIRES,
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,171 @@
+"""The files a search leaves: best policy (YAML and CIM-AQ ``.npy``), bit-width chart,
+Pareto plot of every search in the directory, and a summary (Markdown and JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .log import EpisodeLog
+from .scoring import Outcome
+
+
+def write_policy(names, policy, yaml_path: Path, npy_path: Path) -> None:
+    """``{name: {w_bits, a_bits}}`` YAML, and CIM-AQ's ``[L, 2]`` int array in offload
+    order; both are accepted wherever a precision config is."""
+    mapping = {n: {"w_bits": b.w_bits, "a_bits": b.a_bits} for n, b in zip(names, policy)}
+    yaml_path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    np.save(npy_path, np.array([[b.w_bits, b.a_bits] for b in policy], dtype=np.int64))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bits_chart(names, policy, path: Path, title: str) -> None:
+    """Grouped bars: weight and activation bits per operator."""
+    plt = _pyplot()
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.2))
+    ax.bar(x - 0.2, [b.w_bits for b in policy], 0.4, label="weight bits")
+    ax.bar(x + 0.2, [b.a_bits for b in policy], 0.4, label="activation bits")
+    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right")
+    ax.set_yticks(range(0, 9))
+    ax.set_ylabel("bits")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto front (lower latency, higher accuracy), by increasing latency."""
+    front, best = [], -np.inf
+    for latency, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((latency, accuracy))
+            best = accuracy
+    return front
+
+
+def pareto_plot(out: Path, path: Path) -> None:
+    """Latency against validation accuracy of every episode of every search in ``out``,
+    with each strategy's Pareto front and the uniform points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    by_strategy: dict[str, list[tuple[float, float]]] = {}
+    references: dict[str, Outcome] = {}
+    for log_path in sorted(out.glob("*.episodes.jsonl")):
+        records = EpisodeLog.read_records(log_path)
+        strategy = records[0]["strategy"]
+        for r in records[1:]:
+            if r["type"] == "episode":
+                by_strategy.setdefault(strategy, []).append((r["latency_us"], r["accuracy"]))
+            elif r["type"] == "reference":
+                references[r["name"]] = r
+    for i, (strategy, points) in enumerate(sorted(by_strategy.items())):
+        color = f"C{i}"
+        lat, acc = zip(*points)
+        ax.scatter(lat, acc, s=8, alpha=0.35, color=color)
+        front = _front(points)
+        ax.step(*zip(*front), where="post", color=color, label=f"{strategy} front")
+    for name, r in references.items():
+        ax.scatter([r["latency_us"]], [r["accuracy"]], marker="x", color="black", zorder=3)
+        ax.annotate(name, (r["latency_us"], r["accuracy"]), fontsize="small")
+    ax.set_xlabel("latency (us, static cost model)")
+    ax.set_ylabel("validation accuracy (%)")
+    if by_strategy:
+        accuracies = [a for pts in by_strategy.values() for _, a in pts]
+        top = max(accuracies + [r["accuracy"] for r in references.values()])
+        ax.set_ylim(max(min(accuracies), top - 30), top + 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(result) -> dict:
+    """The search's figures as a JSON-ready dict."""
+    s = result.settings
+    reference = result.reference_latency_us
+
+    def row(outcome: Outcome) -> dict:
+        return {
+            **outcome.to_dict(),
+            "speedup": reference / outcome.latency_us,
+            "accuracy_drop": result.references["W8A8"].accuracy - outcome.accuracy,
+        }
+
+    return {
+        "model": s.model,
+        "dataset": s.dataset,
+        "strategy": s.strategy,
+        "seed": s.seed,
+        "episodes": len(result.episodes),
+        "evaluations": result.evaluations,
+        "seconds": result.seconds,
+        "max_acc_drop": s.max_acc_drop,
+        "operators": result.names,
+        "w8a8_latency_us": reference,
+        "best": row(result.best),
+        "uniform": {name: row(o) for name, o in result.references.items()},
+        "verification": result.verification,
+    }
+
+
+def summary_markdown(data: dict) -> str:
+    lines = [
+        f"# Precision search: {data['model']} on {data['dataset']}, {data['strategy']} "
+        f"(seed {data['seed']})",
+        "",
+        f"{data['episodes']} episodes, {data['evaluations']} accuracy evaluations, "
+        f"{data['seconds']:.1f} s; allowed accuracy drop {data['max_acc_drop']} points.",
+        "",
+        "| policy | bits (w/a per operator) | latency us | speedup | val acc % | reward |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [*data["uniform"].items(), ("best found", data["best"])]
+    for name, r in rows:
+        bits = " ".join(f"{w}/{a}" for w, a in r["policy"])
+        lines.append(
+            f"| {name} | {bits} | {r['latency_us']:.1f} | {r['speedup']:.3f}x | "
+            f"{r['accuracy']:.2f} | {r['reward']:.2f} |"
+        )
+    if data["verification"]:
+        lines += [
+            "",
+            "Compiled for `cim` and run on the simulator (the model the search measured):",
+            "",
+            "| policy | searched val % | simulated val % | PyTorch test % | simulated test % | "
+            "argmax agreement (test) | searched latency us | compiled latency us |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, v in data["verification"].items():
+            lines.append(
+                f"| {name} | {v['searched_val_accuracy']:.2f} | "
+                f"{v['simulated_val_accuracy']:.2f} | {v['pytorch_test_accuracy']:.2f} | "
+                f"{v['simulated_test_accuracy']:.2f} | {100 * v['test_argmax_agreement']:.2f} % | "
+                f"{v['searched_latency_us']:.1f} | {v['compiled_latency_us']:.1f} |"
+            )
+    lines += ["", "![Pareto](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(result) -> None:
+    files = result.files
+    write_policy(result.names, result.best.policy, files["policy_yaml"], files["policy_npy"])
+    title = f"{result.settings.model}: best of {result.settings.tag}"
+    bits_chart(result.names, result.best.policy, files["bits_png"], title)
+    pareto_plot(files["log"].parent, files["pareto_png"])
+    data = summary(result)
+    files["summary_json"].write_text(json.dumps(data, indent=2))
+    files["summary_md"].write_text(summary_markdown(data))

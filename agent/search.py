@@ -1,0 +1,408 @@
+"""The search driver behind ``tvm-cim search``: base model, latency table, strategy,
+outputs, and the closing loop on the simulator.
+
+``run_search(settings)``:
+
+1. trains the base model (FP32, then W8A8 QAT) or reuses it from the output directory;
+2. computes the latency table for the arch (cost-only compiles) or reuses it;
+3. scores the uniform points W8A8, W6A6 and W4A4, then runs the strategy for the episode
+   budget, logging every episode (``--resume`` replays the log and continues);
+4. writes the best policy (YAML and CIM-AQ's ``.npy``), the bit-width chart, the Pareto
+   plot of every search in the directory and a summary;
+5. closes the loop: the best policy's model (recalibrated and finetuned exactly as the
+   search evaluated it) and the W8A8 model are compiled for ``cim`` and run on the
+   simulator over the validation and test splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tvm_cim.arch import CimArch
+from tvm_cim.errors import CimError
+from tvm_cim.precision import Bits
+
+from .config import AgentConfig
+from .env import CimQuantEnv
+from .latency import LatencyTable
+from .log import EpisodeLog
+from .scoring import Outcome, PolicyScorer, QatAccuracy
+from .space import Reward, SearchSpace
+from .strategies import (
+    STRATEGIES,
+    EpisodeRecorder,
+    open_study,
+    run_ddpg,
+    run_dqn,
+    run_random,
+    run_tpe,
+)
+
+#: Uniform reference points scored in every search.
+UNIFORM = {"W8A8": Bits(8, 8), "W6A6": Bits(6, 6), "W4A4": Bits(4, 4)}
+
+#: Epochs and learning rates of the base model's two stages, per model.
+BASE_RECIPES = {
+    "digits-cnn": {"fp32": (30, 3e-3, 32), "w8a8": (8, 2e-4, 32)},
+    "digits-mlp": {"fp32": (30, 3e-3, 32), "w8a8": (8, 2e-4, 32)},
+    "mnist1d-cnn": {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)},
+}
+_DEFAULT_RECIPE = {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)}
+
+
+@dataclass
+class SearchSettings:
+    """One search.
+
+    Attributes
+    ----------
+    model, dataset
+        A trainable zoo model and the dataset it is trained and evaluated on.
+    out
+        Output directory; several searches (strategies, seeds) may share it.
+    arch
+        Preset name, arch file (tvm-cim or CIM-AQ YAML/JSON) or ``CimArch``.
+    strategy
+        ``dqn``, ``ddpg``, ``tpe`` or ``random``.
+    episodes
+        Budget: complete policies played.
+    max_acc_drop
+        Accuracy points a policy may lose against W8A8 (the reward's target).
+    seed
+        Seed of the strategy (the base model is always trained with seed 0).
+    storage
+        Optuna storage URL for TPE (default: ``sqlite:///<out>/optuna.db``).
+    resume
+        Continue the search logged in ``out``.
+    space, reward, agents
+        Constraints, reward (its ``max_acc_drop`` is set from ``max_acc_drop``) and agent
+        settings.
+    finetune_steps
+        Training batches of the "evaluate this policy" step.
+    verify
+        Compile the best policy and W8A8 for ``cim`` and simulate them.
+    progress
+        Show a progress bar.
+    base_checkpoint
+        Start from this W8A8 (or FP32) checkpoint instead of training the base model.
+    """
+
+    model: str
+    dataset: str
+    out: Path
+    arch: object = "rram-4b"
+    strategy: str = "dqn"
+    episodes: int = 150
+    max_acc_drop: float = 0.1
+    seed: int = 0
+    storage: str | None = None
+    resume: bool = False
+    space: SearchSpace = field(default_factory=SearchSpace)
+    reward: Reward = field(default_factory=Reward)
+    agents: AgentConfig = field(default_factory=AgentConfig)
+    finetune_steps: int = 20
+    verify: bool = True
+    progress: bool = True
+    base_checkpoint: Path | None = None
+
+    @property
+    def tag(self) -> str:
+        return f"{self.strategy}-s{self.seed}"
+
+
+@dataclass
+class SearchResult:
+    """What a search found, and where it wrote it."""
+
+    settings: SearchSettings
+    names: list[str]
+    best: Outcome
+    references: dict[str, Outcome]
+    episodes: list[Outcome]
+    evaluations: int
+    seconds: float
+    reference_latency_us: float
+    verification: dict | None
+    files: dict[str, Path]
+
+    @property
+    def speedup(self) -> float:
+        return self.reference_latency_us / self.best.latency_us
+
+
+def _validate(settings: SearchSettings) -> None:
+    from tvm_cim import models
+
+    if settings.strategy not in STRATEGIES:
+        raise CimError(
+            f"unknown strategy {settings.strategy!r}; expected one of {', '.join(STRATEGIES)}"
+        )
+    if isinstance(settings.episodes, bool) or not isinstance(settings.episodes, int):
+        raise CimError(f"episodes must be an integer, got {settings.episodes!r}")
+    if settings.episodes < 1:
+        raise CimError(f"episodes must be at least 1, got {settings.episodes}")
+    if settings.finetune_steps < 0:
+        raise CimError(f"finetune steps must be >= 0, got {settings.finetune_steps}")
+    if settings.model not in models.names():
+        raise CimError(f"unknown model {settings.model!r}; the zoo has {', '.join(models.names())}")
+    if settings.storage and settings.strategy != "tpe":
+        raise CimError("--storage applies to --strategy tpe only")
+
+
+def arch_tag(arch: CimArch) -> str:
+    """A short name of an arch for cache files: its preset name, else a digest."""
+    for name in CimArch.presets():
+        if CimArch.preset(name) == arch:
+            return name
+    digest = hashlib.blake2b(json.dumps(arch.to_dict(), sort_keys=True).encode(), digest_size=6)
+    return f"arch-{digest.hexdigest()}"
+
+
+def base_model(settings: SearchSettings, dataset, log=print):
+    """The W8A8 QAT model the search starts from: trained once, then reused from
+    ``<out>/base-<model>-<dataset>/w8a8.pt``."""
+    from tvm_cim import train
+
+    if settings.base_checkpoint is not None:
+        model, _ = train.load_checkpoint(settings.base_checkpoint, settings.model)
+        return model
+    folder = Path(settings.out) / f"base-{settings.model}-{settings.dataset}"
+    w8a8_path = folder / "w8a8.pt"
+    if w8a8_path.is_file():
+        model, _ = train.load_checkpoint(w8a8_path, settings.model)
+        log(f"reusing the base model {w8a8_path}")
+        return model
+    recipe = BASE_RECIPES.get(settings.model, _DEFAULT_RECIPE)
+    model = None
+    for stage in ("fp32", "w8a8"):
+        epochs, lr, batch = recipe[stage]
+        config = train.TrainConfig(epochs=epochs, lr=lr, batch_size=batch, seed=0)
+        model, result = train.run_stage(
+            stage, settings.model, settings.dataset, config, start=model
+        )
+        train.save_checkpoint(model, result, folder / f"{stage}.pt")
+        train.write_metrics(result, folder / f"{stage}.metrics.json")
+        log(
+            f"trained the base model, stage {stage}: val {result.val_accuracy:.2f} %, "
+            f"test {result.test_accuracy:.2f} % ({result.seconds:.1f} s)"
+        )
+    return model
+
+
+def latency_table(settings: SearchSettings, model, example, arch: CimArch, log=print):
+    """The model's latency table for ``arch``, computed once per output directory."""
+    path = Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
+    if path.is_file():
+        table = LatencyTable.load(path)
+        if table.arch == arch:
+            log(f"reusing the latency table {path}")
+            return table
+    table = LatencyTable.for_model(model, example, arch)
+    table.save(path)
+    return table
+
+
+def run_search(settings: SearchSettings, log=print) -> SearchResult:
+    """Run (or resume) one search and write its outputs; see the module docstring."""
+    import time
+
+    import torch
+
+    from tvm_cim import data, models, qat
+
+    _validate(settings)
+    began = time.perf_counter()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = CimArch.load(settings.arch)
+    reward = Reward(
+        max_acc_drop=settings.max_acc_drop,
+        penalty=settings.reward.penalty,
+        latency_gain=settings.reward.latency_gain,
+        accuracy_bonus=settings.reward.accuracy_bonus,
+    )
+    space = settings.space
+    space.weight_choices(arch.cell_bits)  # refuse an empty space before any training
+    dataset = data.load(settings.dataset)
+    if tuple(dataset.input_shape) != tuple(models.input_shape(settings.model)):
+        raise CimError(
+            f"{settings.model} takes input shape {models.input_shape(settings.model)}, but "
+            f"{settings.dataset} has input shape {tuple(dataset.input_shape)}"
+        )
+    model = base_model(settings, dataset, log)
+    example = torch.from_numpy(dataset.test[0][:1])
+    table = latency_table(settings, model, example, arch, log)
+    if table.names != qat.layer_names(model):
+        raise CimError(
+            f"the compiler's operators {table.names} are not the model's quantized layers "
+            f"{qat.layer_names(model)}"
+        )
+    space.searched(len(table.operators))
+    evaluation = QatAccuracy(model, dataset, settings.finetune_steps)
+    scorer = PolicyScorer(table, evaluation, reward)
+    env = CimQuantEnv(scorer, space)
+
+    header = {
+        "model": settings.model,
+        "dataset": settings.dataset,
+        "arch": arch.to_dict(),
+        "strategy": settings.strategy,
+        "seed": settings.seed,
+        "space": space.to_dict(),
+        "reward": reward.to_dict(),
+        "evaluation": {"finetune_steps": settings.finetune_steps, "split": "val"},
+        "operators": table.names,
+        "episodes": settings.episodes,
+    }
+    paths = _paths(out, settings.tag)
+    episode_log = EpisodeLog(paths["log"], header, resume=settings.resume)
+    if settings.resume and episode_log.episodes:
+        log(f"resuming: {len(episode_log.episodes)} episodes in {paths['log']}")
+    for outcome in [*episode_log.references.values(), *episode_log.episodes]:
+        scorer.prime(outcome.policy, outcome.accuracy)
+    for name, bits in UNIFORM.items():
+        episode_log.add_reference(name, scorer.score((bits,) * len(table.operators)))
+
+    recorder = EpisodeRecorder(episode_log, _progress(settings, scorer))
+    with _one_thread():
+        if settings.strategy == "random":
+            run_random(env, recorder, settings.episodes, settings.seed)
+        elif settings.strategy == "dqn":
+            run_dqn(env, recorder, settings.episodes, settings.seed, settings.agents.dqn)
+        elif settings.strategy == "ddpg":
+            run_ddpg(env, recorder, settings.episodes, settings.seed, settings.agents.ddpg)
+        else:
+            storage = settings.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+            study = open_study(
+                storage,
+                f"{settings.model}-{settings.dataset}-{arch_tag(arch)}-{settings.tag}",
+                settings.seed,
+                settings.episodes,
+                settings.resume,
+                settings.agents.tpe,
+            )
+            run_tpe(env, recorder, settings.episodes, study)
+    if recorder.on_episode is not None:
+        recorder.on_episode.close()
+
+    episodes = episode_log.episodes[: settings.episodes]
+    best = max(episodes, key=lambda o: o.reward)
+    verification = None
+    if settings.verify:
+        verification = verify(
+            {"best": best, "W8A8": episode_log.references["W8A8"]},
+            evaluation,
+            table,
+            arch,
+            example,
+        )
+    result = SearchResult(
+        settings=settings,
+        names=table.names,
+        best=best,
+        references=dict(episode_log.references),
+        episodes=episodes,
+        evaluations=scorer.evaluations,
+        seconds=time.perf_counter() - began,
+        reference_latency_us=scorer.reference_latency_us,
+        verification=verification,
+        files=paths,
+    )
+    from .outputs import write_outputs
+
+    write_outputs(result)
+    return result
+
+
+def _paths(out: Path, tag: str) -> dict[str, Path]:
+    return {
+        "log": out / f"{tag}.episodes.jsonl",
+        "policy_yaml": out / f"{tag}.best.yaml",
+        "policy_npy": out / f"{tag}.best.npy",
+        "bits_png": out / f"{tag}.bits.png",
+        "pareto_png": out / "pareto.png",
+        "summary_md": out / f"{tag}.summary.md",
+        "summary_json": out / f"{tag}.summary.json",
+    }
+
+
+class _one_thread:
+    """torch on one thread during the search: the networks and models are small, and on a
+    shared CPU extra threads only wait on each other."""
+
+    def __enter__(self):
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+
+def _progress(settings: SearchSettings, scorer: PolicyScorer):
+    """The per-episode callback: a tqdm bar with the best reward and speedup so far."""
+    if not settings.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=settings.episodes, desc=f"{settings.strategy} s{settings.seed}", unit="ep")
+
+    def on_episode(index: int, outcome: Outcome, best: Outcome) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            best_reward=f"{best.reward:.2f}",
+            speedup=f"{scorer.reference_latency_us / best.latency_us:.2f}x",
+            acc=f"{best.accuracy:.2f}",
+        )
+
+    on_episode.close = bar.close
+    return on_episode
+
+
+def verify(outcomes: dict[str, Outcome], evaluation: QatAccuracy, table, arch, example) -> dict:
+    """Compile each policy's model for ``cim`` and simulate the validation and test sets.
+
+    The model is the one the search measured (recalibrated and finetuned the same way),
+    so its simulated validation accuracy is comparable with the searched one.
+    """
+    import tvm
+    from tvm import relax
+
+    from tvm_cim import compile_for_cim, train
+    from tvm_cim.frontend import load_torch
+
+    results = {}
+    for label, outcome in outcomes.items():
+        precision = dict(zip(table.names, outcome.policy, strict=True))
+        model = evaluation.candidate(precision)
+        mod, names = load_torch(model, example)
+        executable, report = compile_for_cim(mod, arch=arch, names=names)
+        compiled_bits = [Bits(op.w_bits, op.a_bits) for op in report.operators]
+        if compiled_bits != list(outcome.policy):
+            raise CimError(f"{label}: compiled widths {compiled_bits} differ from the policy")
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        entry = {
+            "searched_val_accuracy": outcome.accuracy,
+            "searched_latency_us": outcome.latency_us,
+            "compiled_latency_us": report.sequential_latency_us,
+            "scheduled_latency_us": report.total_latency_us,
+        }
+        for split in ("val", "test"):
+            x, y = getattr(evaluation.dataset, split)
+            logits = np.concatenate([vm["main"](tvm.runtime.tensor(s[None]))[0].numpy() for s in x])
+            reference = train.predictions(model, x)
+            entry[f"pytorch_{split}_accuracy"] = 100.0 * float((reference.argmax(1) == y).mean())
+            entry[f"simulated_{split}_accuracy"] = 100.0 * float((logits.argmax(1) == y).mean())
+            entry[f"{split}_argmax_agreement"] = float(
+                (logits.argmax(1) == reference.argmax(1)).mean()
+            )
+        results[label] = entry
+    return results
