@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_cim import __version__, cli_search, cli_train
+from tvm_cim import __version__, cli_report, cli_search, cli_train
 from tvm_cim.errors import CimError
 
 PROG = "tvm-cim"
@@ -472,6 +472,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "train a zoo model: FP32, W8A8 QAT or mixed-precision finetuning",
         cli_train.train_arguments,
         cli_train.train,
+    ),
+    "report": (
+        "latency study of a zoo model: per layer, total and speedup over W8A8",
+        cli_report.report_arguments,
+        cli_report.report,
     ),
     "search": (
         "search per-operator bit widths: DQN, DDPG, TPE or random search",
