@@ -262,7 +262,7 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     paths = _paths(out, settings.tag)
     episode_log = EpisodeLog(paths["log"], header, resume=settings.resume)
     if settings.resume and episode_log.episodes:
-        log(f"resuming: {len(episode_log.episodes)} episodes in {paths['log']}")
+        log(f"reusing {len(episode_log.episodes)} logged episodes from {paths['log']}")
     for outcome in [*episode_log.references.values(), *episode_log.episodes]:
         scorer.prime(outcome.policy, outcome.accuracy)
     for name, bits in UNIFORM.items():

@@ -1,115 +1,122 @@
-"""``make demo``: compile and simulate a built-in integer MLP on the rram-4b crossbars.
+"""``make demo``: the whole flow on embedded defaults, on the CPU.
 
-The network is a fixed, seeded two-layer perceptron shaped like a digits classifier
-(64 inputs, 128 hidden units with ReLU, 10 outputs). Each layer is lowered with
-``lower_matmul`` at W8A8 and at a mixed W4A4/W8A8 precision, run on the simulator,
-checked bit for bit against numpy, and its latency printed beside the CIM-AQ formula.
+Trains ``digits-cnn`` (FP32, then W8A8 QAT), runs a DQN precision search on the
+``rram-4b`` crossbars, recalibrates and finetunes the best policy exactly as the search
+measured it, compiles it and the W8A8 model with the ``cim`` target, runs the digits
+test set on the simulator, and prints W8A8 against the found policy: latency, speedup
+and accuracy (PyTorch and simulated). A Markdown report with the plots goes to
+``runs/demo/report.md``. A second run reuses the trained models, the latency table and
+the logged episodes, and says so.
 
-    python -m tvm_cim.demo [--arch rram-4b|FILE] [--batch 32] [--out DIR]
+    python -m tvm_cim.demo [--out runs/demo] [--episodes 150] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from tvm_cim.arch import CimArch
-from tvm_cim.codegen import input_steps, lower_matmul, weight_slices
-from tvm_cim.quant import Requantize, quant_range
-from tvm_cim.sim import Simulator
-
-LAYERS = (("fc1", 64, 128), ("fc2", 128, 10))
-POLICIES = {"W8A8": ((8, 8), (8, 8)), "mixed": ((4, 4), (8, 4))}
+from .errors import CimError
 
 
-def paper_latency_us(k: int, n: int, w_bits: int, a_bits: int, batch: int, arch: CimArch):
-    """CIM-AQ's per-layer latency model (reference page), for comparison."""
-    cols = n * weight_slices(w_bits, arch.cell_bits)
-    rows = k
-    if arch.mapping == "differential-column":
-        cols *= 2
-    elif arch.mapping == "offset":
-        cols += 1
-    else:
-        rows *= 2
-    writes = math.ceil(cols / arch.cols) * math.ceil(rows / arch.rows)
-    execs = batch * writes * input_steps(a_bits, arch.dac_bits)
-    return writes * arch.write_latency_us + execs * arch.mvm_latency_us
-
-
-def run_policy(name, bits, arch, batch, sim, out_dir):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 1 << bits[0][1], (batch, LAYERS[0][1]))
+def result_rows(result) -> list[dict]:
+    """The demo table: W8A8 and the found policy, with their verified figures."""
     rows = []
-    for i, ((layer, k, n), (w_bits, a_bits)) in enumerate(zip(LAYERS, bits)):
-        lo, hi = quant_range(w_bits, True)
-        weight = rng.integers(lo, hi + 1, (k, n))
-        last = i == len(LAYERS) - 1
-        # hidden layers requantize to the next layer's unsigned activation width
-        requant = None
-        if not last:
-            next_a = bits[i + 1][1]
-            requant = Requantize(multiplier=1, shift=w_bits + a_bits, out_bits=next_a, relu=True)
-        program = lower_matmul(
-            weight, w_bits=w_bits, a_bits=a_bits, arch=arch, requant=requant, name=layer
+    for label, outcome in (("W8A8", result.references["W8A8"]), ("found", result.best)):
+        check = result.verification["best" if label == "found" else "W8A8"]
+        rows.append(
+            {
+                "policy": label,
+                "bits": " ".join(f"{b.w_bits}/{b.a_bits}" for b in outcome.policy),
+                "latency_us": outcome.latency_us,
+                "speedup": result.reference_latency_us / outcome.latency_us,
+                "val_accuracy": outcome.accuracy,
+                "test_accuracy_pytorch": check["pytorch_test_accuracy"],
+                "test_accuracy_simulated": check["simulated_test_accuracy"],
+                "simulated_latency_us": check["compiled_latency_us"],
+            }
         )
-        if out_dir is not None:
-            program.save(out_dir / f"{name}_{layer}.cimp")
-        result = sim.run(program, {"x": x})
-        y = result.outputs["y"].astype(np.int64)
-        expected = x @ weight if requant is None else requant.apply(x @ weight)
-        if not np.array_equal(y, expected):
-            raise SystemExit(f"{name}/{layer}: simulator disagrees with numpy")
-        st = result.stats
-        paper = paper_latency_us(k, n, w_bits, a_bits, batch, arch)
-        rows.append((layer, f"W{w_bits}A{a_bits}", len(program), st, paper))
-        x = y
     return rows
 
 
+COLUMNS = (
+    ("policy", "policy", "{}"),
+    ("bits (w/a per layer)", "bits", "{}"),
+    ("latency us", "latency_us", "{:.1f}"),
+    ("speedup", "speedup", "{:.3f}x"),
+    ("val acc %", "val_accuracy", "{:.2f}"),
+    ("test acc % (PyTorch)", "test_accuracy_pytorch", "{:.2f}"),
+    ("test acc % (simulated)", "test_accuracy_simulated", "{:.2f}"),
+)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |"]
+    lines.append("| " + " | ".join("---" for _ in COLUMNS) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_report(result, rows: list[dict], path: Path) -> Path:
+    files = result.files
+    s = result.settings
+    text = [
+        "# tvm-cim demo: digits-cnn on rram-4b",
+        "",
+        f"DQN search, {len(result.episodes)} episodes (seed {s.seed}), accuracy drop allowed "
+        f"{s.max_acc_drop} points on the validation split. Latency from the static cost "
+        "model; accuracies of the compiled models from the simulator.",
+        "",
+        markdown_table(rows),
+        "",
+        f"![Pareto front]({files['pareto_png'].name})",
+        "",
+        f"![Bit widths of the found policy]({files['bits_png'].name})",
+        "",
+        f"Policy: `{files['policy_yaml'].name}` (CIM-AQ format: `{files['policy_npy'].name}`); "
+        f"every episode: `{files['log'].name}`; search summary: `{files['summary_md'].name}`.",
+        "",
+    ]
+    path.write_text("\n".join(text))
+    return path
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="compile and simulate a built-in MLP")
-    parser.add_argument("--arch", default="rram-4b", help="preset name or arch file")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="program files")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--episodes", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune-steps", type=int, default=20)
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    arch = CimArch.load(args.arch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sim = Simulator(arch)
-    print(
-        f"arch {arch.name}: {arch.rows}x{arch.cols}, {arch.cell_bits}-bit cells, "
-        f"{arch.dac_bits}-bit DAC, {arch.mapping}, {arch.crossbars} crossbar(s); "
-        f"backend {sim.backend}; batch {args.batch}\n"
+    from .agent.search import SearchSettings, run_search
+
+    settings = SearchSettings(
+        model="digits-cnn",
+        dataset="digits",
+        out=args.out,
+        strategy="dqn",
+        episodes=args.episodes,
+        seed=args.seed,
+        resume=True,  # a second run replays the logged episodes instead of measuring again
+        finetune_steps=args.finetune_steps,
+        verify=True,
+        progress=not args.no_progress,
     )
-    header = (
-        f"{'policy':<7} {'layer':<5} {'bits':<5} {'instrs':>6} {'writes':>6} "
-        f"{'MVMs':>6} {'latency us':>11} {'paper us':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    totals = {}
-    for name, bits in POLICIES.items():
-        total = 0.0
-        for layer, tag, n_instr, st, paper in run_policy(
-            name, bits, arch, args.batch, sim, args.out
-        ):
-            print(
-                f"{name:<7} {layer:<5} {tag:<5} {n_instr:>6} {st.crossbar_writes:>6} "
-                f"{st.mvm_executions:>6} {st.latency_us:>11.1f} {paper:>9.1f}"
-            )
-            total += st.latency_us
-        totals[name] = total
-    print(f"\nall outputs bit-exact against numpy; programs written to {args.out}/")
-    speedup = totals["W8A8"] / totals["mixed"]
-    print(
-        f"total latency: W8A8 {totals['W8A8']:.1f} us, mixed {totals['mixed']:.1f} us, "
-        f"speedup {speedup:.2f}x"
-    )
+    try:
+        result = run_search(settings)
+    except CimError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    rows = result_rows(result)
+    report = write_report(result, rows, args.out / "report.md")
+    print()
+    print(markdown_table(rows))
+    print()
+    print(f"wrote {report}")
     return 0
 
 
