@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` spec can pull a multi-GB CUDA build; this pin installs the CPU build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: install test demo bench docs clean
+.PHONY: install test demo bench bench-search docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py
+
+# Every search strategy on digits-cnn and mnist1d-cnn, three seeds: about 40 minutes.
+bench-search: $(STAMP)
+	$(VPY) bench/search.py
 
 docs: $(STAMP)
 	$(VPY) -m tvm_cim.sim.isa_doc docs/isa.md

@@ -16,6 +16,7 @@ outputs, and the closing loop on the simulator.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -80,8 +81,8 @@ class SearchSettings:
     resume
         Continue the search logged in ``out``.
     space, reward, agents
-        Constraints, reward (its ``max_acc_drop`` is set from ``max_acc_drop``) and agent
-        settings.
+        Constraints, reward (its ``max_acc_drop`` is replaced by ``max_acc_drop``) and
+        agent settings.
     finetune_steps
         Training batches of the "evaluate this policy" step.
     verify
@@ -124,7 +125,7 @@ class SearchResult:
     best: Outcome
     references: dict[str, Outcome]
     episodes: list[Outcome]
-    evaluations: int
+    evaluations: int  # accuracy measurements made by this run (a resumed one reuses the log)
     seconds: float
     reference_latency_us: float
     verification: dict | None
@@ -220,12 +221,7 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     arch = CimArch.load(settings.arch)
-    reward = Reward(
-        max_acc_drop=settings.max_acc_drop,
-        penalty=settings.reward.penalty,
-        latency_gain=settings.reward.latency_gain,
-        accuracy_bonus=settings.reward.accuracy_bonus,
-    )
+    reward = dataclasses.replace(settings.reward, max_acc_drop=settings.max_acc_drop)
     space = settings.space
     space.weight_choices(arch.cell_bits)  # refuse an empty space before any training
     dataset = data.load(settings.dataset)
@@ -268,7 +264,8 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     for name, bits in UNIFORM.items():
         episode_log.add_reference(name, scorer.score((bits,) * len(table.operators)))
 
-    recorder = EpisodeRecorder(episode_log, _progress(settings, scorer))
+    progress = _ProgressBar(settings, scorer) if settings.progress else None
+    recorder = EpisodeRecorder(episode_log, progress)
     with _one_thread():
         if settings.strategy == "random":
             run_random(env, recorder, settings.episodes, settings.seed)
@@ -287,8 +284,8 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
                 settings.agents.tpe,
             )
             run_tpe(env, recorder, settings.episodes, study)
-    if recorder.on_episode is not None:
-        recorder.on_episode.close()
+    if progress is not None:
+        progress.close()
 
     episodes = episode_log.episodes[: settings.episodes]
     best = max(episodes, key=lambda o: o.reward)
@@ -347,24 +344,27 @@ class _one_thread:
         torch.set_num_threads(self.threads)
 
 
-def _progress(settings: SearchSettings, scorer: PolicyScorer):
-    """The per-episode callback: a tqdm bar with the best reward and speedup so far."""
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
+class _ProgressBar:
+    """Per-episode callback: a tqdm bar showing the best reward and speedup so far."""
 
-    bar = tqdm(total=settings.episodes, desc=f"{settings.strategy} s{settings.seed}", unit="ep")
+    def __init__(self, settings: SearchSettings, scorer: PolicyScorer):
+        from tqdm.auto import tqdm
 
-    def on_episode(index: int, outcome: Outcome, best: Outcome) -> None:
-        bar.update(1)
-        bar.set_postfix(
+        self.scorer = scorer
+        self.bar = tqdm(
+            total=settings.episodes, desc=f"{settings.strategy} s{settings.seed}", unit="ep"
+        )
+
+    def __call__(self, index: int, outcome: Outcome, best: Outcome) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
             best_reward=f"{best.reward:.2f}",
-            speedup=f"{scorer.reference_latency_us / best.latency_us:.2f}x",
+            speedup=f"{self.scorer.reference_latency_us / best.latency_us:.2f}x",
             acc=f"{best.accuracy:.2f}",
         )
 
-    on_episode.close = bar.close
-    return on_episode
+    def close(self) -> None:
+        self.bar.close()
 
 
 def verify(outcomes: dict[str, Outcome], evaluation: QatAccuracy, table, arch, example) -> dict:
