@@ -131,10 +131,6 @@ class SearchResult:
     verification: dict | None
     files: dict[str, Path]
 
-    @property
-    def speedup(self) -> float:
-        return self.reference_latency_us / self.best.latency_us
-
 
 def _validate(settings: SearchSettings) -> None:
     from tvm_cim import models

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
+from stable_baselines3.common.noise import ActionNoise
 
 from tvm_cim.errors import CimError
 from tvm_cim.precision import Bits
@@ -154,10 +155,11 @@ def run_dqn(
     model.learn(total_timesteps=total)
 
 
-class _DecayingNormalNoise:
+class _DecayingNormalNoise(ActionNoise):
     """Gaussian action noise whose scale shrinks by ``decay`` after every episode."""
 
     def __init__(self, sigma: float, decay: float, rng: np.random.Generator):
+        super().__init__()
         self.sigma, self.decay, self.rng = sigma, decay, rng
 
     def __call__(self) -> np.ndarray:
@@ -176,10 +178,9 @@ def run_ddpg(
 ) -> None:
     """Stable-Baselines3 ``DDPG`` on the continuous action, as in HAQ and CIM-AQ."""
     from stable_baselines3 import DDPG
-    from stable_baselines3.common.noise import ActionNoise
 
     config = config or DDPGConfig()
-    noise = type("DecayingNormalNoise", (_DecayingNormalNoise, ActionNoise), {})(
+    noise = _DecayingNormalNoise(
         config.noise_sigma, config.noise_decay, np.random.default_rng(seed)
     )
     wrapped = _Recording(ContinuousActions(env), recorder, config.reward_scale)

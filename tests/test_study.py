@@ -116,3 +116,17 @@ def test_bad_input(tmp_path, capsys, args, message):
     replace = {"POLICY": str(tmp_path / "short.npy"), "ARCH": str(tmp_path / "arch.yaml")}
     assert cli_main(["report", *[replace.get(a, a) for a in args]]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cim_aq_hardware_config_is_an_arch(tmp_path, capsys):
+    (tmp_path / "hardware_config.yaml").write_text(
+        "crossbar:\n  size:\n    m: 256\n    n: 256\n  resolution_weight_bits: 4\n"
+        "  resolution_input_bits: 1\n  mvm_write_latency: 56\n  mvm_execute_latency: 1.4\n"
+        "mapper:\n  mapping_type: dc\n"
+    )
+    theirs, _ = _report(
+        tmp_path, capsys, "--model", "resnet20", "--arch", str(tmp_path / "hardware_config.yaml")
+    )
+    ours, _ = _report(tmp_path, capsys, "--model", "resnet20", "--arch", "rram-4b")
+    assert theirs["total_latency_us"] == ours["total_latency_us"]
+    assert theirs["total_latency_us"] == pytest.approx(sum(formula_latency_us("resnet20")))
