@@ -156,6 +156,24 @@ def summary_markdown(data: dict) -> str:
                 f"{v['simulated_test_accuracy']:.2f} | {100 * v['test_argmax_agreement']:.2f} % | "
                 f"{v['searched_latency_us']:.1f} | {v['compiled_latency_us']:.1f} |"
             )
+        tuned = {
+            name: v["finetuned"] for name, v in data["verification"].items() if "finetuned" in v
+        }
+        if tuned:
+            epochs = next(iter(tuned.values()))["epochs"]
+            lines += [
+                "",
+                f"After {epochs} more QAT epochs at the same widths (the best policy's model is "
+                "written as `.best.onnx`):",
+                "",
+                "| policy | PyTorch test % | simulated test % | argmax agreement (test) |",
+                "| --- | ---: | ---: | ---: |",
+            ]
+            for name, v in tuned.items():
+                lines.append(
+                    f"| {name} | {v['pytorch_test_accuracy']:.2f} | "
+                    f"{v['simulated_test_accuracy']:.2f} | {100 * v['test_argmax_agreement']:.2f} % |"
+                )
     lines += ["", "![Pareto](pareto.png)", ""]
     return "\n".join(lines)
 

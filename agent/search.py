@@ -22,8 +22,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tvm_cim.arch import CimArch
 from tvm_cim.errors import CimError
 from tvm_cim.precision import Bits
@@ -43,6 +41,7 @@ from .strategies import (
     run_random,
     run_tpe,
 )
+from .verify import verify
 
 #: Uniform reference points scored in every search.
 UNIFORM = {"W8A8": Bits(8, 8), "W6A6": Bits(6, 6), "W4A4": Bits(4, 4)}
@@ -87,6 +86,9 @@ class SearchSettings:
         Training batches of the "evaluate this policy" step.
     verify
         Compile the best policy and W8A8 for ``cim`` and simulate them.
+    final_epochs
+        QAT epochs that finetune the best policy (and W8A8) after the search, before they
+        are compiled and simulated a second time (0: none).
     progress
         Show a progress bar.
     base_checkpoint
@@ -108,6 +110,7 @@ class SearchSettings:
     agents: AgentConfig = field(default_factory=AgentConfig)
     finetune_steps: int = 20
     verify: bool = True
+    final_epochs: int = 5
     progress: bool = True
     base_checkpoint: Path | None = None
 
@@ -290,9 +293,11 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
         verification = verify(
             {"best": best, "W8A8": episode_log.references["W8A8"]},
             evaluation,
-            table,
+            table.names,
             arch,
             example,
+            settings.final_epochs,
+            export={"best": paths["policy_onnx"]},
         )
     result = SearchResult(
         settings=settings,
@@ -317,6 +322,7 @@ def _paths(out: Path, tag: str) -> dict[str, Path]:
         "log": out / f"{tag}.episodes.jsonl",
         "policy_yaml": out / f"{tag}.best.yaml",
         "policy_npy": out / f"{tag}.best.npy",
+        "policy_onnx": out / f"{tag}.best.onnx",
         "bits_png": out / f"{tag}.bits.png",
         "pareto_png": out / "pareto.png",
         "summary_md": out / f"{tag}.summary.md",
@@ -361,44 +367,3 @@ class _ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def verify(outcomes: dict[str, Outcome], evaluation: QatAccuracy, table, arch, example) -> dict:
-    """Compile each policy's model for ``cim`` and simulate the validation and test sets.
-
-    The model is the one the search measured (recalibrated and finetuned the same way),
-    so its simulated validation accuracy is comparable with the searched one.
-    """
-    import tvm
-    from tvm import relax
-
-    from tvm_cim import compile_for_cim, train
-    from tvm_cim.frontend import load_torch
-
-    results = {}
-    for label, outcome in outcomes.items():
-        precision = dict(zip(table.names, outcome.policy, strict=True))
-        model = evaluation.candidate(precision)
-        mod, names = load_torch(model, example)
-        executable, report = compile_for_cim(mod, arch=arch, names=names)
-        compiled_bits = [Bits(op.w_bits, op.a_bits) for op in report.operators]
-        if compiled_bits != list(outcome.policy):
-            raise CimError(f"{label}: compiled widths {compiled_bits} differ from the policy")
-        vm = relax.VirtualMachine(executable, tvm.cpu())
-        entry = {
-            "searched_val_accuracy": outcome.accuracy,
-            "searched_latency_us": outcome.latency_us,
-            "compiled_latency_us": report.sequential_latency_us,
-            "scheduled_latency_us": report.total_latency_us,
-        }
-        for split in ("val", "test"):
-            x, y = getattr(evaluation.dataset, split)
-            logits = np.concatenate([vm["main"](tvm.runtime.tensor(s[None]))[0].numpy() for s in x])
-            reference = train.predictions(model, x)
-            entry[f"pytorch_{split}_accuracy"] = 100.0 * float((reference.argmax(1) == y).mean())
-            entry[f"simulated_{split}_accuracy"] = 100.0 * float((logits.argmax(1) == y).mean())
-            entry[f"{split}_argmax_agreement"] = float(
-                (logits.argmax(1) == reference.argmax(1)).mean()
-            )
-        results[label] = entry
-    return results

@@ -19,7 +19,8 @@ def _table_rows(text: str) -> list[list[str]]:
 
 
 def test_demo_flow_prints_the_report_table(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--episodes", "4", "--finetune-steps", "2", "--no-progress"]
+    args = ["--out", str(tmp_path), "--episodes", "4", "--finetune-steps", "2"]
+    args += ["--final-epochs", "1", "--no-progress"]
     assert demo.main(args) == 0
     printed = _table_rows(capsys.readouterr().out)
     report = (tmp_path / "report.md").read_text()
@@ -33,6 +34,9 @@ def test_demo_flow_prints_the_report_table(tmp_path, capsys):
     assert float(found[5]) == pytest.approx(check["pytorch_test_accuracy"], abs=0.005)
     assert float(found[6]) == pytest.approx(check["simulated_test_accuracy"], abs=0.005)
     assert abs(check["simulated_test_accuracy"] - check["pytorch_test_accuracy"]) <= 0.1
+    tuned = check["finetuned"]
+    assert float(found[7]) == pytest.approx(tuned["pytorch_test_accuracy"], abs=0.005)
+    assert float(found[8]) == pytest.approx(tuned["simulated_test_accuracy"], abs=0.005)
     for image in ("pareto.png", "dqn-s0.bits.png"):
         assert f"({image})" in report and (tmp_path / image).is_file()
 

@@ -13,7 +13,7 @@ pytest.importorskip("optuna")
 
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
-from tvm_cim import CimError, cost_report, models  # noqa: E402
+from tvm_cim import CimError, compile_for_cim, cost_report, models  # noqa: E402
 from tvm_cim.agent import strategies  # noqa: E402
 from tvm_cim.agent.env import CimQuantEnv, ContinuousActions  # noqa: E402
 from tvm_cim.agent.latency import FEATURES, LatencyTable  # noqa: E402
@@ -140,8 +140,6 @@ def test_impossible_constraints_are_refused(mlp_table):
 
 
 def test_latency_table_equals_the_compiled_report(mlp_table):
-    from tvm_cim import compile_for_cim
-
     model = models.build("digits-mlp").eval()
     mod, names = load_torch(model, torch.zeros(1, 1, 8, 8))
     assert mlp_table.names == names == ["fc1", "fc2", "fc3"]
@@ -207,7 +205,9 @@ def _settings(out, **overrides):
 
 def test_search_writes_its_outputs_and_closes_the_loop(base_checkpoint, tmp_path):
     result = run_search(
-        _settings(tmp_path, base_checkpoint=base_checkpoint, episodes=8, verify=True)
+        _settings(
+            tmp_path, base_checkpoint=base_checkpoint, episodes=8, verify=True, final_epochs=1
+        )
     )
     files = result.files
     for key in ("log", "policy_yaml", "policy_npy", "bits_png", "pareto_png", "summary_md"):
@@ -224,7 +224,16 @@ def test_search_writes_its_outputs_and_closes_the_loop(base_checkpoint, tmp_path
         assert abs(v["simulated_val_accuracy"] - v["searched_val_accuracy"]) <= 0.1
         assert abs(v["simulated_test_accuracy"] - v["pytorch_test_accuracy"]) <= 0.1
         assert v["compiled_latency_us"] == pytest.approx(v["searched_latency_us"], abs=1e-6)
+        tuned = v["finetuned"]
+        assert abs(tuned["simulated_test_accuracy"] - tuned["pytorch_test_accuracy"]) <= 0.1
     assert "| best found |" in files["summary_md"].read_text()
+    from tvm_cim.frontend import load_onnx  # the finetuned best model compiles as written
+
+    mod, onnx_names = load_onnx(files["policy_onnx"])
+    _, report = compile_for_cim(mod, names=onnx_names)
+    assert [(op.w_bits, op.a_bits) for op in report.operators] == [
+        (b.w_bits, b.a_bits) for b in result.best.policy
+    ]
 
 
 class _Interrupt(Exception):

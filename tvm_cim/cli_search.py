@@ -50,6 +50,12 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
         default=20,
         help="training batches when evaluating a policy (default 20)",
     )
+    p.add_argument(
+        "--final-epochs",
+        type=int,
+        default=5,
+        help="QAT epochs finetuning the best policy before the last simulation (default 5)",
+    )
     p.add_argument("--from", dest="start", metavar="CKPT", help="base model checkpoint")
     p.add_argument(
         "--no-verify", action="store_true", help="skip compiling and simulating the best policy"
@@ -63,6 +69,8 @@ def search(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise CimError(f"--episodes must be at least 1, got {args.episodes}")
+    if args.final_epochs < 0:
+        raise CimError(f"--final-epochs must be >= 0, got {args.final_epochs}")
     space = SearchSpace(
         min_w_bits=max(args.min_bits, 2),
         max_w_bits=args.max_bits,
@@ -85,11 +93,13 @@ def search(args: argparse.Namespace) -> int:
         space=space,
         finetune_steps=args.finetune_steps,
         verify=not args.no_verify,
+        final_epochs=args.final_epochs,
         progress=not args.no_progress,
         base_checkpoint=Path(args.start) if args.start else None,
     )
     result = run_search(settings)
     print(result.files["summary_md"].read_text())
-    for key in ("policy_yaml", "policy_npy", "log", "pareto_png", "bits_png", "summary_md"):
-        print(f"wrote {result.files[key]}")
+    for key in ("policy_yaml", "policy_npy", "policy_onnx", "log", "pareto_png", "bits_png"):
+        if result.files[key].is_file():
+            print(f"wrote {result.files[key]}")
     return 0

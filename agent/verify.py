@@ -1,0 +1,84 @@
+"""Closing the loop: the searched models compiled for ``cim`` and run on the simulator.
+
+For each policy the model the search measured (recalibrated and finetuned exactly as in
+the search) is compiled and simulated on the validation and test splits, so its simulated
+validation accuracy is comparable with the searched one. Then a copy is finetuned for a
+few QAT epochs, as a policy is before deployment, and compiled and simulated again.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tvm_cim.errors import CimError
+from tvm_cim.precision import Bits
+
+from .scoring import Outcome, QatAccuracy
+
+
+def simulate(model, policy, dataset, arch, example, splits=("val", "test")) -> dict:
+    """Compile ``model`` for ``cim`` and run ``splits`` on the simulator; accuracies of
+    PyTorch and of the simulator, their argmax agreement, and the compiled latency."""
+    import tvm
+    from tvm import relax
+
+    from tvm_cim import compile_for_cim, train
+    from tvm_cim.frontend import load_torch
+
+    mod, names = load_torch(model, example)
+    executable, report = compile_for_cim(mod, arch=arch, names=names)
+    compiled = [Bits(op.w_bits, op.a_bits) for op in report.operators]
+    if compiled != list(policy):
+        raise CimError(f"compiled widths {compiled} differ from the policy {list(policy)}")
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    entry = {
+        "compiled_latency_us": report.sequential_latency_us,
+        "scheduled_latency_us": report.total_latency_us,
+    }
+    for split in splits:
+        x, y = getattr(dataset, split)
+        logits = np.concatenate([vm["main"](tvm.runtime.tensor(s[None]))[0].numpy() for s in x])
+        reference = train.predictions(model, x)
+        entry[f"pytorch_{split}_accuracy"] = 100.0 * float((reference.argmax(1) == y).mean())
+        entry[f"simulated_{split}_accuracy"] = 100.0 * float((logits.argmax(1) == y).mean())
+        entry[f"{split}_argmax_agreement"] = float((logits.argmax(1) == reference.argmax(1)).mean())
+    return entry
+
+
+def verify(
+    outcomes: dict[str, Outcome],
+    evaluation: QatAccuracy,
+    names: Sequence[str],
+    arch,
+    example,
+    finetune_epochs: int = 0,
+    export: dict[str, Path] | None = None,
+) -> dict:
+    """``{label: figures}`` for each outcome; ``export`` names ONNX files to write the
+    finetuned models of some labels to (``tvm-cim compile`` takes them as they are)."""
+    from tvm_cim import qat, train
+
+    results = {}
+    for label, outcome in outcomes.items():
+        model = evaluation.candidate(dict(zip(names, outcome.policy, strict=True)))
+        entry = {
+            "searched_val_accuracy": outcome.accuracy,
+            "searched_latency_us": outcome.latency_us,
+        }
+        entry.update(simulate(model, outcome.policy, evaluation.dataset, arch, example))
+        if finetune_epochs:
+            tuned = copy.deepcopy(model)
+            config = train.TrainConfig(epochs=finetune_epochs, lr=2e-4, batch_size=32, seed=0)
+            train.fit(tuned, evaluation.dataset, config)
+            entry["finetuned"] = simulate(
+                tuned, outcome.policy, evaluation.dataset, arch, example, splits=("test",)
+            )
+            entry["finetuned"]["epochs"] = finetune_epochs
+            if export and label in export:
+                qat.export_onnx(tuned.eval(), export[label], example)
+        results[label] = entry
+    return results
