@@ -10,6 +10,7 @@ sequential sum (``sequential_latency_us``), which the search minimizes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,8 +177,6 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path) -> LatencyTable:
-        import json
-
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as blob:
@@ -189,6 +188,4 @@ class LatencyTable:
 
 
 def _to_json(value) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True)

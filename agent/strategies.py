@@ -116,8 +116,27 @@ def run_random(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, seed:
             _, _, terminated, _, _ = wrapped.step(int(rng.integers(env.action_space.n)))
 
 
-def _warmup_steps(fraction: float, episodes: int, env: CimQuantEnv) -> int:
-    return max(1, math.ceil(fraction * episodes)) * env.decisions
+def _learn(algorithm, wrapped, env: CimQuantEnv, episodes: int, seed: int, config, **settings):
+    """Train an SB3 off-policy ``algorithm`` for exactly ``episodes`` episodes, with the
+    settings DQN and DDPG share: every transition kept, a random warm-up of
+    ``config.warmup_fraction`` of the budget, one update round per step."""
+    total = episodes * env.decisions
+    warmup_episodes = max(1, math.ceil(config.warmup_fraction * episodes))
+    model = algorithm(
+        "MlpPolicy",
+        wrapped,
+        learning_rate=config.learning_rate,
+        buffer_size=max(total, 1),
+        learning_starts=warmup_episodes * env.decisions,
+        batch_size=config.batch_size,
+        gamma=config.gamma,
+        train_freq=1,
+        policy_kwargs={"net_arch": list(config.net_arch)},
+        seed=seed,
+        device="cpu",
+        **settings,
+    )
+    model.learn(total_timesteps=total)
 
 
 def run_dqn(
@@ -133,26 +152,19 @@ def run_dqn(
     config = config or DQNConfig()
     shaped = _LatencyShaping(env) if config.latency_shaping else env
     wrapped = _Recording(shaped, recorder, config.reward_scale)
-    total = episodes * env.decisions
-    model = DQN(
-        "MlpPolicy",
+    _learn(
+        DQN,
         wrapped,
-        learning_rate=config.learning_rate,
-        buffer_size=max(total, 1),
-        learning_starts=_warmup_steps(config.warmup_fraction, episodes, env),
-        batch_size=config.batch_size,
-        gamma=config.gamma,
-        train_freq=1,
+        env,
+        episodes,
+        seed,
+        config,
         gradient_steps=config.gradient_steps,
         target_update_interval=config.target_update_interval,
         exploration_fraction=config.exploration_fraction,
         exploration_initial_eps=config.exploration_initial_eps,
         exploration_final_eps=config.exploration_final_eps,
-        policy_kwargs={"net_arch": list(config.net_arch)},
-        seed=seed,
-        device="cpu",
     )
-    model.learn(total_timesteps=total)
 
 
 class _DecayingNormalNoise(ActionNoise):
@@ -184,24 +196,17 @@ def run_ddpg(
         config.noise_sigma, config.noise_decay, np.random.default_rng(seed)
     )
     wrapped = _Recording(ContinuousActions(env), recorder, config.reward_scale)
-    total = episodes * env.decisions
-    model = DDPG(
-        "MlpPolicy",
+    _learn(
+        DDPG,
         wrapped,
-        learning_rate=config.learning_rate,
-        buffer_size=max(total, 1),
-        learning_starts=_warmup_steps(config.warmup_fraction, episodes, env),
-        batch_size=config.batch_size,
+        env,
+        episodes,
+        seed,
+        config,
         tau=config.tau,
-        gamma=config.gamma,
-        train_freq=1,
         gradient_steps=1,
         action_noise=noise,
-        policy_kwargs={"net_arch": list(config.net_arch)},
-        seed=seed,
-        device="cpu",
     )
-    model.learn(total_timesteps=total)
 
 
 # ---------------------------------------------------------------------------- TPE

@@ -6,17 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_search import add_arch_argument
 from .errors import CimError
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo model: resnet18, vgg16, mobilenetv2, ...")
-    p.add_argument(
-        "--arch",
-        default="rram-4b",
-        metavar="PRESET|FILE",
-        help="arch preset or file (tvm-cim or CIM-AQ YAML/JSON; default rram-4b)",
-    )
+    add_arch_argument(p)
     p.add_argument(
         "--precision",
         metavar="CFG|POLICY.npy",

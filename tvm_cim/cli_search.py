@@ -8,15 +8,20 @@ from pathlib import Path
 from .errors import CimError
 
 
-def search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="trainable zoo model, e.g. digits-cnn")
-    p.add_argument("--dataset", required=True, help="digits, mnist1d or synthetic")
+def add_arch_argument(p: argparse.ArgumentParser) -> None:
+    """``--arch`` of the commands that default to the paper's machine (search, report)."""
     p.add_argument(
         "--arch",
         default="rram-4b",
         metavar="PRESET|FILE",
         help="arch preset or file (tvm-cim or CIM-AQ YAML/JSON; default rram-4b)",
     )
+
+
+def search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="trainable zoo model, e.g. digits-cnn")
+    p.add_argument("--dataset", required=True, help="digits, mnist1d or synthetic")
+    add_arch_argument(p)
     p.add_argument("--strategy", default="dqn", help="dqn (default), ddpg, tpe or random")
     p.add_argument("--episodes", type=int, default=150, help="policies to play (default 150)")
     p.add_argument(
