@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q
 
 demo: $(STAMP)
-	$(VPY) -m tvm_cim.demo
+	$(VPY) -m tvm_cim.workflows.demo
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py

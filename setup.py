@@ -77,8 +77,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cim-sim = tvm_cim.sim.cli:main",
-            "tvm-cim = tvm_cim.cli:main",
+            "cim-sim = tvm_cim.cli.sim:main",
+            "tvm-cim = tvm_cim.cli.main:main",
         ]
     },
     zip_safe=False,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from tvm_cim.precision import MAX_BITS, Bits
+from tvm_cim.core.precision import MAX_BITS, Bits
 
 from .latency import FEATURES
 from .scoring import Outcome, PolicyScorer

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import CimError
-from tvm_cim.precision import MAX_BITS, Bits
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import MAX_BITS, Bits
 
 #: Feature names of an operator, in observation order.
 FEATURES = (
@@ -106,7 +106,7 @@ class LatencyTable:
     @classmethod
     def build(cls, mod, names=None, arch="rram-4b", progress=None) -> LatencyTable:
         """Fill the table with 64 cost-only compiles of ``mod`` (about a second for small
-        models). ``names`` are the operator names (see ``tvm_cim.frontend``)."""
+        models). ``names`` are the operator names (see ``tvm_cim.compiler.frontend``)."""
         from tvm_cim import cost_report
 
         arch = CimArch.load(arch)
@@ -126,7 +126,7 @@ class LatencyTable:
     @classmethod
     def for_model(cls, model, example_input, arch="rram-4b") -> LatencyTable:
         """The table of a PyTorch model (float or prepared), imported with ``torch.export``."""
-        from tvm_cim.frontend import load_torch
+        from tvm_cim.compiler.frontend import load_torch
 
         mod, names = load_torch(model, example_input)
         return cls.build(mod, names, arch)

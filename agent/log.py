@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from tvm_cim.errors import CimError
+from tvm_cim.core.errors import CimError
 
 from .scoring import Outcome, policy_from_list
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvm_cim.errors import CimError
-from tvm_cim.precision import W8A8, Bits
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import W8A8, Bits
 
 from .latency import LatencyTable
 from .space import Reward
@@ -133,7 +133,7 @@ class QatAccuracy:
     """
 
     def __init__(self, model, dataset, finetune_steps: int = 20, config=None):
-        from tvm_cim import train
+        from tvm_cim.learn import train
 
         self.model = model
         self.dataset = dataset
@@ -142,7 +142,7 @@ class QatAccuracy:
 
     def candidate(self, precision: Mapping[str, Bits]):
         """The finetuned model whose accuracy ``__call__`` measures."""
-        from tvm_cim import train
+        from tvm_cim.learn import train
 
         return train.policy_model(
             self.model,
@@ -153,6 +153,6 @@ class QatAccuracy:
         )
 
     def __call__(self, precision: Mapping[str, Bits]) -> float:
-        from tvm_cim import train
+        from tvm_cim.learn import train
 
         return train.accuracy(self.candidate(precision), self.dataset.val)

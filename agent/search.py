@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import CimError
-from tvm_cim.precision import Bits
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import Bits
 
 from .config import AgentConfig
 from .env import CimQuantEnv
@@ -136,7 +136,7 @@ class SearchResult:
 
 
 def _validate(settings: SearchSettings) -> None:
-    from tvm_cim import models
+    from tvm_cim.learn import models
 
     if settings.strategy not in STRATEGIES:
         raise CimError(
@@ -166,7 +166,7 @@ def arch_tag(arch: CimArch) -> str:
 def base_model(settings: SearchSettings, dataset, log=print):
     """The W8A8 QAT model the search starts from: trained once, then reused from
     ``<out>/base-<model>-<dataset>/w8a8.pt``."""
-    from tvm_cim import train
+    from tvm_cim.learn import train
 
     if settings.base_checkpoint is not None:
         model, _ = train.load_checkpoint(settings.base_checkpoint, settings.model)
@@ -213,7 +213,7 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
 
     import torch
 
-    from tvm_cim import data, models, qat
+    from tvm_cim.learn import data, models, qat
 
     _validate(settings)
     began = time.perf_counter()

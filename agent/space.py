@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tvm_cim.errors import CimError
-from tvm_cim.precision import MAX_BITS, W8A8, Bits
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import MAX_BITS, W8A8, Bits
 
 #: QAT quantizes weights symmetrically: one bit leaves only the code 0.
 MIN_WEIGHT_BITS = 2

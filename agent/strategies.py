@@ -17,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.noise import ActionNoise
 
-from tvm_cim.errors import CimError
-from tvm_cim.precision import Bits
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import Bits
 
 from .config import DDPGConfig, DQNConfig, TPEConfig
 from .env import CimQuantEnv, ContinuousActions

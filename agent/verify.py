@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_cim.errors import CimError
-from tvm_cim.precision import Bits
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import Bits
 
 from .scoring import Outcome, QatAccuracy
 
@@ -26,8 +26,9 @@ def simulate(model, policy, dataset, arch, example, splits=("val", "test")) -> d
     import tvm
     from tvm import relax
 
-    from tvm_cim import compile_for_cim, train
-    from tvm_cim.frontend import load_torch
+    from tvm_cim import compile_for_cim
+    from tvm_cim.compiler.frontend import load_torch
+    from tvm_cim.learn import train
 
     mod, names = load_torch(model, example)
     executable, report = compile_for_cim(mod, arch=arch, names=names)
@@ -60,7 +61,7 @@ def verify(
 ) -> dict:
     """``{label: figures}`` for each outcome; ``export`` names ONNX files to write the
     finetuned models of some labels to (``tvm-cim compile`` takes them as they are)."""
-    from tvm_cim import qat, train
+    from tvm_cim.learn import qat, train
 
     results = {}
     for label, outcome in outcomes.items():

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from tvm_cim import data, models, qat
-from tvm_cim import train as training
+from tvm_cim.learn import data, models, qat
+from tvm_cim.learn import train as training
 
 
 def _epoch_seconds(model, dataset, config) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
+from tvm_cim.core.arch import CimArch
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import CimError
-from tvm_cim.quant import MAX_SHIFT, Requantize, quant_range, rounding_right_shift
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.quant import MAX_SHIFT, Requantize, quant_range, rounding_right_shift
 
+from ..sim import isa
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
 from .mapping import WeightMapping, is_placeholder, map_weights, placeholder_mapping
-
-MAX_DIM = (1 << 16) - 1  # column fields are 16 bits wide
 
 
 def input_steps(a_bits: int, dac_bits: int) -> int:
@@ -117,8 +116,8 @@ def lower_matmul(
     if not np.issubdtype(weight.dtype, np.integer):
         raise CimError(f"{name}: weight must hold integers, got dtype {weight.dtype}")
     k, n = weight.shape
-    if k > MAX_DIM or n > MAX_DIM:
-        raise CimError(f"{name}: weight {weight.shape} exceeds {MAX_DIM} rows or columns")
+    if k > isa.MAX_COLUMNS or n > isa.MAX_COLUMNS:
+        raise CimError(f"{name}: weight {weight.shape} exceeds {isa.MAX_COLUMNS} rows or columns")
     wmin, wmax = quant_range(w_bits, True)
     if weight.min() < wmin or weight.max() > wmax:
         raise CimError(

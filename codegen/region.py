@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import CimError
-from tvm_cim.quant import MAX_SHIFT, Requantize, fixed_point, quant_range, quantize
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.quant import MAX_SHIFT, Requantize, fixed_point, quant_range, quantize
 
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc

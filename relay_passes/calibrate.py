@@ -14,8 +14,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvm_cim.errors import CimError
-from tvm_cim.quant import quantize
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.quant import quantize
 
 from .extract import GraphOp, GraphRegion, read_region
 from .partition import call_packed, offloaded_functions, rewrite_offloaded_calls

@@ -90,7 +90,7 @@ def clipped_code_range(lo: float, hi: float, scale: float, zero_point: int, dtyp
     Only then does a narrow code width reproduce the graph: ``quantize`` clamps to that
     range, which equals clipping at its bounds.
     """
-    from tvm_cim.quant import quant_range, quantize
+    from tvm_cim.core.quant import quant_range, quantize
 
     signed = dtype == "int8"
     qlo, qhi = (int(v) for v in quantize(np.array([lo, hi]), scale, zero_point, 8, signed))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm import relax
 
-from ..codegen.matmul import MAX_DIM
+from ..sim.isa import MAX_COLUMNS
 
 
 def _is_constant(expr, bindings) -> bool:
@@ -40,8 +40,8 @@ def unsupported_reason(call: relax.Call, block) -> str:
         if len(w.ty.shape) != 2:
             return "batched matmul weights are not one matrix"
         k, n = (int(d) for d in w.ty.shape)
-    if k > MAX_DIM or n > MAX_DIM:
-        return f"weight matrix {k}x{n} exceeds {MAX_DIM} rows or columns"
+    if k > MAX_COLUMNS or n > MAX_COLUMNS:
+        return f"weight matrix {k}x{n} exceeds {MAX_COLUMNS} rows or columns"
     dtypes = {str(x.ty.dtype), str(w.ty.dtype)}
     if not dtypes <= {"float16", "float32", "float64", "int8", "uint8", "int32"}:
         return f"unsupported dtypes {sorted(dtypes)}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import relax
 
-from tvm_cim.errors import CimError
+from tvm_cim.core.errors import CimError
 
 from ..codegen.layers import Codes, ConvGeometry
 from .canonicalize import clip_bounds, clipped_code_range

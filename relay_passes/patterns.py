@@ -21,7 +21,7 @@ from tvm.relax.backend.pattern_registry import get_patterns_with_prefix, registe
 from tvm.relax.dpl import is_const, is_op, wildcard
 from tvm.relax.transform import PatternCheckContext
 
-from ..codegen.matmul import MAX_DIM
+from ..sim.isa import MAX_COLUMNS
 
 #: Anchor Relax operators and the operator kind they become.
 ANCHORS = {"relax.matmul": "dense", "relax.nn.conv2d": "conv2d"}
@@ -198,7 +198,7 @@ def _check_dimensions(ctx: PatternCheckContext) -> bool:
     else:
         n, c, kh, kw = w_shape
         k = c * kh * kw
-    return k <= MAX_DIM and n <= MAX_DIM
+    return k <= MAX_COLUMNS and n <= MAX_COLUMNS
 
 
 _COMMON = (_check_static_shapes, _check_conv_layout, _check_matmul_shapes, _check_dimensions)

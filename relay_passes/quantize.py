@@ -4,16 +4,16 @@ Float operators get symmetric per-output-channel weights of ``w_bits`` and activ
 ``a_bits``, unsigned where calibration never saw a negative input (after a ReLU) and
 signed otherwise, with scales from the calibration ranges. Quantized (QDQ) and integer
 operators keep the codes and scales their graph states. Every rounding and clamping comes
-from ``tvm_cim.quant``, the definition the simulator and training share.
+from ``tvm_cim.core.quant``, the definition the simulator and training share.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.errors import CimError
-from tvm_cim.precision import W8A8, Bits
-from tvm_cim.quant import activation_scale, quant_range, quantize, weight_qmax, weight_scales
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import W8A8, Bits
+from tvm_cim.core.quant import activation_scale, quant_range, quantize, weight_qmax, weight_scales
 
 from ..codegen.layers import CimOp, Codes, Region
 from ..codegen.mapping import placeholder_weight

@@ -32,8 +32,8 @@ import re
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import ArchError, CimError, ProgramError
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import ArchError, CimError, ProgramError
 
 from . import isa
 from .builder import ProgramBuilder

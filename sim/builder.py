@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import ProgramError
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import ProgramError
 
 from . import isa
 from .program import CrossbarImage, Program, TensorDesc

@@ -75,6 +75,9 @@ def _col(name: str, doc: str) -> Field:
 
 _NCOLS = Field("ncols", 16, "count", "number of columns")
 
+#: Most columns a column field addresses: the widest buffer, tensor or weight-matrix side.
+MAX_COLUMNS = _NCOLS.max_value
+
 INSTRUCTIONS: tuple[InstrSpec, ...] = (
     InstrSpec(0, "halt", (), None, "control", False, "End of program; must be the last word."),
     InstrSpec(

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import ArchError, ProgramError
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import ArchError, ProgramError
 
 from . import isa
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim import quant
+from tvm_cim.core import quant
 
 from .timing import Timeline
 

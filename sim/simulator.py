@@ -13,9 +13,9 @@ from functools import cached_property
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import InputError
-from tvm_cim.quant import quant_range
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import InputError
+from tvm_cim.core.quant import quant_range
 
 from . import isa, reference
 from .program import Program, TensorDesc

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tvm_cim.arch import CimArch
+from tvm_cim.core.arch import CimArch
 
 from . import isa
 
@@ -198,7 +198,7 @@ def estimate(program, batch: int | None = None, arch: CimArch | None = None) -> 
 
     ``batch`` defaults to the program's fixed batch, else 1.
     """
-    from tvm_cim.errors import InputError
+    from tvm_cim.core.errors import InputError
 
     from .verify import check_arch, verify
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.arch import CimArch
-from tvm_cim.errors import ProgramError
-from tvm_cim.quant import MAX_SHIFT
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import ProgramError
+from tvm_cim.core.quant import MAX_SHIFT
 
 from . import isa, timing
 from .program import TENSOR_DTYPES, Program
 
 MAX_BUFFERS = 1 << 8
-MAX_WIDTH = (1 << 16) - 1
 #: Most vectors per item of a tensor or buffer (a 4096 x 4096 image).
 MAX_ROWS = 1 << 24
 
@@ -64,8 +63,8 @@ def _check_tensors(program: Program) -> None:
                 raise ProgramError(f"{where}: {t.bits} bits do not fit {t.dtype}")
             if t.dtype.startswith("u") and t.signed:
                 raise ProgramError(f"{where}: signed values in unsigned dtype {t.dtype}")
-            if not 1 <= t.width <= MAX_WIDTH:
-                raise ProgramError(f"{where}: width {t.width} outside 1..{MAX_WIDTH}")
+            if not 1 <= t.width <= isa.MAX_COLUMNS:
+                raise ProgramError(f"{where}: width {t.width} outside 1..{isa.MAX_COLUMNS}")
             if t.batch is not None and t.batch < 1:
                 raise ProgramError(f"{where}: batch {t.batch} must be positive")
             if not 1 <= t.rows <= MAX_ROWS:
@@ -79,8 +78,8 @@ def _check_tables(program: Program, arch: CimArch) -> None:
     if len(program.buffers) > MAX_BUFFERS:
         raise ProgramError(f"{len(program.buffers)} buffers exceed the limit of {MAX_BUFFERS}")
     for i, width in enumerate(program.buffers):
-        if not 1 <= width <= MAX_WIDTH:
-            raise ProgramError(f"buffer b{i}: width {width} outside 1..{MAX_WIDTH}")
+        if not 1 <= width <= isa.MAX_COLUMNS:
+            raise ProgramError(f"buffer b{i}: width {width} outside 1..{isa.MAX_COLUMNS}")
     if len(program.buffer_rows) != len(program.buffers):
         raise ProgramError(
             f"{len(program.buffer_rows)} buffer_rows entries for {len(program.buffers)} buffers"

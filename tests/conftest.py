@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tvm_cim.arch import CimArch
-from tvm_cim.quant import quant_range
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.quant import quant_range
 from tvm_cim.sim import Simulator, available_backends
 from tvm_cim.sim import simulator as _simulator
 

@@ -28,8 +28,8 @@ import tvm
 from tvm import relax
 
 import tvm_cim
-from tvm_cim import models
-from tvm_cim.frontend import load_onnx
+from tvm_cim.compiler.frontend import load_onnx
+from tvm_cim.learn import models
 
 torch.manual_seed(0)
 workdir = Path(tempfile.mkdtemp())

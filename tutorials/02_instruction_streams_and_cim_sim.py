@@ -41,7 +41,7 @@ program.save(workdir / "layer.cimp")
 
 
 def cim_sim(*args):
-    cmd = [sys.executable, "-m", "tvm_cim.sim.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "tvm_cim.cli.sim", *map(str, args)]
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 

@@ -22,8 +22,9 @@ import torch
 import tvm
 from tvm import relax
 
-from tvm_cim import compile_for_cim, data, qat, train
-from tvm_cim.frontend import load_onnx
+from tvm_cim import compile_for_cim
+from tvm_cim.compiler.frontend import load_onnx
+from tvm_cim.learn import data, qat, train
 
 torch.set_num_threads(1)
 config = train.TrainConfig(epochs=10, lr=3e-3, batch_size=32, seed=0)

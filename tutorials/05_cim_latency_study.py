@@ -13,7 +13,7 @@ policy, and what a machine with several crossbars working in parallel changes.
 # ``rram-4b`` is CIM-AQ's configuration with one crossbar: every layer's latency is the
 # reference formula ``writes * 56 us + MVMs * 1.4 us``.
 
-from tvm_cim.study import latency_study, study_arch, study_table
+from tvm_cim.workflows.study import latency_study, study_arch, study_table
 
 vgg = latency_study("vgg16", "rram-4b")
 print(study_table(vgg))

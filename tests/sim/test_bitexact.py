@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tvm_cim import CimArch, CimError
-from tvm_cim.arch import MAPPINGS
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.quant import Requantize, adc_read
+from tvm_cim.core.arch import MAPPINGS
+from tvm_cim.core.quant import Requantize, adc_read
 
 BITS = range(1, 9)
 
@@ -291,7 +291,7 @@ def test_wide_adc_is_exact(backend):
 
 def test_adc_shift_is_smallest_that_fits():
     """Every read's range fits its ADC code range, and one step finer would not."""
-    from tvm_cim.quant import quant_range, rounding_right_shift
+    from tvm_cim.core.quant import quant_range, rounding_right_shift
 
     rng = np.random.default_rng(21)
     for mapping in MAPPINGS:

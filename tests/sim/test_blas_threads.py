@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from tvm_cim.arch import CimArch
 from tvm_cim.codegen import lower_matmul
+from tvm_cim.core.arch import CimArch
 from tvm_cim.sim import Simulator, _core
 
 blas = _core.blas_threads

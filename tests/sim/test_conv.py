@@ -16,7 +16,7 @@ import pytest
 from conftest import simulate
 
 from tvm_cim import CimArch
-from tvm_cim.quant import Requantize
+from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import (
     Program,
     ProgramBuilder,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tvm_cim.arch import CimArch
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.quant import Requantize
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import ProgramBuilder, Simulator, TensorDesc, _core
 
 INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max

@@ -25,7 +25,7 @@ from conftest import random_inputs, random_weights, ready_backends
 
 from tvm_cim import CimArch, CimError
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.quant import Requantize
+from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import (
     CrossbarImage,
     Program,

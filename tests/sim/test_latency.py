@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tvm_cim import CimArch, InputError
-from tvm_cim.arch import MAPPINGS
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.quant import Requantize
+from tvm_cim.core.arch import MAPPINGS
+from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import isa
 
 WRITE_PS = 56_000_000

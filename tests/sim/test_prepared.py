@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tvm_cim.arch import CimArch
 from tvm_cim.codegen import lower_matmul
+from tvm_cim.core.arch import CimArch
 from tvm_cim.sim import Program, Simulator, available_backends
 
 ARCH = CimArch(rows=8, cols=8, cell_bits=2, dac_bits=1)

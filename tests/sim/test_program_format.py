@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tvm_cim import CimArch
 from tvm_cim.codegen import lower_matmul
-from tvm_cim.errors import ProgramError
-from tvm_cim.quant import Requantize
+from tvm_cim.core.errors import ProgramError
+from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import Program, ProgramBuilder, TensorDesc, im2col_params, isa
 from tvm_cim.sim import program as program_module
 

@@ -1,0 +1,132 @@
+"""``tvm-cim report``: the latency study of zoo models against CIM-AQ's formula."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tvm")
+
+from torch import nn  # noqa: E402
+
+from tvm_cim.cli.main import main as cli_main  # noqa: E402
+from tvm_cim.learn import models  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def formula_latency_us(model_name: str, w_bits=8, a_bits=8) -> list[float]:
+    """CIM-AQ's per-layer latency (reference page, rram-4b: 256x256, 4-bit cells, 1-bit
+    inputs, differential columns, 56 us writes, 1.4 us MVMs), from the PyTorch layers'
+    own shapes, in ``named_modules()`` order."""
+    model = models.build(model_name).eval()
+    shapes = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, *models.input_shape(model_name)))
+    for h in hooks:
+        h.remove()
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            n_in, m_out = m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels
+            invocations = shapes[name][2] * shapes[name][3]
+        elif isinstance(m, nn.Linear):
+            n_in, m_out, invocations = m.in_features, m.out_features, 1
+        else:
+            continue
+        cols = 2 * m_out * math.ceil(w_bits / 4)
+        writes = math.ceil(cols / 256) * math.ceil(n_in / 256)
+        execs = invocations * writes * a_bits
+        out.append((writes * 56_000_000 + execs * 1_400_000) / 1e6)  # integer picoseconds
+    return out
+
+
+def _report(tmp_path, capsys, *args):
+    path = tmp_path / "report.json"
+    assert cli_main(["report", *args, "--json", str(path)]) == 0
+    return json.loads(path.read_text()), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_name, layers", [("vgg16", 16), ("resnet18", 21)])
+def test_w8a8_report_is_the_reference_formula(tmp_path, capsys, model_name, layers):
+    data, out = _report(tmp_path, capsys, "--model", model_name, "--arch", "rram-4b")
+    expected = formula_latency_us(model_name)
+    assert len(data["layers"]) == len(expected) == layers
+    assert [round(op["latency_us"], 6) for op in data["layers"]] == [round(v, 6) for v in expected]
+    assert data["total_latency_us"] == pytest.approx(sum(expected), abs=1e-6)
+    assert data["w8a8_latency_us"] == data["total_latency_us"] and data["speedup"] == 1.0
+    assert f"over {layers} layers" in out
+
+
+def test_npy_policy_in_named_modules_order(tmp_path, capsys):
+    model = models.build("resnet20")
+    count = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    policy = np.array([[8, 8]] + [[4, 2 + i % 5] for i in range(count - 2)] + [[8, 8]])
+    np.save(tmp_path / "policy.npy", policy)
+    data, out = _report(
+        tmp_path, capsys, "--model", "resnet20", "--precision", str(tmp_path / "policy.npy")
+    )
+    assert [[op["w_bits"], op["a_bits"]] for op in data["layers"]] == policy.tolist()
+    expected = sum(
+        formula_latency_us("resnet20", *map(int, row))[i] for i, row in enumerate(policy)
+    )
+    assert data["sequential_latency_us"] == pytest.approx(expected, abs=1e-6)
+    assert data["speedup"] == pytest.approx(data["w8a8_latency_us"] / data["total_latency_us"])
+    assert data["speedup"] > 1.5
+
+
+def test_more_crossbars_overlap_writes_with_computation(tmp_path, capsys):
+    one, _ = _report(tmp_path, capsys, "--model", "resnet20")
+    four, out = _report(tmp_path, capsys, "--model", "resnet20", "--crossbars", "4")
+    assert four["sequential_latency_us"] == pytest.approx(one["sequential_latency_us"])
+    assert four["total_latency_us"] < one["total_latency_us"]
+    assert "crossbars=4" in out
+
+
+def test_depthwise_layers_stay_on_the_cpu(tmp_path, capsys):
+    data, out = _report(tmp_path, capsys, "--model", "mobilenetv2")
+    assert all(op["kind"] in ("conv2d", "dense") for op in data["layers"])
+    assert "grouped convolution" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "alexnet"], "unknown model 'alexnet'"),
+        (["--model", "resnet20", "--precision", "POLICY"], "entries, but resnet20 has 20"),
+        (
+            ["--model", "resnet20", "--arch", "ARCH"],
+            "missing the key crossbar.resolution_input_bits",
+        ),
+        (["--model", "resnet20", "--crossbars", "0"], "crossbars"),
+    ],
+)
+def test_bad_input(tmp_path, capsys, args, message):
+    np.save(tmp_path / "short.npy", np.array([[8, 8]] * 5))
+    (tmp_path / "arch.yaml").write_text(
+        "crossbar:\n  size: {m: 256, n: 256}\n  resolution_weight_bits: 4\n"
+    )
+    replace = {"POLICY": str(tmp_path / "short.npy"), "ARCH": str(tmp_path / "arch.yaml")}
+    assert cli_main(["report", *[replace.get(a, a) for a in args]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cim_aq_hardware_config_is_an_arch(tmp_path, capsys):
+    (tmp_path / "hardware_config.yaml").write_text(
+        "crossbar:\n  size:\n    m: 256\n    n: 256\n  resolution_weight_bits: 4\n"
+        "  resolution_input_bits: 1\n  mvm_write_latency: 56\n  mvm_execute_latency: 1.4\n"
+        "mapper:\n  mapping_type: dc\n"
+    )
+    theirs, _ = _report(
+        tmp_path, capsys, "--model", "resnet20", "--arch", str(tmp_path / "hardware_config.yaml")
+    )
+    ours, _ = _report(tmp_path, capsys, "--model", "resnet20", "--arch", "rram-4b")
+    assert theirs["total_latency_us"] == ours["total_latency_us"]
+    assert theirs["total_latency_us"] == pytest.approx(sum(formula_latency_us("resnet20")))

@@ -1,0 +1,2 @@
+"""The command lines: ``tvm-cim`` (``main``) and ``cim-sim`` (``sim``), on one scaffolding
+(``common``)."""

@@ -1,0 +1,68 @@
+"""``tvm-cim train``: the training stages from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tvm_cim.core.errors import CimError
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="zoo model, e.g. digits-cnn")
+    p.add_argument("--dataset", required=True, help="digits, mnist1d or synthetic")
+    p.add_argument(
+        "--stage",
+        choices=("fp32", "w8a8", "mixed"),
+        help="fp32 pretraining, W8A8 QAT or mixed-precision finetuning (default: mixed "
+        "when --precision is given, w8a8 with --from, else fp32)",
+    )
+    p.add_argument("--precision", metavar="CFG", help="per-layer bits (YAML, JSON or .npy)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from", dest="start", metavar="CKPT", help="start from this checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train(args: argparse.Namespace) -> int:
+    import torch
+
+    from tvm_cim.learn import data, models, qat, train
+
+    if args.epochs < 0:
+        raise CimError(f"--epochs must be >= 0, got {args.epochs}")
+    stage = args.stage or ("mixed" if args.precision else "w8a8" if args.start else "fp32")
+    start = None
+    if args.start:
+        start, _ = train.load_checkpoint(args.start, args.model)
+    config = train.TrainConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed
+    )
+    model, result = train.run_stage(
+        stage,
+        args.model,
+        args.dataset,
+        config,
+        precision=args.precision,
+        start=start,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = train.save_checkpoint(model, result, out / f"{stage}.pt")
+    train.write_metrics(result, out / f"{stage}.metrics.json")
+    print(
+        f"{args.model} on {args.dataset}, stage {stage}: val {result.val_accuracy:.2f} %, "
+        f"test {result.test_accuracy:.2f} % ({result.seconds:.1f} s)"
+    )
+    print(f"wrote {checkpoint}")
+    example = torch.from_numpy(data.load(args.dataset, seed=args.seed).test[0][:1])
+    if stage == "fp32":  # a float graph: compiling it needs --calibration
+        onnx_path = models.export_onnx(model, out / "fp32.onnx", tuple(example.shape[1:]))
+    else:
+        onnx_path = qat.export_onnx(model, out / f"{stage}.onnx", example)
+    print(f"wrote {onnx_path} (compile it with: tvm-cim compile {onnx_path} -o model.so)")
+    return 0

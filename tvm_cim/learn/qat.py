@@ -1,0 +1,367 @@
+"""Mixed-precision quantization-aware training in PyTorch, per operator.
+
+``prepare(model)`` replaces every ``nn.Conv2d`` (except depthwise and grouped ones, which
+stay float and run on the CPU after compilation) and every ``nn.Linear`` by a quantized
+twin at the same module path, so precision configs name layers by their usual paths
+(``layer1.0.conv1``, ``features.0``, ``classifier.6``).
+
+Each quantized layer fake-quantizes its input activation to ``a_bits`` and its weight to
+``w_bits``:
+
+* weights: symmetric per output channel, scale ``max|w| / (2**(w_bits-1) - 1)`` recomputed
+  every step (``tvm_cim.core.quant.weight_scales``), codes ``-qmax..qmax``;
+* activations: a calibrated scale, from the running maximum of ``|x|`` seen in training
+  mode (exponential moving average, momentum 0.9), frozen in eval mode; unsigned codes
+  when every calibration input was non-negative (after a ReLU), signed otherwise;
+* biases: rounded to the accumulator's grid (input scale times weight scale), as the
+  crossbars add them to the integer accumulator;
+* rounding half to even and clamping exactly as ``tvm_cim.core.quant.quantize`` (division in
+  float32), with straight-through gradients inside the clamping range.
+
+``export_onnx`` writes the trained model as a QDQ ONNX graph whose integer semantics are
+those of the fake quantization: ``Clip`` to the code range, ``QuantizeLinear`` /
+``DequantizeLinear`` for activations, int8 weight codes with per-channel scales through
+``DequantizeLinear``; the Conv/Gemm nodes carry the layer paths as names. ``tvm-cim
+compile`` takes it with no further flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import W8A8, Bits, Precision
+from tvm_cim.core.quant import quant_range, quantize, weight_qmax
+
+ACT_MOMENTUM = 0.9
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / scale), qmin, qmax) * scale`` with a straight-through gradient."""
+    codes = _RoundSTE.apply(x / scale)
+    return torch.clamp(codes, qmin, qmax) * scale
+
+
+def weight_fake_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel fake quantization; returns ``(weight_q, scale)``."""
+    qmax = weight_qmax(bits)
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    scale = flat.abs().amax(dim=1) / torch.tensor(qmax, dtype=torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return fake_quantize(weight, scale.reshape(shape), -qmax, qmax), scale
+
+
+class _QuantMixin:
+    """State and behaviour shared by the quantized layers."""
+
+    def _init_quant(self, bits: Bits):
+        self.bits = bits
+        self.register_buffer("act_absmax", torch.zeros(()))
+        self.register_buffer("act_min", torch.full((), float("inf")))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.exporting = False
+
+    @property
+    def signed_input(self) -> bool:
+        return bool(self.act_min < 0)
+
+    def act_range(self) -> tuple[int, int]:
+        return quant_range(self.bits.a_bits, self.signed_input)
+
+    def act_scale(self) -> torch.Tensor:
+        qmax = self.act_range()[1]
+        absmax = self.act_absmax.clamp_min(1e-8)
+        return absmax / torch.tensor(float(max(qmax, 1)), dtype=torch.float32)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            absmax = x.detach().abs().max()
+            if bool(self.calibrated):
+                self.act_absmax.mul_(ACT_MOMENTUM).add_((1 - ACT_MOMENTUM) * absmax)
+            else:
+                self.act_absmax.copy_(absmax)
+                self.calibrated.fill_(True)
+            self.act_min.copy_(torch.minimum(self.act_min, x.detach().min()))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:  # scale and range frozen as Python numbers: graph constants
+            return _export_activation(x, *self.export_activation)
+        if self.training or not bool(self.calibrated):
+            self._observe(x)
+        qmin, qmax = self.act_range()
+        return fake_quantize(x, self.act_scale(), qmin, qmax)
+
+    def quantized_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fake-quantized weight and bias; the bias on the accumulator's grid.
+
+        The bias is rounded to multiples of ``input scale * weight scale``, the unit of
+        the integer accumulator it is added to on the crossbars.
+        """
+        if self.exporting:  # codes and scales fixed before tracing: constants in the graph
+            weight = torch.fake_quantize_per_channel_affine(
+                self.export_weight, self.export_scale, self.export_zero_point, 0, -128, 127
+            )
+            return weight, getattr(self, "export_bias", None)
+        weight, w_scale = weight_fake_quantize(self.weight, self.bits.w_bits)
+        if self.bias is None:
+            return weight, None
+        step = self.act_scale().detach() * w_scale
+        return weight, fake_quantize(self.bias, step, -(2**31), 2**31 - 1)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized input, weight and bias."""
+
+    def forward(self, x):
+        x = self.quantize_input(x)
+        return self._conv_forward(x, *self.quantized_params())
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized input, weight and bias."""
+
+    def forward(self, x):
+        x = self.quantize_input(x)
+        return F.linear(x, *self.quantized_params())
+
+
+def _export_activation(x, scale: float, qmin: int, qmax: int):
+    """``Clip`` to the code range, then an 8-bit QDQ pair: ONNX export of ``fake_quantize``.
+
+    Clipping at ``code * scale`` and then rounding gives the codes the narrow fake
+    quantization gives, so the graph means the same in any ONNX runtime; tvm-cim reads
+    the activation width back from the clip bounds.
+    """
+    x = torch.clamp(x, qmin * scale, qmax * scale)
+    lo, hi = (-128, 127) if qmin < 0 else (0, 255)
+    return torch.fake_quantize_per_tensor_affine(x, scale, 0, lo, hi)
+
+
+def _quantizable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order."""
+    return [name for name, m in model.named_modules() if _quantizable(m)]
+
+
+def _resolve(model: nn.Module, precision) -> dict[str, Bits]:
+    names = layer_names(model)
+    return {n: b or W8A8 for n, b in Precision.load(precision).resolve(names).items()}
+
+
+def prepare(model: nn.Module, precision=None) -> nn.Module:
+    """Replace quantizable layers by quantized ones, in place; returns ``model``.
+
+    ``precision`` is anything ``tvm_cim.core.precision.Precision.load`` reads, naming layers
+    by module path; unspecified layers get W8A8. Weight bits must be at least 2.
+    """
+    bits = _resolve(model, precision)
+    for name, b in bits.items():
+        if b.w_bits < 2:
+            raise CimError(f"{name}: symmetric weights need at least 2 bits, got w_bits=1")
+    for name, module in list(model.named_modules()):
+        if name not in bits or isinstance(module, _QuantMixin):
+            if isinstance(module, _QuantMixin):
+                module.bits = bits[name]
+            continue
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        quant = cls.__new__(cls)
+        quant.__dict__.update(module.__dict__)
+        quant._init_quant(bits[name])
+        _set_module(model, name, quant)
+    return model
+
+
+def set_precision(model: nn.Module, precision) -> None:
+    """Change the bit widths of a prepared model's layers (keeps the calibration)."""
+    for name, b in _resolve(model, precision).items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, _QuantMixin):
+            raise CimError(f"{name}: the model is not prepared for QAT; call prepare() first")
+        if b.w_bits < 2:
+            raise CimError(f"{name}: symmetric weights need at least 2 bits, got w_bits=1")
+        layer.bits = b
+
+
+def precision_of(model: nn.Module) -> dict[str, dict]:
+    """``{layer: {w_bits, a_bits}}`` of a prepared model."""
+    return {
+        name: m.bits.to_dict() for name, m in model.named_modules() if isinstance(m, _QuantMixin)
+    }
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Reset and recompute every activation scale from ``batches`` (train-mode statistics)."""
+    for m in model.modules():
+        if isinstance(m, _QuantMixin):
+            m.calibrated.fill_(False)
+            m.act_min.fill_(float("inf"))
+    was_training = model.training
+    model.train()
+    for x in batches:
+        model(x)
+    model.train(was_training)
+
+
+@contextlib.contextmanager
+def _frozen_for_export(model: nn.Module):
+    """Eval mode with every quantized layer's codes, scales and ranges fixed as constants.
+
+    Inside, quantized layers compute with ``torch.fake_quantize_per_*_affine`` on frozen
+    buffers (``export_weight``, ``export_scale``, ``export_bias``) and Python-number
+    activation scales, which both ONNX export and ``torch.export`` trace into constants.
+    Yields ``{path: layer}``; restores the model on exit.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}
+    if not layers:
+        raise CimError("the model has no quantized layers; call tvm_cim.learn.qat.prepare() first")
+    uncalibrated = [n for n, m in layers.items() if not bool(m.calibrated)]
+    if uncalibrated:
+        raise CimError(
+            f"{uncalibrated[0]}: no activation scale yet; run tvm_cim.learn.qat.calibrate() or "
+            "train the model before exporting it"
+        )
+    was_training = model.training
+    model.eval()
+    for m in layers.values():
+        with torch.no_grad():
+            weight_q, bias_q = m.quantized_params()
+            scale = weight_fake_quantize(m.weight, m.bits.w_bits)[1]
+        # Registered buffers become initializers named after the layer's path.
+        m.register_buffer("export_weight", weight_q)
+        m.register_buffer("export_scale", scale)
+        m.register_buffer("export_zero_point", torch.zeros(scale.numel(), dtype=torch.int32))
+        if bias_q is not None:
+            m.register_buffer("export_bias", bias_q)
+        m.export_activation = (float(m.act_scale()), *m.act_range())
+        m.exporting = True
+    try:
+        yield layers
+    finally:
+        for m in layers.values():
+            m.exporting = False
+            del m.export_weight, m.export_scale, m.export_zero_point, m.export_activation
+            if hasattr(m, "export_bias"):
+                del m.export_bias
+        model.train(was_training)
+
+
+def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
+    """Write the prepared model as a QDQ ONNX file; returns the path.
+
+    Conv and Gemm nodes of quantized layers are named by their module paths, so
+    precision configs and compile reports use the same names as training.
+    """
+    import onnx
+
+    buffer = io.BytesIO()
+    with _frozen_for_export(model) as layers, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example_input,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=False,  # keep weight codes and scales apart
+            input_names=["x"],
+            output_names=["y"],
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    _fold_weight_quantization(graph, set(layers))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph, str(path))
+    return path
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor):
+    """``torch.export`` of the prepared model, with the quantization as QDQ operators.
+
+    The program carries ``fake_quantize_per_tensor_affine`` for activations (after a
+    ``clamp`` to the code range) and ``fake_quantize_per_channel_affine`` for weights;
+    ``tvm_cim.compiler.frontend.load_torch`` imports them as Relax ``quantize``/``dequantize``, the
+    same graph the QDQ ONNX file imports as.
+    """
+    with _frozen_for_export(model):
+        return torch.export.export(model, (example_input,))
+
+
+def _fold_weight_quantization(model, layer_paths: set[str]) -> None:
+    """``QuantizeLinear(float weight)`` becomes an int8 initializer; name the layers' nodes."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    producers = {o: n for n in g.node for o in n.output}
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(consts[name].attribute[0].t)
+
+    dropped = set()
+    weight_layer = {}  # DequantizeLinear output -> layer path
+    for node in g.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        source = node.input[0]
+        if not source.endswith(".export_weight"):
+            continue
+        layer = source[: -len(".export_weight")]
+        scale = value(node.input[1]).astype(np.float32)
+        w = numpy_helper.to_array(inits[source]).astype(np.float32)
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        codes = quantize(w, scale.reshape(shape), 0, 8, True, dtype=np.int8)
+        codes_name = f"{layer}.weight_codes"
+        g.initializer.append(numpy_helper.from_array(codes, codes_name))
+        dropped.add(id(node))
+        for consumer in g.node:
+            if consumer.op_type == "DequantizeLinear" and consumer.input[0] == node.output[0]:
+                consumer.input[0] = codes_name
+                weight_layer[consumer.output[0]] = layer
+        g.initializer.remove(inits[source])
+    keep = [n for n in g.node if id(n) not in dropped]
+    del g.node[:]
+    g.node.extend(keep)
+    for node in g.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            layer = weight_layer.get(node.input[1])
+            if layer is None and node.input[1] in producers:  # Gemm may transpose first
+                upstream = producers[node.input[1]]
+                layer = weight_layer.get(upstream.input[0]) if upstream.input else None
+            if layer in layer_paths:
+                node.name = layer

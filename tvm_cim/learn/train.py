@@ -1,0 +1,270 @@
+"""Training stages (FP32 pretraining, W8A8 QAT, mixed-precision finetuning) and checkpoints.
+
+The stages follow CIM-AQ: a float model is trained first, then quantization-aware
+training at W8A8 starts from it, and mixed-precision finetuning starts from the W8A8
+model with a per-layer precision. ``evaluate_policy`` is the short "how accurate is this
+precision?" step the search calls many times.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tvm_cim.core.errors import CimError
+from tvm_cim.learn import data as datasets
+from tvm_cim.learn import models, qat
+
+STAGES = ("fp32", "w8a8", "mixed")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training stage.
+
+    Attributes
+    ----------
+    epochs
+        Passes over the training split.
+    lr
+        Adam learning rate (cosine-annealed to zero over the stage).
+    batch_size
+        Samples per step.
+    seed
+        Seeds parameter initialization, shuffling and everything random.
+    calibration_batches
+        Training batches that set the activation scales before QAT starts.
+    """
+
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    calibration_batches: int = 4
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: accuracies (percent), time, per-epoch history."""
+
+    stage: str
+    model: str
+    dataset: str
+    precision: dict | None
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def accuracy(model: nn.Module, split, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent of ``model`` (eval mode) on ``(x, y)`` arrays."""
+    x, y = split
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            logits = model(torch.from_numpy(x[i : i + batch_size]))
+            correct += int((logits.argmax(1).numpy() == y[i : i + batch_size]).sum())
+    return 100.0 * correct / len(y)
+
+
+def predictions(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Logits of ``model`` in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                model(torch.from_numpy(x[i : i + batch_size])).numpy()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+
+
+def fit(
+    model: nn.Module, dataset: datasets.Dataset, config: TrainConfig, progress: bool = False
+) -> list[dict]:
+    """Train ``model`` on the training split; returns one record per epoch."""
+    torch.manual_seed(config.seed)
+    train_loader, _, _ = dataset.loaders(config.batch_size, seed=config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = max(1, config.epochs * len(train_loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss_fn = nn.CrossEntropyLoss()
+    history = []
+    epochs = range(config.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="train", unit="epoch")
+    for epoch in epochs:
+        model.train()
+        start, total = time.perf_counter(), 0.0
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(y)
+        record = {
+            "epoch": epoch + 1,
+            "loss": total / len(dataset.train[1]),
+            "val_accuracy": accuracy(model, dataset.val),
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(record)
+        if progress:
+            epochs.set_postfix(loss=f"{record['loss']:.3f}", val=f"{record['val_accuracy']:.1f}%")
+    return history
+
+
+def calibration_batches(dataset: datasets.Dataset, config: TrainConfig):
+    """The first ``config.calibration_batches`` training batches, in a fixed order."""
+    x = torch.from_numpy(dataset.train[0])
+    n = config.calibration_batches * config.batch_size
+    return [x[i : i + config.batch_size] for i in range(0, min(n, len(x)), config.batch_size)]
+
+
+def run_stage(
+    stage: str,
+    model_name: str,
+    dataset_name: str,
+    config: TrainConfig,
+    *,
+    precision=None,
+    start: nn.Module | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, StageResult]:
+    """Train one stage; ``start`` is the previous stage's model (else a fresh one)."""
+    if stage not in STAGES:
+        raise CimError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if stage == "mixed" and precision is None:
+        raise CimError("the mixed stage needs a precision config")
+    dataset = datasets.load(dataset_name, seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = copy.deepcopy(start) if start is not None else models.build(model_name)
+    began = time.perf_counter()
+    if stage != "fp32":
+        bits = precision if stage == "mixed" else {"default": {"w_bits": 8, "a_bits": 8}}
+        if any(isinstance(m, qat._QuantMixin) for m in model.modules()):
+            qat.set_precision(model, bits)
+        else:
+            qat.prepare(model, bits)
+        qat.calibrate(model, calibration_batches(dataset, config))
+    history = fit(model, dataset, config, progress=progress)
+    result = StageResult(
+        stage=stage,
+        model=model_name,
+        dataset=dataset_name,
+        precision=qat.precision_of(model) if stage != "fp32" else None,
+        val_accuracy=accuracy(model, dataset.val),
+        test_accuracy=accuracy(model, dataset.test),
+        seconds=time.perf_counter() - began,
+        history=history,
+    )
+    return model, result
+
+
+def policy_model(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    precision,
+    *,
+    finetune_steps: int = 0,
+    config: TrainConfig | None = None,
+) -> nn.Module:
+    """A prepared copy of ``model`` at ``precision``: recalibrated on the training split,
+    then finetuned for ``finetune_steps`` batches. Deterministic for ``config.seed``;
+    ``model`` (float or prepared) is left untouched."""
+    config = config or TrainConfig()
+    torch.manual_seed(config.seed)
+    candidate = copy.deepcopy(model)
+    if any(isinstance(m, qat._QuantMixin) for m in candidate.modules()):
+        qat.set_precision(candidate, precision)
+    else:
+        qat.prepare(candidate, precision)
+    qat.calibrate(candidate, calibration_batches(dataset, config))
+    if finetune_steps:
+        optimizer = torch.optim.Adam(candidate.parameters(), lr=config.lr * 0.1)
+        loader, _, _ = dataset.loaders(config.batch_size, seed=config.seed)
+        candidate.train()
+        for step, (x, y) in enumerate(loader):
+            if step == finetune_steps:
+                break
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(candidate(x), y).backward()
+            optimizer.step()
+    return candidate.eval()
+
+
+def evaluate_policy(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    precision,
+    *,
+    finetune_steps: int = 0,
+    config: TrainConfig | None = None,
+) -> float:
+    """Validation accuracy (percent) of ``policy_model(model, dataset, precision, ...)``:
+    the "evaluate this policy" step of the precision search."""
+    candidate = policy_model(
+        model, dataset, precision, finetune_steps=finetune_steps, config=config
+    )
+    return accuracy(candidate, dataset.val)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(model: nn.Module, result: StageResult, path) -> Path:
+    """Weights, precision and metrics of a stage, for ``--from`` and for compiling."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": result.model,
+            "dataset": result.dataset,
+            "stage": result.stage,
+            "precision": result.precision,
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+    return path
+
+
+def load_checkpoint(path, model_name: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint holds; ``model_name`` must match it if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise CimError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign files
+        raise CimError(f"{path}: not a tvm-cim checkpoint ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or "model" not in blob or "state_dict" not in blob:
+        raise CimError(f"{path}: not a tvm-cim checkpoint")
+    if model_name is not None and blob["model"] != model_name:
+        raise CimError(f"{path} holds a {blob['model']!r} model, not {model_name!r}")
+    model = models.build(blob["model"])
+    if blob.get("precision"):
+        qat.prepare(model, blob["precision"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CimError(f"{path}: weights do not fit {blob['model']!r}: {exc}") from None
+    model.eval()
+    return model, blob
+
+
+def write_metrics(result: StageResult, path) -> None:
+    with open(path, "w") as f:
+        json.dump(asdict(result), f, indent=2)

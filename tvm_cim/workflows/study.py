@@ -1,0 +1,118 @@
+"""The latency study behind ``tvm-cim report``: a zoo model at its standard shapes,
+compiled cost-only for an arch at a policy and at W8A8.
+
+Policies name layers by module path, or list them in the ``named_modules()`` order of the
+model's convolution and linear layers (CIM-AQ's layer index, ``.npy`` policies). A list
+may include the depthwise convolutions (their entries are ignored: they stay on the CPU)
+or leave them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import CimError
+from tvm_cim.core.precision import Precision
+
+
+def _layer_order(model) -> tuple[list[str], list[str]]:
+    """``(offloadable, all)`` convolution and linear paths in ``named_modules()`` order."""
+    from torch import nn
+
+    from tvm_cim.learn import qat
+
+    every = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return qat.layer_names(model), every
+
+
+def _named_precision(precision, offloadable: list[str], every: list[str], model_name: str):
+    """A precision with an ordered list turned into names (see the module docstring)."""
+    if precision is None:
+        return None
+    loaded = Precision.load(precision)
+    if loaded.ordered is None:
+        return loaded
+    entries = loaded.ordered
+    if len(entries) == len(every) and len(every) != len(offloadable):
+        entries = [b for name, b in zip(every, entries) if name in offloadable]
+    if len(entries) != len(offloadable):
+        extra = f" ({len(every)} with the depthwise ones)" if len(every) != len(offloadable) else ""
+        raise CimError(
+            f"{loaded.source}: {len(loaded.ordered)} entries, but {model_name} has "
+            f"{len(offloadable)} convolution and linear layers{extra}"
+        )
+    return Precision(by_name=dict(zip(offloadable, entries)), source=loaded.source)
+
+
+def study_arch(arch="rram-4b", crossbars: int | None = None, adc_bits: int | None = None):
+    """``arch`` with the optional overrides applied (validated)."""
+    arch = CimArch.load(arch)
+    changes = {}
+    if crossbars is not None:
+        changes["crossbars"] = crossbars
+    if adc_bits is not None:
+        changes["adc_bits"] = adc_bits
+    if not changes:
+        return arch
+    overrides = ", ".join(f"{k}={v}" for k, v in changes.items())
+    return dataclasses.replace(arch, name=f"{arch.name} ({overrides})", **changes)
+
+
+def latency_study(model_name: str, arch="rram-4b", precision=None) -> dict:
+    """Per-layer and total latency of a zoo model at ``precision`` and at W8A8.
+
+    Returns a dict with ``model``, ``arch``, ``total_latency_us``,
+    ``sequential_latency_us``, ``w8a8_latency_us``, ``speedup`` and ``layers`` (one
+    ``OperatorReport.to_dict()`` per offloaded layer, with ``writes`` and
+    ``mvm_executions``), plus ``cpu_operators``.
+    """
+    import torch
+
+    from tvm_cim import cost_report
+    from tvm_cim.compiler.frontend import load_torch
+    from tvm_cim.learn import models
+
+    arch = CimArch.load(arch)
+    model = models.fold_batchnorm(models.build(model_name))
+    offloadable, every = _layer_order(model)
+    named = _named_precision(precision, offloadable, every, model_name)
+    example = torch.zeros(1, *models.input_shape(model_name))
+    mod, names = load_torch(model, example)
+    report = cost_report(mod, arch=arch, precision=named, names=names)
+    w8a8 = report if named is None else cost_report(mod, arch=arch, precision=None, names=names)
+    data = report.to_dict()
+    data.update(
+        model=model_name,
+        arch=arch.to_dict(),
+        w8a8_latency_us=w8a8.total_latency_us,
+        w8a8_sequential_latency_us=w8a8.sequential_latency_us,
+        speedup=w8a8.total_latency_us / report.total_latency_us,
+    )
+    return data
+
+
+def study_table(data: dict) -> str:
+    """The study as a fixed-width text table."""
+    head = (
+        f"{'layer':<22} {'kind':<6} {'input':<16} {'output':<16} {'bits':<6} "
+        f"{'writes':>6} {'MVMs':>8} {'latency us':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    for op in data["layers"]:
+        shape_in = "x".join(map(str, op["in_shape"][1:]))
+        shape_out = "x".join(map(str, op["out_shape"][1:]))
+        lines.append(
+            f"{op['name'][:22]:<22} {op['kind'][:6]:<6} {shape_in:<16} {shape_out:<16} "
+            f"W{op['w_bits']}A{op['a_bits']:<3} {op['writes']:>6} {op['mvm_executions']:>8} "
+            f"{op['latency_us']:>12.1f}"
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"total {data['total_latency_us']:.1f} us (sequential sum "
+        f"{data['sequential_latency_us']:.1f} us) over {len(data['layers'])} layers; "
+        f"W8A8 {data['w8a8_latency_us']:.1f} us; speedup {data['speedup']:.3f}x"
+    )
+    for cpu in data["cpu_operators"]:
+        lines.append(f"on CPU: {cpu['name']} ({cpu['kind']}): {cpu['reason']}")
+    return "\n".join(lines)
