@@ -57,7 +57,7 @@ SEARCH_REQUIRES = [
     "optuna>=4,<5",
     "matplotlib>=3.7",
 ]
-DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
+DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "import-linter>=2.1", "networkx>=3"]
 
 setup(
     name="tvm-cim",
