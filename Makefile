@@ -15,7 +15,7 @@ install: $(STAMP)
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.py pyproject.toml sim/_core.pyx | $(VPY)
+$(STAMP): setup.py pyproject.toml sim/_core.pyx sim/isa.py sim/isa_pxi.py | $(VPY)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_SPEC)"
 	$(VPY) -m pip install -e ".[all]"
@@ -24,6 +24,7 @@ $(STAMP): setup.py pyproject.toml sim/_core.pyx | $(VPY)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VPY) tests/import_graph.py check
 	$(VPY) -m pytest -q
 
 demo: $(STAMP)
@@ -40,5 +41,5 @@ docs: $(STAMP)
 	$(VPY) -m tvm_cim.sim.isa_doc docs/isa.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info sim/_core.c sim/_core*.so .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info sim/_core.c sim/_core*.so sim/_isa.pxi .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

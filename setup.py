@@ -4,9 +4,15 @@ The four component folders are installed as subpackages of ``tvm_cim`` so that
 nothing called ``sim`` or ``agent`` lands in site-packages.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
+
+HERE = Path(__file__).resolve().parent
 
 # Installed package name -> source folder.
 COMPONENTS = {
@@ -31,6 +37,12 @@ def _packages():
 
 
 PACKAGES, PACKAGE_DIR = _packages()
+
+# The compiled core includes its opcodes, operand layout and dispatch from sim/_isa.pxi,
+# generated from the ISA table (sim/isa.py) before Cython compiles it.
+subprocess.run(
+    [sys.executable, str(HERE / "sim" / "isa_pxi.py"), str(HERE / "sim" / "_isa.pxi")], check=True
+)
 
 EXTENSIONS = cythonize(
     [
@@ -67,7 +79,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     ext_modules=EXTENSIONS,
-    install_requires=["numpy>=1.26", "pyyaml>=6", "scipy>=1.11"],
+    install_requires=["array-api-compat>=1.9", "numpy>=1.26", "pyyaml>=6", "scipy>=1.11"],
     extras_require={
         "tvm": TVM_REQUIRES,
         "train": TRAIN_REQUIRES,

@@ -7,9 +7,12 @@
 memoryview and dispatches on the opcode in C loops that hold no Python objects and
 release the GIL. The verifier has checked every index, so nothing is bounds-checked.
 
-* The schedule is ``timing.Timeline`` re-done in C, fed by the same ISA table and
-  read/write operand lists, in one pass over the code; the tests hold it equal to the
-  reference and to ``Program.estimate``.
+* The opcodes, operand columns, scoreboard tables, counts and the dispatch come from
+  ``_isa.pxi``, which ``isa_pxi.py`` generates from the ISA table when the package is
+  built; importing a core built from another table fails (the simulator then falls back
+  to the numpy reference). An instruction's semantics is ``_execute_<mnemonic>``.
+* The schedule is ``timing.Timeline`` re-done in C from the same table, in one pass over
+  the code; the tests hold it equal to the reference and to ``timing.estimate``.
 * Values are computed in a second pass, once per row tile of items: every instruction
   treats each item (its ``rows`` vectors of every buffer) on its own, so the whole
   program runs on a few hundred vectors at a time while their buffers stay in cache.
@@ -36,7 +39,7 @@ from libc.string cimport memcpy, memset
 cimport numpy as cnp
 import numpy as np
 
-from . import isa, reference, timing
+from . import isa, reference
 from .timing import SimStats
 
 cnp.import_array()
@@ -164,81 +167,19 @@ blas_threads = _blas_threads
 
 # ------------------------------------------------------------------- the ISA table
 
+# The opcodes, the operand columns (MVM_SRC, ...), the counters, the scoreboard tables
+# per opcode, the tally of counts (_tally) and the dispatch, generated from isa.py when
+# the package is built.
+include "_isa.pxi"
+
+if ISA_FINGERPRINT != isa.fingerprint():  # the simulator falls back to the numpy reference
+    raise ImportError(
+        "tvm_cim.sim._core was built for another instruction table; rebuild it "
+        "(pip install -e .)"
+    )
+
 cdef enum:
-    HALT = 0
-    PROG = 1
-    LOAD = 2
-    MVM = 3
-    ADC = 4
-    SHADD = 5
-    ACC = 6
-    REQ = 7
-    STORE = 8
-    IM2COL = 9
-    NOPS = 64  # 6-bit opcode field
-    MAXN = 256  # most buffers, crossbars and tensors of each kind a program may have
-    NUNITS = MAXN + 3  # the crossbars, then digital, io and control
     _GEMV_ROWS = 8  # fewer vectors than this: GEMV per vector rather than one GEMM
-
-# The operand order every execute function below assumes. If the table changes without
-# this core, importing it fails and the simulator falls back to the numpy reference.
-_LAYOUT = {
-    HALT: ("halt", ()),
-    PROG: ("prog", ("xb", "image")),
-    LOAD: ("load", ("dst", "dst_col", "tensor", "src_col", "ncols")),
-    MVM: ("mvm", ("xb", "src", "src_col", "bit", "signed")),
-    ADC: ("adc", ("dst", "dst_col", "xb", "col", "ncols", "shift", "signed")),
-    SHADD: ("shadd", ("dst", "dst_col", "src", "src_col", "ncols", "shift", "neg", "bcast")),
-    ACC: ("acc", ("dst", "dst_col", "src", "src_col", "ncols")),
-    REQ: (
-        "req",
-        ("dst", "dst_col", "src", "src_col", "ncols", "params", "zp", "bits", "signed", "relu"),
-    ),
-    STORE: ("store", ("tensor", "dst_col", "src", "src_col", "ncols")),
-    IM2COL: ("im2col", ("dst", "src", "params", "pad")),
-}
-if isa.OPCODE_BITS != 6 or _LAYOUT != {
-    spec.opcode: (spec.mnemonic, tuple(f.name for f in spec.fields)) for spec in isa.INSTRUCTIONS
-}:
-    raise ImportError("tvm_cim.sim._core was built for another instruction table")
-
-# Per opcode, what the scoreboard needs (operand positions are 0-based after the opcode).
-cdef int _PER_VECTOR[NOPS]
-cdef int _ROWS_OPERAND[NOPS]  # the buffer whose rows per item scale a per-vector op
-cdef int _UNIT[NOPS]  # -1: the crossbar named by operand _XB_OPERAND; else 0, 1, 2
-cdef int _XB_OPERAND[NOPS]
-cdef int _NREADS[NOPS]
-cdef int _READS[NOPS][2]
-cdef int _NWRITES[NOPS]
-cdef int _WRITES[NOPS][2]
-
-_UNITS = ("digital", "io", "control")
-
-
-cdef int _build_tables() except -1:
-    for spec in isa.INSTRUCTIONS:
-        op = spec.opcode
-        _PER_VECTOR[op] = spec.per_vector
-        _ROWS_OPERAND[op] = spec.field_index(spec.rows_from) - 1 if spec.per_vector else 0
-        if spec.unit == "crossbar":
-            _UNIT[op] = -1
-            _XB_OPERAND[op] = spec.field_index("xb") - 1
-        else:
-            _UNIT[op] = _UNITS.index(spec.unit)
-        reads = timing._READS.get(spec.mnemonic, ())
-        writes = timing._WRITES.get(spec.mnemonic, ())
-        if len(reads) > 2 or len(writes) > 2:
-            raise ImportError(f"{spec.mnemonic}: too many buffer operands for the scoreboard")
-        _NREADS[op] = len(reads)
-        for i, name in enumerate(reads):
-            _READS[op][i] = spec.field_index(name) - 1
-        _NWRITES[op] = len(writes)
-        for i, name in enumerate(writes):
-            _WRITES[op][i] = spec.field_index(name) - 1
-    return 0
-
-
-_build_tables()
 
 
 # ------------------------------------------------------------------ integer helpers
@@ -336,11 +277,7 @@ cdef struct Machine:
     int64_t latency
     int64_t sequential
     int64_t count[NOPS]
-    int64_t crossbar_writes
-    int64_t mvm_executions
-    int64_t cell_macs
-    int64_t adc_conversions
-    int64_t digital_ops
+    int64_t counters[NCOUNTERS]  # indexed like COUNTERS
 
 
 cdef inline int64_t _vectors(Machine *m, int op, const int64_t *ops) noexcept nogil:
@@ -373,20 +310,10 @@ cdef inline void _schedule(Machine *m, int op, const int64_t *ops) noexcept nogi
     m.count[op] += 1
 
 
-cdef inline void _tally(Machine *m, int op, const int64_t *ops) noexcept nogil:
-    """``Timeline._count``."""
-    cdef int img
-    if op == PROG:
-        m.crossbar_writes += 1
-        m.sched_image[ops[0]] = <int>ops[1]
-    elif op == MVM:
-        img = m.sched_image[ops[0]]
-        m.mvm_executions += _vectors(m, op, ops)
-        m.cell_macs += _vectors(m, op, ops) * m.phys_rows[img] * m.img_cols[img]
-    elif op == ADC:
-        m.adc_conversions += _vectors(m, op, ops) * ops[4]
-    elif op == SHADD or op == ACC or op == REQ:
-        m.digital_ops += _vectors(m, op, ops)
+cdef inline int64_t _held_cells(Machine *m, int64_t xb) noexcept nogil:
+    """Cells of the image crossbar ``xb`` holds, as scheduling goes."""
+    cdef int img = m.sched_image[xb]
+    return <int64_t>m.phys_rows[img] * m.img_cols[img]
 
 
 cdef inline const int64_t *_source_row(Machine *m, int64_t dst, int64_t dst_col,
@@ -483,10 +410,12 @@ cdef inline void _adc_round_int32(int64_t *d, const float *s, int64_t n, int64_t
         d[j] = _shl(v, sh)
 
 
-cdef void _fold(real *dst, const uint8_t *cells, Py_ssize_t row_stride,
-                Py_ssize_t col_stride, int k, int cols, bint differential) noexcept nogil:
-    """``CrossbarImage.folded`` into the float plane ``[k, cols]``."""
-    cdef int r, j
+cdef void _fold(real *dst, Machine *m, int img) noexcept nogil:
+    """``CrossbarImage.folded`` of image ``img`` into the float plane ``[in_rows, cols]``."""
+    cdef const uint8_t *cells = m.cells[img]
+    cdef Py_ssize_t row_stride = m.cell_strides[2 * img], col_stride = m.cell_strides[2 * img + 1]
+    cdef int k = m.in_rows[img], cols = m.img_cols[img], r, j
+    cdef bint differential = m.differential[img]
     cdef const uint8_t *pos
     cdef const uint8_t *neg = cells
     cdef real *d
@@ -505,36 +434,6 @@ cdef void _fold(real *dst, const uint8_t *cells, Py_ssize_t row_stride,
         else:
             for j in range(cols):
                 d[j] = <real>pos[j]
-
-
-# -------------------------------------------------------------- instructions
-
-cdef void _prog(Machine *m, const int64_t *ops) noexcept nogil:
-    """Fold the image into the crossbar's weights, unless they hold it already (from the
-    previous row tile) or no mvm reads them."""
-    cdef int64_t xb = ops[0]
-    cdef int img = <int>ops[1]
-    if m.image_on[xb] == img:
-        return
-    m.image_on[xb] = img
-    if m.weights[xb] == NULL:
-        return
-    if m.f32:
-        _fold(<float *>m.weights[xb], m.cells[img], m.cell_strides[2 * img],
-              m.cell_strides[2 * img + 1], m.in_rows[img], m.img_cols[img],
-              m.differential[img])
-    else:
-        _fold(<double *>m.weights[xb], m.cells[img], m.cell_strides[2 * img],
-              m.cell_strides[2 * img + 1], m.in_rows[img], m.img_cols[img],
-              m.differential[img])
-
-
-cdef void _load(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t dst = ops[0], dst_col = ops[1], t = ops[2], src_col = ops[3], n = ops[4]
-    cdef int64_t r
-    for r in range(m.items * m.buf_rows[dst]):
-        memcpy(m.buf[dst] + r * m.buf_w[dst] + dst_col,
-               m.inp[t] + r * m.inp_w[t] + src_col, n * sizeof(int64_t))
 
 
 cdef void _column_sums(real *image, int k, int cols, real *chunks, real *sums,
@@ -562,42 +461,78 @@ cdef void _column_sums(real *image, int k, int cols, real *chunks, real *sums,
         _dgemm(&no, &no, &cols, &rows, &k, &one, image, &cols, chunks, &k, &zero, sums, &cols)
 
 
-cdef void _mvm(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t xb = ops[0], src = ops[1], src_col = ops[2], bit = ops[3]
-    cdef bint signed = ops[4] != 0
+cdef inline void _drive(real *chunks, real *weights, real *held, Machine *m,
+                        const int64_t *ops) noexcept nogil:
+    """An mvm in the core's float type: DAC chunks of the source, times the weights."""
+    cdef int64_t xb = ops[MVM_XB], src = ops[MVM_SRC]
     cdef int img = m.image_on[xb]
     cdef int k = m.in_rows[img], cols = m.img_cols[img]
     cdef int rows = <int>(m.items * m.buf_rows[src])
-    cdef const int64_t *x = m.buf[src] + src_col
     m.held_w[xb] = cols
-    if m.f32:
-        _dac_plane(<float *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
-        _column_sums(<float *>m.weights[xb], k, cols, <float *>m.chunks,
-                     <float *>m.held[xb], rows)
-    else:
-        _dac_plane(<double *>m.chunks, x, m.buf_w[src], rows, k, bit, m.dac_bits, signed)
-        _column_sums(<double *>m.weights[xb], k, cols, <double *>m.chunks,
-                     <double *>m.held[xb], rows)
+    _dac_plane(chunks, m.buf[src] + ops[MVM_SRC_COL], m.buf_w[src], rows, k, ops[MVM_BIT],
+               m.dac_bits, ops[MVM_SIGNED] != 0)
+    _column_sums(weights, k, cols, chunks, held, rows)
 
 
-cdef void _adc(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t dst = ops[0], dst_col = ops[1], xb = ops[2], col = ops[3], n = ops[4]
-    cdef int64_t shift = ops[5]
-    cdef bint signed = ops[6] != 0
-    cdef int64_t *d = m.buf[dst] + dst_col
+cdef inline void _convert(const real *held, Machine *m, const int64_t *ops) noexcept nogil:
+    """An adc in the core's float type: held column sums into the destination."""
+    cdef int64_t dst = ops[ADC_DST], xb = ops[ADC_XB]
     cdef int64_t rows = m.items * m.buf_rows[dst]  # as many as the mvm's source
+    _adc_plane(m.buf[dst] + ops[ADC_DST_COL], m.buf_w[dst], held + ops[ADC_COL], m.held_w[xb],
+               rows, ops[ADC_NCOLS], m.adc_bits, ops[ADC_SHIFT], ops[ADC_SIGNED] != 0)
+
+
+# -------------------------------------------------------------- instructions
+# One ``_execute_<mnemonic>`` per row of the ISA table; the generated ``_dispatch`` calls
+# them. Operands are read by their generated column names (``MVM_SRC``).
+
+cdef void _execute_halt(Machine *m, const int64_t *ops) noexcept nogil:
+    pass
+
+
+cdef void _execute_prog(Machine *m, const int64_t *ops) noexcept nogil:
+    """Fold the image into the crossbar's weights, unless they hold it already (from the
+    previous row tile) or no mvm reads them."""
+    cdef int64_t xb = ops[PROG_XB]
+    cdef int img = <int>ops[PROG_IMAGE]
+    if m.image_on[xb] == img:
+        return
+    m.image_on[xb] = img
+    if m.weights[xb] == NULL:
+        return
     if m.f32:
-        _adc_plane(d, m.buf_w[dst], <float *>m.held[xb] + col, m.held_w[xb], rows, n,
-                   m.adc_bits, shift, signed)
+        _fold(<float *>m.weights[xb], m, img)
     else:
-        _adc_plane(d, m.buf_w[dst], <double *>m.held[xb] + col, m.held_w[xb], rows, n,
-                   m.adc_bits, shift, signed)
+        _fold(<double *>m.weights[xb], m, img)
 
 
-cdef void _shadd(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
-    cdef int64_t shift = ops[5]
-    cdef bint neg = ops[6] != 0, bcast = ops[7] != 0
+cdef void _execute_load(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[LOAD_DST], dst_col = ops[LOAD_DST_COL], t = ops[LOAD_TENSOR]
+    cdef int64_t src_col = ops[LOAD_SRC_COL], n = ops[LOAD_NCOLS], r
+    for r in range(m.items * m.buf_rows[dst]):
+        memcpy(m.buf[dst] + r * m.buf_w[dst] + dst_col,
+               m.inp[t] + r * m.inp_w[t] + src_col, n * sizeof(int64_t))
+
+
+cdef void _execute_mvm(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t xb = ops[MVM_XB]
+    if m.f32:
+        _drive(<float *>m.chunks, <float *>m.weights[xb], <float *>m.held[xb], m, ops)
+    else:
+        _drive(<double *>m.chunks, <double *>m.weights[xb], <double *>m.held[xb], m, ops)
+
+
+cdef void _execute_adc(Machine *m, const int64_t *ops) noexcept nogil:
+    if m.f32:
+        _convert(<float *>m.held[ops[ADC_XB]], m, ops)
+    else:
+        _convert(<double *>m.held[ops[ADC_XB]], m, ops)
+
+
+cdef void _execute_shadd(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[SHADD_DST], dst_col = ops[SHADD_DST_COL], src = ops[SHADD_SRC]
+    cdef int64_t src_col = ops[SHADD_SRC_COL], n = ops[SHADD_NCOLS], shift = ops[SHADD_SHIFT]
+    cdef bint neg = ops[SHADD_NEG] != 0, bcast = ops[SHADD_BCAST] != 0
     cdef int64_t r, j, term
     cdef int64_t *d
     cdef const int64_t *s
@@ -620,9 +555,9 @@ cdef void _shadd(Machine *m, const int64_t *ops) noexcept nogil:
                 d[j] = _add(d[j], _shl(s[j], shift))
 
 
-cdef void _acc(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
-    cdef int64_t r, j
+cdef void _execute_acc(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[ACC_DST], dst_col = ops[ACC_DST_COL], src = ops[ACC_SRC]
+    cdef int64_t src_col = ops[ACC_SRC_COL], n = ops[ACC_NCOLS], r, j
     cdef int64_t *d
     cdef const int64_t *s
     for r in range(m.items * m.buf_rows[dst]):
@@ -633,16 +568,17 @@ cdef void _acc(Machine *m, const int64_t *ops) noexcept nogil:
             d[j] = _add(d[j], s[j])
 
 
-cdef void _req(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t dst = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
-    cdef int64_t zp = ops[6], lo = 0, hi = 0, r, j, v
-    cdef const int64_t *bias = m.consts[ops[5]]
-    cdef const int64_t *mult = bias + m.const_w[ops[5]]
-    cdef const int64_t *shift = mult + m.const_w[ops[5]]
+cdef void _execute_req(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t dst = ops[REQ_DST], dst_col = ops[REQ_DST_COL], src = ops[REQ_SRC]
+    cdef int64_t src_col = ops[REQ_SRC_COL], n = ops[REQ_NCOLS], zp = ops[REQ_ZP]
+    cdef int64_t lo = 0, hi = 0, r, j, v
+    cdef const int64_t *bias = m.consts[ops[REQ_PARAMS]]
+    cdef const int64_t *mult = bias + m.const_w[ops[REQ_PARAMS]]
+    cdef const int64_t *shift = mult + m.const_w[ops[REQ_PARAMS]]
     cdef int64_t *d
     cdef const int64_t *s
-    _quant_range(ops[7], ops[8] != 0, &lo, &hi)
-    if ops[9]:  # relu: clamp below at the zero point
+    _quant_range(ops[REQ_BITS], ops[REQ_SIGNED] != 0, &lo, &hi)
+    if ops[REQ_RELU]:  # clamp below at the zero point
         lo = _max(lo, zp)
     for r in range(m.items * m.buf_rows[dst]):
         d = m.buf[dst] + r * m.buf_w[dst] + dst_col
@@ -654,9 +590,9 @@ cdef void _req(Machine *m, const int64_t *ops) noexcept nogil:
             d[j] = hi if v > hi else v
 
 
-cdef void _store(Machine *m, const int64_t *ops) noexcept nogil:
-    cdef int64_t t = ops[0], dst_col = ops[1], src = ops[2], src_col = ops[3], n = ops[4]
-    cdef int64_t r, j
+cdef void _execute_store(Machine *m, const int64_t *ops) noexcept nogil:
+    cdef int64_t t = ops[STORE_TENSOR], dst_col = ops[STORE_DST_COL], src = ops[STORE_SRC]
+    cdef int64_t src_col = ops[STORE_SRC_COL], n = ops[STORE_NCOLS], r, j
     cdef const int64_t *s
     cdef char *d
     cdef int size = m.out_size[t]
@@ -676,10 +612,10 @@ cdef void _store(Machine *m, const int64_t *ops) noexcept nogil:
                 (<uint8_t *>d)[j] = <uint8_t>(<uint64_t>s[j])
 
 
-cdef void _im2col(Machine *m, const int64_t *ops) noexcept nogil:
+cdef void _execute_im2col(Machine *m, const int64_t *ops) noexcept nogil:
     """Gather each item's convolution windows; ``pad`` where a tap falls outside."""
-    cdef int64_t dst = ops[0], src = ops[1], pad = ops[3]
-    cdef const int64_t *g = m.consts[ops[2]]  # isa.IM2COL_PARAMS
+    cdef int64_t dst = ops[IM2COL_DST], src = ops[IM2COL_SRC], pad = ops[IM2COL_PAD]
+    cdef const int64_t *g = m.consts[ops[IM2COL_PARAMS]]  # isa.IM2COL_PARAMS
     cdef int64_t H = g[0], W = g[1], C = g[2], KH = g[3], KW = g[4]
     cdef int64_t sh = g[5], sw = g[6], pt = g[7], pl = g[8], dh = g[11], dw = g[12]
     cdef int64_t OH = g[13], OW = g[14]
@@ -725,29 +661,8 @@ cdef void _schedule_all(Machine *m, const int64_t *code, Py_ssize_t n,
 cdef void _execute_tile(Machine *m, const int64_t *code, Py_ssize_t n,
                         Py_ssize_t width) noexcept nogil:
     cdef Py_ssize_t i
-    cdef int op
-    cdef const int64_t *ops
     for i in range(n):
-        op = <int>code[i * width]
-        ops = code + i * width + 1
-        if op == MVM:
-            _mvm(m, ops)
-        elif op == ADC:
-            _adc(m, ops)
-        elif op == SHADD:
-            _shadd(m, ops)
-        elif op == ACC:
-            _acc(m, ops)
-        elif op == PROG:
-            _prog(m, ops)
-        elif op == LOAD:
-            _load(m, ops)
-        elif op == REQ:
-            _req(m, ops)
-        elif op == STORE:
-            _store(m, ops)
-        elif op == IM2COL:
-            _im2col(m, ops)
+        _dispatch(m, <int>code[i * width], code + i * width + 1)
 
 
 cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
@@ -844,10 +759,10 @@ cdef class _Plan:
 
         code = prepared.code
         ops = code[:, 0]
-        self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1]})
+        self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1 + MVM_XB]})
         sizes = [img.in_rows * img.cols for img in images]
         largest_on = {}
-        for xb, image in code[ops == PROG, 1:3].tolist():
+        for xb, image in code[ops == PROG][:, [1 + PROG_XB, 1 + PROG_IMAGE]].tolist():
             largest_on[xb] = max(largest_on.get(xb, 0), sizes[image])
         self.weight_sizes = [largest_on[xb] for xb in self.sums_xbs]
         buffer_rows = np.array(list(prepared.buffer_rows) + [1], dtype=np.int64)
@@ -861,16 +776,17 @@ cdef class _Plan:
         self.max_rows = int(buffer_rows.max())
         per_class = arch.latency_ps()
         total_ps = 0
+        counted = dict.fromkeys(COUNTERS, 0)  # each counter's most, per item
         for spec in isa.INSTRUCTIONS:
+            at = ops == spec.opcode
             ps = per_class[spec.latency_class] if spec.latency_class else 0
-            total_ps += ps * int(rows[ops == spec.opcode].sum())
+            total_ps += ps * int(rows[at].sum())
             self.lat[spec.opcode] = ps if ps < _INT64_LIMIT else 0
-        self.bound = max(
-            total_ps,
-            int(rows[ops == MVM].sum()) * arch.rows * arch.cols,
-            int((code[ops == ADC, 5] * rows[ops == ADC]).sum()),
-            int(rows.sum()),
-        )
+            for count in spec.counts:
+                times = code[at, spec.field_index(count.operand)] if count.operand else 1
+                most = int((rows[at] * times).sum())
+                counted[count.counter] += most * arch.rows * arch.cols if count.per_cell else most
+        self.bound = max(total_ps, int(rows.sum()), *counted.values())
         if (arch.crossbars > MAXN or len(prepared.buffers) > MAXN
                 or len(prepared.inputs) > MAXN or len(prepared.outputs) > MAXN):
             raise ValueError("program exceeds the core's table sizes")
@@ -1006,10 +922,6 @@ cdef _stats(Machine *m, arch, batch):
         latency_ps=int(m.latency),
         sequential_ps=int(m.sequential),
         instructions=instructions,
-        crossbar_writes=int(m.crossbar_writes),
-        mvm_executions=int(m.mvm_executions),
-        cell_macs=int(m.cell_macs),
-        adc_conversions=int(m.adc_conversions),
-        digital_ops=int(m.digital_ops),
+        **{name: int(m.counters[i]) for i, name in enumerate(COUNTERS)},
         busy_ps=[int(m.busy[x]) for x in range(arch.crossbars)],
     )

@@ -2,16 +2,24 @@
 
 Every instruction is one 128-bit little-endian word: the opcode in bits 0..5, then
 the operand fields in table order, each ``bits`` wide (two's complement where
-``signed``). The encoder, decoder, assembler, disassembler, verifier, both simulator
-backends, the static cost model and ``docs/isa.md`` all read this table; adding an
-instruction is one row here and one ``execute_<mnemonic>`` function per backend.
+``signed``). Per instruction the table also says what it costs (latency class, unit,
+scaling), which buffers it reads and writes (the scoreboard and the verifier's dataflow)
+and what it adds to the ``SimStats`` counters. The encoder, decoder, assembler,
+disassembler, verifier, the static cost model, both simulator backends (the compiled
+core's dispatch and operand layout are generated from this table) and ``docs/isa.md``
+all read it. Adding an instruction is one row here, an ``execute_<mnemonic>`` in
+``reference.py`` and an ``_execute_<mnemonic>`` in ``_core.pyx``.
 
 In memory a decoded program is an ``int64`` array of shape ``[n, 1 + MAX_OPERANDS]``:
 column 0 the opcode, then the operands in table order, unused columns zero.
+
+This module imports nothing of the package: the build runs the core's generator on it
+before the package is installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +29,12 @@ WORD_BYTES = 16
 
 #: Operand kinds, with the assembler's prefix for the kinds that index a table.
 KIND_PREFIX = {"buffer": "b", "crossbar": "x", "image": "img", "const": "c", "tensor": "t"}
+
+#: The resources an instruction may occupy: the crossbar it names, or one shared unit.
+UNITS = ("crossbar", "digital", "io", "control")
+
+#: The ``SimStats`` counters instructions add to (see ``Count``).
+COUNTERS = ("crossbar_writes", "mvm_executions", "cell_macs", "adc_conversions", "digital_ops")
 
 
 @dataclass(frozen=True)
@@ -43,19 +57,37 @@ class Field:
 
 
 @dataclass(frozen=True)
+class Count:
+    """What one instruction adds to the ``SimStats`` counter ``counter``.
+
+    The vectors it treats (1 for an instruction that is not per vector), times the value
+    of ``operand`` where given, times the cells of the image its crossbar holds where
+    ``per_cell``.
+    """
+
+    counter: str
+    operand: str | None = None
+    per_cell: bool = False
+
+
+@dataclass(frozen=True)
 class InstrSpec:
-    """One instruction: opcode, mnemonic, operands, latency class and unit."""
+    """One instruction: opcode, mnemonic, operands, cost, dataflow and counts."""
 
     opcode: int
     mnemonic: str
     fields: tuple[Field, ...]
     latency_class: str | None  # key of CimArch.latency_ps(), or None for free
-    unit: str  # crossbar | digital | io | control: the resource it occupies
+    unit: str  # one of UNITS: the resource it occupies
     per_vector: bool  # latency and energy scale with the input vectors it treats
     doc: str
     #: Buffer operand whose rows per item give the vectors a per-vector instruction treats
     #: (``batch * rows``): the buffer it acts on.
     rows_from: str | None = None
+    #: Buffer operands whose contents it reads, and those it writes.
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    counts: tuple[Count, ...] = ()
 
     def field_index(self, name: str) -> int:
         """Operand column (1-based, after the opcode) of field ``name``."""
@@ -63,6 +95,14 @@ class InstrSpec:
             if f.name == name:
                 return i + 1
         raise KeyError(name)
+
+    def field(self, name: str) -> Field:
+        """The operand field ``name``."""
+        return self.fields[self.field_index(name) - 1]
+
+    def operand(self, kind: str) -> str | None:
+        """Name of the first operand of ``kind``, or None."""
+        return next((f.name for f in self.fields if f.kind == kind), None)
 
 
 def _buf(name: str, doc: str) -> Field:
@@ -75,8 +115,42 @@ def _col(name: str, doc: str) -> Field:
 
 _NCOLS = Field("ncols", 16, "count", "number of columns")
 
+
+def _buffer_to_buffer(dst: str, src: str) -> tuple[Field, ...]:
+    """``dst``, ``dst_col``, ``src``, ``src_col``, ``ncols``: columns of one buffer
+    combined into another's; ``dst`` and ``src`` name the buffers' roles."""
+    return (
+        _buf("dst", f"{dst} buffer"),
+        _col("dst_col", f"first {dst} column"),
+        _buf("src", f"{src} buffer"),
+        _col("src_col", f"first {src} column"),
+        _NCOLS,
+    )
+
+
 #: Most columns a column field addresses: the widest buffer, tensor or weight-matrix side.
 MAX_COLUMNS = _NCOLS.max_value
+
+
+def _buffer_op(
+    opcode: int, mnemonic: str, fields: tuple[Field, ...], latency_class: str, doc: str
+) -> InstrSpec:
+    """A digital instruction that combines ``src`` columns into ``dst`` columns, vector
+    by vector: one digital op per vector."""
+    return InstrSpec(
+        opcode,
+        mnemonic,
+        fields,
+        latency_class,
+        "digital",
+        True,
+        doc,
+        rows_from="dst",
+        reads=("src",),
+        writes=("dst",),
+        counts=(Count("digital_ops"),),
+    )
+
 
 INSTRUCTIONS: tuple[InstrSpec, ...] = (
     InstrSpec(0, "halt", (), None, "control", False, "End of program; must be the last word."),
@@ -91,6 +165,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "crossbar",
         False,
         "Program crossbar `xb` with weight image `image` (one crossbar write).",
+        counts=(Count("crossbar_writes"),),
     ),
     InstrSpec(
         2,
@@ -106,7 +181,8 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "io",
         True,
         "Copy columns of an input tensor into a buffer, for every input vector.",
-        "dst",
+        rows_from="dst",
+        writes=("dst",),
     ),
     InstrSpec(
         3,
@@ -123,7 +199,9 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         True,
         "One bit-serial step: drive the `dac_bits`-wide chunk of each input vector starting "
         "at `bit` into crossbar `xb` and hold its column sums (differential rows subtract).",
-        "src",
+        rows_from="src",
+        reads=("src",),
+        counts=(Count("mvm_executions"), Count("cell_macs", per_cell=True)),
     ),
     InstrSpec(
         4,
@@ -142,52 +220,34 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         True,
         "Convert held column sums through the ADC (round, saturate to `adc_bits`) into a "
         "buffer, overwriting it.",
-        "dst",
+        rows_from="dst",
+        writes=("dst",),
+        counts=(Count("adc_conversions", operand="ncols"),),
     ),
-    InstrSpec(
+    _buffer_op(
         5,
         "shadd",
-        (
-            _buf("dst", "accumulator buffer"),
-            _col("dst_col", "first accumulator column"),
-            _buf("src", "source buffer"),
-            _col("src_col", "first source column"),
-            _NCOLS,
+        _buffer_to_buffer("accumulator", "source")
+        + (
             Field("shift", 6, "shift", "left shift (input step and weight slice significance)"),
             Field("neg", 1, "flag", "subtract instead of add (negative polarity, offset)"),
             Field("bcast", 1, "flag", "broadcast the single column `src_col` to all columns"),
         ),
         "shift_add",
-        "digital",
-        True,
         "Shift-and-add: `dst[:, dst_col:+ncols] += (-1)**neg * (src[...] << shift)`.",
-        "dst",
     ),
-    InstrSpec(
+    _buffer_op(
         6,
         "acc",
-        (
-            _buf("dst", "accumulator buffer"),
-            _col("dst_col", "first accumulator column"),
-            _buf("src", "partial-sum buffer"),
-            _col("src_col", "first source column"),
-            _NCOLS,
-        ),
+        _buffer_to_buffer("accumulator", "partial-sum"),
         "shift_add",
-        "digital",
-        True,
         "Accumulate partial sums of another row tile: `dst[...] += src[...]`.",
-        "dst",
     ),
-    InstrSpec(
+    _buffer_op(
         7,
         "req",
-        (
-            _buf("dst", "destination buffer"),
-            _col("dst_col", "first destination column"),
-            _buf("src", "accumulator buffer"),
-            _col("src_col", "first accumulator column"),
-            _NCOLS,
+        _buffer_to_buffer("destination", "accumulator")
+        + (
             Field("params", 16, "const", "[3, >=ncols] constant: bias, multiplier, shift"),
             Field("zp", 16, "int", "output zero point", signed=True),
             Field("bits", 5, "count", "output code width (1..31)"),
@@ -195,10 +255,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
             Field("relu", 1, "flag", "clamp below at the zero point"),
         ),
         "requant",
-        "digital",
-        True,
         "Requantize: `clamp(round((src + bias) * multiplier / 2**shift) + zp)` per column.",
-        "dst",
     ),
     InstrSpec(
         8,
@@ -214,7 +271,8 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "io",
         True,
         "Copy buffer columns into an output tensor (cast to its dtype).",
-        "src",
+        rows_from="src",
+        reads=("src",),
     ),
     InstrSpec(
         9,
@@ -233,7 +291,9 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "kh*dil_h` and `w = ow*stride_w - pad_left + kw*dil_w`, or `pad` where `(h, w)` "
         "falls outside the image. `params` holds `H, W, C, KH, KW, stride_h, stride_w, "
         "pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, OH, OW`. Overwrites `dst`.",
-        "dst",
+        rows_from="dst",
+        reads=("src",),
+        writes=("dst",),
     ),
 )
 
@@ -241,6 +301,17 @@ BY_OPCODE: dict[int, InstrSpec] = {spec.opcode: spec for spec in INSTRUCTIONS}
 BY_MNEMONIC: dict[str, InstrSpec] = {spec.mnemonic: spec for spec in INSTRUCTIONS}
 MAX_OPERANDS = max(len(spec.fields) for spec in INSTRUCTIONS)
 OP = {spec.mnemonic.upper(): spec.opcode for spec in INSTRUCTIONS}  # OP["MVM"] == 3
+
+
+def table_size(kind: str) -> int:
+    """Most entries a program's table of ``kind`` may hold: what its narrowest index
+    field addresses (``buffer``, ``crossbar`` or ``tensor``)."""
+    return min(f.max_value for s in INSTRUCTIONS for f in s.fields if f.kind == kind) + 1
+
+
+#: Most buffers, and most input (or output) tensors, a program may have.
+MAX_BUFFERS = table_size("buffer")
+MAX_TENSORS = table_size("tensor")
 
 #: The values of an ``im2col`` params constant (shape ``[1, 15]``), in order.
 IM2COL_PARAMS = (
@@ -261,13 +332,45 @@ IM2COL_PARAMS = (
     "OW",
 )
 
-for _spec in INSTRUCTIONS:  # every word must fit 128 bits
-    assert OPCODE_BITS + sum(f.bits for f in _spec.fields) <= 8 * WORD_BYTES, _spec.mnemonic
-    # a per-vector instruction scales with the rows of one of its buffers
-    assert (_spec.rows_from is not None) == _spec.per_vector, _spec.mnemonic
-    assert _spec.rows_from is None or (
-        _spec.fields[_spec.field_index(_spec.rows_from) - 1].kind == "buffer"
-    ), _spec.mnemonic
+
+def _check_table() -> None:
+    """The facts every row must respect; a broken row fails at import."""
+    assert len(BY_OPCODE) == len(BY_MNEMONIC) == len(INSTRUCTIONS)
+    for spec in INSTRUCTIONS:
+        names = {f.name for f in spec.fields}
+        kinds = {f.name: f.kind for f in spec.fields}
+        where = spec.mnemonic
+        assert 0 <= spec.opcode < 1 << OPCODE_BITS, where
+        assert len(names) == len(spec.fields), where
+        # every word must fit 128 bits
+        assert OPCODE_BITS + sum(f.bits for f in spec.fields) <= 8 * WORD_BYTES, where
+        assert spec.unit in UNITS, where
+        assert spec.unit != "crossbar" or spec.operand("crossbar"), where
+        # a per-vector instruction scales with the rows of one of its buffers
+        assert (spec.rows_from is not None) == spec.per_vector, where
+        assert spec.rows_from is None or kinds[spec.rows_from] == "buffer", where
+        assert all(kinds.get(b) == "buffer" for b in spec.reads + spec.writes), where
+        for c in spec.counts:
+            assert c.counter in COUNTERS, where
+            assert c.operand is None or c.operand in names, where
+            assert not c.per_cell or spec.unit == "crossbar", where
+
+
+_check_table()
+
+
+def fingerprint() -> str:
+    """Digest of what the compiled core is generated from: opcodes, operands (names,
+    widths, kinds), units, scaling, buffer reads and writes, and counts; not the docs."""
+    facts: list = [OPCODE_BITS, UNITS, COUNTERS]
+    for s in INSTRUCTIONS:
+        fields = [(f.name, f.bits, f.kind, f.signed) for f in s.fields]
+        counts = [(c.counter, c.operand, c.per_cell) for c in s.counts]
+        facts.append(
+            (s.opcode, s.mnemonic, fields, s.latency_class, s.unit, s.per_vector, s.rows_from)
+            + (s.reads, s.writes, counts)
+        )
+    return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
 def _layout(spec: InstrSpec) -> list[tuple[int, Field]]:

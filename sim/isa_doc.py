@@ -13,6 +13,7 @@ from . import isa
 from .program import FORMAT_VERSION, MAGIC, SECTION_TAGS
 
 _MAGIC_TEXT = MAGIC.rstrip(b"\0").decode() + "\\0"
+_COUNTERS = ", ".join(f"`{c}`" for c in isa.COUNTERS)
 _INTRO = f"""\
 # The tvm-cim crossbar ISA
 
@@ -46,7 +47,7 @@ buffer with the same rows, `shadd`, `acc` and `req` combine buffers with the sam
 and `adc` reads held column sums into a buffer with the rows of the `mvm` source.
 
 The integer semantics (rounding, saturation, DAC chunks, requantization) are those of
-`tvm_cim/quant.py`, shared with the codegen and training.
+`tvm_cim/core/quant.py`, shared with the codegen and training.
 
 ## Timing
 
@@ -58,7 +59,12 @@ their buffers are ready (read after write, write after read, write after write).
 simulator reports the makespan of that schedule (`latency_us`) and the plain sum
 (`sequential_latency_us`); with one crossbar and free digital steps both equal the
 CIM-AQ model, whose per-image input count is the rows per item of the `mvm` source
-(`OH*OW` for a convolution).
+(`OH*OW` for a convolution). The buffers each instruction reads and writes, listed
+below, are those the schedule and the verifier's dataflow checks track.
+
+Each instruction's *Counts* line says what it adds to the simulator's counters; *vectors*
+are the vectors it treats (1 where its latency is not per vector). The counters:
+{_COUNTERS}.
 
 ## Encoding
 
@@ -80,6 +86,19 @@ running it.
 """
 
 
+def _names(names: tuple[str, ...]) -> str:
+    return ", ".join(f"`{n}`" for n in names) or "none"
+
+
+def _count(spec: isa.InstrSpec, count: isa.Count) -> str:
+    factors = ["vectors" if spec.per_vector else "1"]
+    if count.operand:
+        factors.append(f"`{count.operand}`")
+    if count.per_cell:
+        factors.append(f"the cells of the image on `{spec.operand('crossbar')}`")
+    return f"`{count.counter}` += {' x '.join(factors)}"
+
+
 def render() -> str:
     """The Markdown page for the current table."""
     parts = [_INTRO]
@@ -87,7 +106,10 @@ def render() -> str:
         latency = spec.latency_class or "none"
         scale = f" x batch x rows of `{spec.rows_from}`" if spec.per_vector else ""
         parts.append(f"\n### `{spec.mnemonic}` (opcode {spec.opcode})\n\n{spec.doc}\n\n")
-        parts.append(f"Unit: {spec.unit}. Latency class: `{latency}`{scale}.\n")
+        parts.append(f"* Unit: {spec.unit}. Latency class: `{latency}`{scale}.\n")
+        parts.append(f"* Buffers read: {_names(spec.reads)}; written: {_names(spec.writes)}.\n")
+        if spec.counts:
+            parts.append(f"* Counts: {'; '.join(_count(spec, c) for c in spec.counts)}.\n")
         if spec.fields:
             parts.append("\n| operand | bits | kind | meaning |\n| --- | --- | --- | --- |\n")
             offset = isa.OPCODE_BITS

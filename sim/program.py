@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +69,7 @@ class TensorDesc:
         return (None if self.batch is None else self.batch * self.rows, self.width)
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "width": self.width,
-            "dtype": self.dtype,
-            "bits": self.bits,
-            "signed": self.signed,
-            "batch": self.batch,
-            "rows": self.rows,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TensorDesc:
@@ -134,8 +126,8 @@ class Program:
     """A crossbar program: instructions plus the data they refer to.
 
     Build one with ``codegen.lower_matmul``, ``ProgramBuilder``, the assembler
-    (``Program.from_asm``) or ``Program.load``. ``code`` is the decoded instruction array
-    (see ``isa``).
+    (``sim.assemble``) or ``Program.load``; ``sim.verify`` checks it and ``sim.estimate``
+    gives its cost. ``code`` is the decoded instruction array (see ``isa``).
 
     Buffer ``i`` holds ``buffer_rows[i]`` vectors of ``buffers[i]`` integers per item
     (``batch * buffer_rows[i]`` in all); ``buffer_rows`` defaults to all ones. ``attrs``
@@ -178,35 +170,6 @@ class Program:
 
     def input_index(self, name: str) -> int:
         return [t.name for t in self.inputs].index(name)
-
-    def to_asm(self) -> str:
-        """The program as assembly text (``Program.from_asm`` reads it back)."""
-        from .asm import disassemble
-
-        return disassemble(self)
-
-    @classmethod
-    def from_asm(cls, text: str) -> Program:
-        """Assemble text into a program (raises ``ProgramError`` naming the line)."""
-        from .asm import assemble
-
-        return assemble(text)
-
-    def verify(self, arch: CimArch | None = None) -> None:
-        """Run the verifier; raises ``ProgramError`` on the first problem."""
-        from .verify import verify
-
-        verify(self, arch)
-
-    def estimate(self, batch: int | None = None, arch: CimArch | None = None):
-        """The static latency and counts of running ``batch`` items.
-
-        ``batch`` defaults to the program's fixed batch, else 1.
-        This is the compiler's cost model; the simulator reports the same ``SimStats``.
-        """
-        from .timing import estimate
-
-        return estimate(self, batch, arch)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:

@@ -20,7 +20,7 @@ from tvm_cim.core.quant import quant_range
 from . import isa, reference
 from .program import Program, TensorDesc
 from .timing import SimStats
-from .verify import check_arch, verify
+from .verifier import check_arch, verify
 
 try:
     from . import _core

@@ -11,38 +11,31 @@ out:
   starts once its unit is free and the buffers it reads were written (RAW) and the
   buffer it writes is no longer being read or written (WAR, WAW).
 
-With one crossbar and free digital steps (the ``rram-4b`` preset) both equal the
-CIM-AQ latency model. ``Timeline`` is the Python implementation used by
-``Program.estimate`` and the numpy backend; the Cython backend keeps its own tally
-while it executes, and the tests hold the two together.
+Units, scaling, the buffers each instruction reads and writes and what it counts all
+come from the ISA table. With one crossbar and free digital steps (the ``rram-4b``
+preset) both figures equal the CIM-AQ latency model. ``Timeline`` is the Python
+implementation used by ``estimate``, ``estimate_spans`` and the numpy backend; the
+Cython backend keeps its own tally from the same table while it executes, and the tests
+hold the two together.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tvm_cim.core.arch import CimArch
+from tvm_cim.core.errors import InputError
 
 from . import isa
+from .program import Program
+from .verifier import check_arch, verify
 
-#: Which operands an instruction reads and writes (buffers only).
-_READS = {
-    "mvm": ("src",),
-    "shadd": ("src",),
-    "acc": ("src",),
-    "req": ("src",),
-    "store": ("src",),
-    "im2col": ("src",),
-}
-_WRITES = {
-    "load": ("dst",),
-    "adc": ("dst",),
-    "shadd": ("dst",),
-    "acc": ("dst",),
-    "req": ("dst",),
-    "im2col": ("dst",),
-}
+#: Per mnemonic, the operand naming its crossbar and the image it writes there (or None).
+_CROSSBAR = {s.mnemonic: s.operand("crossbar") for s in isa.INSTRUCTIONS}
+_IMAGE = {s.mnemonic: s.operand("image") for s in isa.INSTRUCTIONS}
+#: The integer totals of ``SimStats`` that add up over instructions.
+_TOTALS = ("latency_ps", "sequential_ps", *isa.COUNTERS)
 
 
 @dataclass
@@ -106,18 +99,10 @@ class SimStats:
 
     def counts(self) -> tuple:
         """Every integer the stats hold, for exact comparison."""
-        return (
-            self.batch,
-            self.latency_ps,
-            self.sequential_ps,
-            tuple(sorted(self.instructions.items())),
-            self.crossbar_writes,
-            self.mvm_executions,
-            self.cell_macs,
-            self.adc_conversions,
-            self.digital_ops,
-            tuple(self.busy_ps),
-        )
+        instructions = tuple(sorted(self.instructions.items()))
+        counters = tuple(getattr(self, name) for name in isa.COUNTERS)
+        head = (self.batch, self.latency_ps, self.sequential_ps, instructions)
+        return head + counters + (tuple(self.busy_ps),)
 
     def to_dict(self) -> dict:
         return {
@@ -128,11 +113,7 @@ class SimStats:
             "cycles": self.cycles,
             "instructions": dict(sorted(self.instructions.items())),
             "instruction_classes": self.instruction_classes(),
-            "crossbar_writes": self.crossbar_writes,
-            "mvm_executions": self.mvm_executions,
-            "cell_macs": self.cell_macs,
-            "adc_conversions": self.adc_conversions,
-            "digital_ops": self.digital_ops,
+            **{name: getattr(self, name) for name in isa.COUNTERS},
             "busy_us": self.busy_us,
             "energy_nj": self.energy_nj,
         }
@@ -157,11 +138,12 @@ class Timeline:
         st.instructions[mnemonic] = st.instructions.get(mnemonic, 0) + 1
         vectors = st.batch * self.buffer_rows[ops[spec.rows_from]] if spec.per_vector else 1
         lat = self.lat[spec.latency_class] * vectors if spec.latency_class else 0
-        unit = ("xb", ops["xb"]) if spec.unit == "crossbar" else spec.unit
+        xb = ops[_CROSSBAR[mnemonic]] if spec.unit == "crossbar" else None
+        unit = spec.unit if xb is None else ("xb", xb)
 
         start = self.unit_free.get(unit, 0)
-        reads = [ops[name] for name in _READS.get(mnemonic, ())]
-        writes = [ops[name] for name in _WRITES.get(mnemonic, ())]
+        reads = [ops[name] for name in spec.reads]
+        writes = [ops[name] for name in spec.writes]
         for b in reads:
             start = max(start, self.written[b])
         for b in writes:
@@ -174,34 +156,28 @@ class Timeline:
             self.written[b] = end
         st.latency_ps = max(st.latency_ps, end)
         st.sequential_ps += lat
-        if spec.unit == "crossbar":
-            st.busy_ps[ops["xb"]] += lat
-        self._count(mnemonic, ops, vectors)
+        if xb is not None:
+            st.busy_ps[xb] += lat
+        self._count(spec, ops, xb, vectors)
 
-    def _count(self, mnemonic: str, ops: dict[str, int], vectors: int) -> None:
+    def _count(self, spec: isa.InstrSpec, ops: dict[str, int], xb, vectors: int) -> None:
+        """Add what the instruction's ``isa.Count`` entries say to the counters."""
+        if _IMAGE[spec.mnemonic] is not None:
+            self.image_on[xb] = self.images[ops[_IMAGE[spec.mnemonic]]]
         st = self.stats
-        if mnemonic == "prog":
-            st.crossbar_writes += 1
-            self.image_on[ops["xb"]] = self.images[ops["image"]]
-        elif mnemonic == "mvm":
-            image = self.image_on[ops["xb"]]
-            st.mvm_executions += vectors
-            st.cell_macs += vectors * image.physical_rows * image.cols
-        elif mnemonic == "adc":
-            st.adc_conversions += vectors * ops["ncols"]
-        elif mnemonic in ("shadd", "acc", "req"):
-            st.digital_ops += vectors
+        for count in spec.counts:
+            n = vectors * ops[count.operand] if count.operand else vectors
+            if count.per_cell:
+                image = self.image_on[xb]
+                n *= image.physical_rows * image.cols
+            setattr(st, count.counter, getattr(st, count.counter) + n)
 
 
-def estimate(program, batch: int | None = None, arch: CimArch | None = None) -> SimStats:
-    """Static cost of running ``program`` on ``batch`` items (verified first).
+def _timeline(program: Program, batch: int | None, arch: CimArch | None) -> Timeline:
+    """An empty schedule for ``program`` (verified) on ``batch`` items.
 
-    ``batch`` defaults to the program's fixed batch, else 1.
+    ``batch`` None means the program's fixed batch, else 1.
     """
-    from tvm_cim.core.errors import InputError
-
-    from .verify import check_arch, verify
-
     arch = check_arch(program, arch)
     verify(program, arch)
     fixed = {t.batch for t in program.inputs + program.outputs if t.batch is not None}
@@ -211,7 +187,89 @@ def estimate(program, batch: int | None = None, arch: CimArch | None = None) -> 
         raise InputError(f"the program is compiled for a batch of {fixed.pop()}, not {batch}")
     if batch < 1:
         raise InputError("the batch must hold at least one input vector")
-    timeline = Timeline(arch, batch, program.buffer_rows, program.images)
+    return Timeline(arch, batch, program.buffer_rows, program.images)
+
+
+def estimate(program: Program, batch: int | None = None, arch: CimArch | None = None) -> SimStats:
+    """Static cost of running ``program`` on ``batch`` items (verified first).
+
+    This is the compiler's cost model; the simulator reports the same ``SimStats``.
+
+    Parameters
+    ----------
+    program
+        The program; raises ``ProgramError`` where the verifier rejects it.
+    batch
+        Items to run; None means the program's fixed batch, else 1.
+    arch
+        Latency and energy figures to use; None means the program's own arch. Its
+        structural fields must match the program's.
+    """
+    timeline = _timeline(program, batch, arch)
     for mnemonic, ops in program.instructions():
         timeline.issue(mnemonic, ops)
     return timeline.stats
+
+
+def estimate_spans(
+    program: Program,
+    spans: list[list[tuple[int, int]]],
+    batch: int | None = 1,
+    arch: CimArch | None = None,
+) -> list[SimStats]:
+    """The cost of groups of instructions, from one schedule of the whole program.
+
+    Parameters
+    ----------
+    program, batch, arch
+        As for ``estimate``.
+    spans
+        Groups (one per operator, say), each a list of ``(start, end)`` instruction
+        index ranges, ``end`` excluded.
+
+    Returns
+    -------
+    list of SimStats
+        One per group. Its counts, ``instructions``, ``sequential_ps`` and ``busy_ps``
+        are those of the instructions in its ranges; its ``latency_ps`` is how far they
+        moved the end of the program's schedule. Groups that cover the program once add
+        up to ``estimate``'s figures.
+    """
+    timeline = _timeline(program, batch, arch)
+    for g, group in enumerate(spans):
+        for start, end in group:
+            if not 0 <= start <= end <= len(program):
+                raise InputError(
+                    f"group {g}: instruction range ({start}, {end}) is not within the "
+                    f"program's {len(program)} instructions"
+                )
+    instructions = list(program.instructions())
+    snapshots, done = {}, 0
+    for boundary in sorted({i for group in spans for span in group for i in span}):
+        for mnemonic, ops in instructions[done:boundary]:
+            timeline.issue(mnemonic, ops)
+        done = boundary
+        snapshots[boundary] = _snapshot(timeline.stats)
+    stats = timeline.stats
+    groups = []
+    for group in spans:
+        total = SimStats(stats.arch, stats.batch, busy_ps=[0] * len(stats.busy_ps))
+        for start, end in group:
+            _add_difference(total, snapshots[start], snapshots[end])
+        groups.append(total)
+    return groups
+
+
+def _snapshot(stats: SimStats) -> SimStats:
+    return replace(stats, instructions=dict(stats.instructions), busy_ps=list(stats.busy_ps))
+
+
+def _add_difference(total: SimStats, before: SimStats, after: SimStats) -> None:
+    """Add to ``total`` what the instructions between two snapshots added."""
+    for name in _TOTALS:
+        setattr(total, name, getattr(total, name) + getattr(after, name) - getattr(before, name))
+    for mnemonic, n in after.instructions.items():
+        n -= before.instructions.get(mnemonic, 0)
+        if n:
+            total.instructions[mnemonic] = total.instructions.get(mnemonic, 0) + n
+    total.busy_ps = [t + a - b for t, a, b in zip(total.busy_ps, after.busy_ps, before.busy_ps)]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import extreme_inputs, extreme_weights, random_inputs, random_weights, simulate
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import extreme_inputs, extreme_weights, random_inputs, random_weights, simulate
 from tvm_cim import CimArch, CimError
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.arch import MAPPINGS

@@ -13,8 +13,8 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import simulate
 
+from tests.conftest import simulate
 from tvm_cim import CimArch
 from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import (
@@ -23,9 +23,11 @@ from tvm_cim.sim import (
     Simulator,
     TensorDesc,
     _core,
+    estimate,
     im2col_params,
     isa,
     reference,
+    verify,
 )
 
 WRITE_PS = 56_000_000
@@ -120,7 +122,7 @@ def test_im2col_matches_loops(kernel, stride, padding, dilation, channels, backe
         y = result.outputs["y"]
         assert y.shape == (expected.shape[0] * expected.shape[1], expected.shape[2])
         assert np.array_equal(y, expected.reshape(y.shape)), (pad_value, batch)
-        assert program.estimate(batch).counts() == result.stats.counts()
+        assert estimate(program, batch).counts() == result.stats.counts()
 
 
 @pytest.mark.parametrize(
@@ -286,7 +288,7 @@ def test_conv_program(case, backend):
     program, (oh, ow) = conv_program(
         arch, (h, w, c), weight, a_bits=a_bits, signed=signed, **geometry
     )
-    program.verify()
+    verify(program)
     lo, hi = (-(1 << (a_bits - 1)), 1 << (a_bits - 1)) if signed else (0, 1 << a_bits)
     for batch in (1, 3):
         x = rng.integers(lo, hi, (batch, h, w, c))
@@ -303,7 +305,7 @@ def test_conv_program(case, backend):
         assert y.shape == (batch * oh * ow, cout)
         assert np.array_equal(y.reshape(expected.shape), expected)
         stats = result.stats
-        assert program.estimate(batch).counts() == stats.counts()
+        assert estimate(program, batch).counts() == stats.counts()
         mvms = sum(1 for m, _ in program.instructions() if m == "mvm")
         assert stats.mvm_executions == batch * oh * ow * mvms
         assert stats.instructions["im2col"] == 1
@@ -353,7 +355,7 @@ def test_conv_requant_conv_in_one_program(backend):
     expected = conv_direct(hidden, w2, (2, 1), (0, 1, 1, 0), (1, 1), rq.zero_point)
     assert expected.shape == (batch, oh2, ow2, c2)
     assert np.array_equal(result.outputs["y"], expected.reshape(-1, c2))
-    assert program.estimate(batch).counts() == result.stats.counts()
+    assert estimate(program, batch).counts() == result.stats.counts()
     # the program and its attrs survive the file format
     again = Program.from_bytes(program.to_bytes())
     assert again.attrs == program.attrs and again.buffer_rows == program.buffer_rows
@@ -389,7 +391,7 @@ def test_cimaq_conv_latency(hwc, kernel, cout, geometry, backend):
         assert stats.crossbar_writes == writes
         assert stats.mvm_executions == batch * oh * ow * writes * steps
         assert stats.latency_ps == stats.sequential_ps == expected
-        assert program.estimate(batch).counts() == stats.counts()
+        assert estimate(program, batch).counts() == stats.counts()
     x = rng.integers(0, 256, (1, h * w, c))
     result = simulate(program, {"x": x}, backend)
     assert result.stats.latency_ps == writes * WRITE_PS + oh * ow * writes * steps * EXEC_PS
@@ -425,7 +427,7 @@ def test_rows_scale_every_per_vector_instruction(case, backend):
     lat = arch.latency_ps()
     for batch in (1, 4):
         stats = simulate(program, None, backend, functional=False, batch=batch).stats
-        assert program.estimate(batch).counts() == stats.counts()
+        assert estimate(program, batch).counts() == stats.counts()
         sequential = digital = adc = 0
         for m, ops in program.instructions():
             spec = isa.BY_MNEMONIC[m]
@@ -472,4 +474,4 @@ def test_core_finite_adc_parity(adc_bits):
     ref = Simulator(backend="numpy").run(program, {"x": x})
     core = Simulator(backend="cython").run(program, {"x": x})
     assert np.array_equal(ref.outputs["y"], core.outputs["y"])
-    assert ref.stats.counts() == core.stats.counts() == program.estimate(5).counts()
+    assert ref.stats.counts() == core.stats.counts() == estimate(program, 5).counts()

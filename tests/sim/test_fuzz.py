@@ -21,8 +21,8 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import random_inputs, random_weights, ready_backends
 
+from tests.conftest import random_inputs, random_weights, ready_backends
 from tvm_cim import CimArch, CimError
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.quant import Requantize
@@ -34,6 +34,7 @@ from tvm_cim.sim import (
     TensorDesc,
     im2col_params,
     isa,
+    verify,
 )
 
 pytestmark = pytest.mark.slow
@@ -111,7 +112,7 @@ def seed_programs() -> list[tuple[Program, dict]]:
     ]
     out = []
     for p in programs:
-        p.verify()
+        verify(p)
         t = p.inputs[0]
         x = random_inputs(rng, 2 * t.rows, t.width, t.bits, t.signed)
         out.append((p, {"x": x}))

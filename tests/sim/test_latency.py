@@ -10,15 +10,15 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import random_inputs, random_weights, simulate
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import random_inputs, random_weights, simulate
 from tvm_cim import CimArch, InputError
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.arch import MAPPINGS
 from tvm_cim.core.quant import Requantize
-from tvm_cim.sim import isa
+from tvm_cim.sim import ProgramBuilder, TensorDesc, estimate, estimate_spans, isa
 
 WRITE_PS = 56_000_000
 EXEC_PS = 1_400_000
@@ -127,7 +127,7 @@ def test_cimaq_formula(n, m, preset, mapping, backend):
             assert stats.crossbar_writes == writes
             assert stats.mvm_executions == execs
             assert stats.latency_us == pytest.approx(expected / 1e6)
-            assert program.estimate(batch).counts() == stats.counts()
+            assert estimate(program, batch).counts() == stats.counts()
 
 
 @pytest.mark.parametrize("mapping", MAPPINGS)
@@ -201,7 +201,7 @@ def test_estimate_equals_simulation(arch, k, n, w, a, batch, requant, seed, back
     program = lower_matmul(weight, w_bits=w, a_bits=a, arch=arch, requant=rq)
     x = random_inputs(rng, batch, k, a, False)
     stats = simulate(program, {"x": x}, backend).stats
-    assert program.estimate(batch).counts() == stats.counts()
+    assert estimate(program, batch).counts() == stats.counts()
     check_stats(stats, program, batch, arch)
     if arch.crossbars == 1 and all(
         v == 0 for key, v in arch.latency_ps().items() if key not in ("write", "mvm", "adc")
@@ -213,15 +213,15 @@ def test_estimate_default_and_fixed_batch():
     arch = CimArch(rows=16, cols=24)
     weight = random_weights(np.random.default_rng(1), 20, 5, 4)
     free = lower_matmul(weight, w_bits=4, a_bits=4, arch=arch)
-    assert free.estimate().batch == 1
+    assert estimate(free).batch == 1
     fixed = lower_matmul(weight, w_bits=4, a_bits=4, arch=arch, batch=7)
-    assert fixed.estimate().batch == 7
-    assert fixed.estimate(7).counts() == fixed.estimate().counts()
+    assert estimate(fixed).batch == 7
+    assert estimate(fixed, 7).counts() == estimate(fixed).counts()
     with pytest.raises(InputError, match="batch of 7"):
-        fixed.estimate(3)
+        estimate(fixed, 3)
     with pytest.raises(InputError):
-        free.estimate(0)
-    assert free.estimate(5).latency_ps > free.estimate(1).latency_ps
+        estimate(free, 0)
+    assert estimate(free, 5).latency_ps > estimate(free, 1).latency_ps
 
 
 @pytest.mark.parametrize("batch", [1, 2, 9])
@@ -296,7 +296,7 @@ def test_what_if_arch_changes_latency_only(backend):
     assert other.latency_ps == (
         base.crossbar_writes * 100_000_000 + base.mvm_executions * 2_000_000
     )
-    assert program.estimate(2, arch=slow).counts() == other.counts()
+    assert estimate(program, 2, arch=slow).counts() == other.counts()
 
 
 # --------------------------------------------------------------------- energy
@@ -331,7 +331,7 @@ def test_energy(energies, backend):
 def test_no_energy_figures():
     arch = CimArch(rows=16, cols=24)
     program = lower_matmul(np.ones((5, 5), dtype=int), w_bits=2, a_bits=2, arch=arch)
-    stats = program.estimate(2)
+    stats = estimate(program, 2)
     assert stats.energy_nj is None
     assert stats.to_dict()["energy_nj"] is None
 
@@ -366,7 +366,7 @@ def test_cycles_round_up():
 def test_stats_dict_is_consistent():
     arch = CimArch(rows=16, cols=24, crossbars=2, adc_latency_us=0.5)
     weight = random_weights(np.random.default_rng(7), 40, 12, 8)
-    stats = lower_matmul(weight, w_bits=8, a_bits=3, arch=arch).estimate(4)
+    stats = estimate(lower_matmul(weight, w_bits=8, a_bits=3, arch=arch), 4)
     d = stats.to_dict()
     assert d["latency_ps"] == stats.latency_ps
     assert d["latency_us"] == stats.latency_ps / 1e6
@@ -375,3 +375,91 @@ def test_stats_dict_is_consistent():
     assert sum(d["instructions"].values()) == sum(d["instruction_classes"].values())
     assert d["instruction_classes"]["write"] == stats.crossbar_writes
     assert d["instruction_classes"]["control"] == 1  # halt
+
+
+# ------------------------------------------------------- per-operator spans
+
+
+def two_operator_program(batch_rows: int = 3):
+    """Two matmul-like operators on two crossbars, between a load and a store:
+    instructions 1..4 use image 0, 5..8 image 1 (``rows`` vectors per item)."""
+    arch = CimArch(
+        rows=6,
+        cols=5,
+        crossbars=2,
+        write_latency_us=2.0,
+        mvm_latency_us=0.3,
+        adc_latency_us=0.07,
+        shift_add_latency_us=0.011,
+        load_store_latency_us=0.005,
+    )
+    b = ProgramBuilder(arch, "spans")
+    x = b.input(TensorDesc("x", 6, "uint8", 4, False, rows=batch_rows))
+    xs, read, acc = b.buffer(6, batch_rows), b.buffer(5, batch_rows), b.buffer(5, batch_rows)
+    first = b.image(np.full((6, 5), 3))
+    second = b.image(np.full((4, 2), 1))
+    b.emit("load", dst=xs, dst_col=0, tensor=x, src_col=0, ncols=6)  # 0
+    for xb, image, ncols in ((0, first, 3), (1, second, 2)):  # 1..4, 5..8
+        b.emit("prog", xb=xb, image=image)
+        b.emit("mvm", xb=xb, src=xs, src_col=0, bit=0)
+        b.emit("adc", dst=read, dst_col=0, xb=xb, col=0, ncols=ncols)
+        b.emit("shadd", dst=acc, dst_col=0, src=read, src_col=0, ncols=ncols)
+    y = b.output(TensorDesc("y", 5, "int32", 32, True, rows=batch_rows))
+    b.emit("store", tensor=y, dst_col=0, src=acc, src_col=0, ncols=5)  # 9
+    b.emit("halt")  # 10
+    return b.build()
+
+
+def test_spans_by_hand():
+    program, batch, rows = two_operator_program(), 2, 3
+    lat = program.arch.latency_ps()
+    vectors = batch * rows
+    first, second, rest = estimate_spans(program, [[(1, 5)], [(5, 9)], [(0, 1), (9, 11)]], batch)
+    for stats, cells, ncols in ((first, 6 * 5, 3), (second, 4 * 2, 2)):
+        assert stats.instructions == {"prog": 1, "mvm": 1, "adc": 1, "shadd": 1}
+        assert stats.crossbar_writes == 1
+        assert stats.mvm_executions == vectors
+        assert stats.cell_macs == vectors * cells
+        assert stats.adc_conversions == vectors * ncols
+        assert stats.digital_ops == vectors
+        assert stats.sequential_ps == lat["write"] + vectors * (
+            lat["mvm"] + lat["adc"] + lat["shift_add"]
+        )
+    assert first.busy_ps == [first.sequential_ps - vectors * lat["shift_add"], 0]
+    assert second.busy_ps == [0, second.sequential_ps - vectors * lat["shift_add"]]
+    assert rest.instructions == {"load": 1, "store": 1, "halt": 1}
+    assert rest.sequential_ps == 2 * vectors * lat["load_store"]
+    assert rest.crossbar_writes == rest.mvm_executions == rest.digital_ops == 0
+    assert all(s.batch == batch and s.arch == program.arch for s in (first, second, rest))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_spans_that_cover_the_program_add_up_to_estimate(batch):
+    rng = np.random.default_rng(batch)
+    arch = CimArch(rows=8, cols=8, crossbars=3, adc_latency_us=0.1, shift_add_latency_us=0.02)
+    program = lower_matmul(random_weights(rng, 30, 7, 6), w_bits=6, a_bits=5, arch=arch)
+    cuts = sorted({0, len(program), *rng.integers(0, len(program), 6).tolist()})
+    ranges = list(zip(cuts, cuts[1:]))
+    groups = [ranges[0::2], ranges[1::2], []]  # interleaved ranges, and an empty group
+    parts = estimate_spans(program, groups, batch)
+    whole = estimate(program, batch)
+    assert sum(p.latency_ps for p in parts) == whole.latency_ps
+    assert sum(p.sequential_ps for p in parts) == whole.sequential_ps
+    for name in isa.COUNTERS:
+        assert sum(getattr(p, name) for p in parts) == getattr(whole, name), name
+    assert [sum(b) for b in zip(*(p.busy_ps for p in parts))] == whole.busy_ps
+    merged: dict = {}
+    for p in parts:
+        for mnemonic, n in p.instructions.items():
+            merged[mnemonic] = merged.get(mnemonic, 0) + n
+    assert merged == whole.instructions
+    assert parts[2].counts() == (batch, 0, 0, (), 0, 0, 0, 0, 0, (0, 0, 0))
+    (one,) = estimate_spans(program, [[(0, len(program))]], batch)
+    assert one.counts() == whole.counts()
+
+
+def test_spans_outside_the_program():
+    program = two_operator_program()
+    for bad in ((3, 12), (5, 3), (-1, 2)):
+        with pytest.raises(InputError, match=rf"group 1: instruction range \({bad[0]}, "):
+            estimate_spans(program, [[(0, 1)], [bad]])

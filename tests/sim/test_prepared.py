@@ -7,7 +7,7 @@ import pytest
 
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.arch import CimArch
-from tvm_cim.sim import Program, Simulator, available_backends
+from tvm_cim.sim import Program, Simulator, available_backends, estimate
 
 ARCH = CimArch(rows=8, cols=8, cell_bits=2, dac_bits=1)
 
@@ -64,4 +64,4 @@ def test_broadcast_cells_stay_broadcast():
         assert not np.shares_memory(img.cells, source)
         assert (img.cells == 1).all()
     stats = Simulator().run(prepared, functional=False, batch=2).stats
-    assert stats.counts() == program.estimate(2).counts()
+    assert stats.counts() == estimate(program, 2).counts()

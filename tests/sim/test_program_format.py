@@ -8,15 +8,24 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import random_weights
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import random_weights
 from tvm_cim import CimArch
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.errors import ProgramError
 from tvm_cim.core.quant import Requantize
-from tvm_cim.sim import Program, ProgramBuilder, TensorDesc, im2col_params, isa
+from tvm_cim.sim import (
+    Program,
+    ProgramBuilder,
+    TensorDesc,
+    assemble,
+    disassemble,
+    im2col_params,
+    isa,
+    verify,
+)
 from tvm_cim.sim import program as program_module
 
 
@@ -142,28 +151,28 @@ PROGRAMS = example_programs()
 @pytest.mark.parametrize("key", sorted(PROGRAMS))
 def test_save_load_round_trip(key, tmp_path):
     program = PROGRAMS[key]
-    program.verify()
+    verify(program)
     path = tmp_path / f"{key}.cimprog"
     program.save(path)
     loaded = Program.load(path)
     assert_same_program(program, loaded)
-    loaded.verify()
+    verify(loaded)
     assert loaded.to_bytes() == program.to_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("key", sorted(PROGRAMS))
 def test_asm_round_trip(key):
     program = PROGRAMS[key]
-    text = program.to_asm()
-    assembled = Program.from_asm(text)
+    text = disassemble(program)
+    assembled = assemble(text)
     assert_same_program(program, assembled)
     reloaded = Program.from_bytes(assembled.to_bytes())
-    assert reloaded.to_asm() == text
+    assert disassemble(reloaded) == text
     assert_same_program(program, reloaded)
 
 
 def test_asm_is_readable():
-    text = PROGRAMS["hand"].to_asm()
+    text = disassemble(PROGRAMS["hand"])
     lines = text.splitlines()
     assert lines[0] == ".program hand built"
     assert lines[1].startswith(".arch {")
@@ -185,7 +194,7 @@ def test_asm_is_readable():
 
 def test_asm_rows_and_attrs():
     program = PROGRAMS["conv"]
-    text = program.to_asm()
+    text = disassemble(program)
     lines = text.splitlines()
     assert ".input x width=2 dtype=uint8 bits=4 signed=0 batch=2 rows=20" in lines
     assert ".output y width=8 dtype=int32 bits=32 signed=1 batch=2 rows=6" in lines
@@ -205,10 +214,10 @@ def test_asm_rows_and_attrs():
     ]
     # rows and attrs may be written by hand, in any order of keys
     edited = text.replace(".buffer b1 width=18 rows=6", ".buffer b1 rows=6 width=18")
-    assert_same_program(Program.from_asm(edited), program)
+    assert_same_program(assemble(edited), program)
     without = "\n".join(line for line in lines if not line.startswith(".attrs"))
-    assert Program.from_asm(without).attrs == {}
-    assert ".attrs" not in PROGRAMS["hand"].to_asm()
+    assert assemble(without).attrs == {}
+    assert ".attrs" not in disassemble(PROGRAMS["hand"])
 
 
 @pytest.mark.parametrize(
@@ -226,9 +235,9 @@ def test_asm_rows_and_attrs():
     ],
 )
 def test_asm_attrs_errors(edit, match):
-    text = PROGRAMS["conv"].to_asm()
+    text = disassemble(PROGRAMS["conv"])
     with pytest.raises(ProgramError, match=match):
-        Program.from_asm(edit(text))
+        assemble(edit(text))
 
 
 def test_attrs_must_be_json():
@@ -241,10 +250,10 @@ def test_attrs_must_be_json():
 
 
 def test_asm_accepts_comments_and_omitted_flags():
-    text = PROGRAMS["hand"].to_asm()
+    text = disassemble(PROGRAMS["hand"])
     edited = text.replace("signed=0 relu=0", "").replace(".code", "; the code\n.code ; starts")
     assert edited != text
-    assert_same_program(Program.from_asm(edited), PROGRAMS["hand"])
+    assert_same_program(assemble(edited), PROGRAMS["hand"])
 
 
 # --------------------------------------------------------------- instructions

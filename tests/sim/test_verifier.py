@@ -2,7 +2,7 @@
 
 The compiled simulator core indexes without bounds checks and relies on these checks,
 so each one is exercised on its own: through the binary parser (``Program.from_bytes``),
-through ``Program.verify`` and through ``Simulator.run`` on every backend.
+through ``verify`` and through ``Simulator.run`` on every backend.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from tvm_cim.sim import (
     ProgramBuilder,
     Simulator,
     TensorDesc,
+    estimate,
     im2col_params,
     isa,
+    verify,
 )
 
 # ---------------------------------------------------------------- a tiny program
@@ -75,7 +77,7 @@ def with_code(program: Program, code: np.ndarray) -> Program:
 
 def rejects(program: Program, match: str, index: int | None = None, arch=None):
     with pytest.raises(ProgramError, match=match) as info:
-        program.verify(arch)
+        verify(program, arch)
     if index is not None:
         assert info.value.index == index
         assert str(info.value).startswith(f"instruction {index}: ")
@@ -84,7 +86,7 @@ def rejects(program: Program, match: str, index: int | None = None, arch=None):
 
 def test_tiny_program_is_valid(backend):
     p = tiny()
-    p.verify()
+    verify(p)
     y = Simulator(backend=backend).run(p, {"x": TINY_X}).outputs["y"]
     assert np.array_equal(y, (TINY_X.astype(np.int64) & 1) @ p.images[0].cells[:, :3])
 
@@ -168,14 +170,14 @@ def test_simulator_runs_the_verifier(mnemonic, fields, match, backend):
         Simulator(backend=backend).run(program, {"x": TINY_X})
     assert info.value.index == AT[mnemonic]
     with pytest.raises(ProgramError, match=match):
-        program.estimate(1)
+        estimate(program, 1)
 
 
 def test_finite_adc_shift_limit():
     p = tiny(adc_bits=8)
-    edited(p, "adc", shift=62).verify()
+    verify(edited(p, "adc", shift=62))
     rejects(edited(p, "adc", shift=63), r"adc shift 63 exceeds 62", index=AT["adc"])
-    edited(p, "shadd", shift=62).verify()
+    verify(edited(p, "shadd", shift=62))
 
 
 def test_adc_needs_an_mvm_since_the_last_write():
@@ -197,7 +199,7 @@ def test_second_image_changes_the_row_count():
     code = np.insert(p.code, 4, [p.code[1], p.code[2]], axis=0)
     code[4, 2] = 1  # prog xb=0 image=1
     code[5, 2] = 1  # mvm src=b1 (width 6): fits
-    with_code(p, code).verify()
+    verify(with_code(p, code))
     code[5, 2] = 0  # mvm src=b0 (width 5): 6 rows do not fit
     rejects(with_code(p, code), r"mvm input columns 0\.\.5 outside width 5", index=5)
 
@@ -279,7 +281,7 @@ def test_bad_req_params(params, match):
 def test_req_params_extra_columns_are_ignored():
     p = tiny()
     p.constants[0] = np.array([[0, 0, 0, 9], [1, 1, 1, 9], [0, 0, 0, 99]])
-    p.verify()  # only the first ncols columns are read
+    verify(p)  # only the first ncols columns are read
 
 
 def test_bad_constant_shape():
@@ -355,16 +357,16 @@ def test_arch_mismatch(backend):
             Simulator(other, backend=backend).run(p, {"x": TINY_X})
         assert field in str(info.value)
         with pytest.raises(ProgramError, match="compiled for another arch"):
-            p.verify(other)
+            verify(p, other)
         with pytest.raises(ProgramError, match="compiled for another arch"):
-            p.estimate(1, arch=other)
+            estimate(p, 1, arch=other)
 
 
 def test_arch_with_fewer_crossbars(backend):
     p = edited(tiny(), "prog", xb=1)
     p.code[AT["mvm"], 1] = 1
     p.code[AT["adc"], 3] = 1
-    p.verify()
+    verify(p)
     one = p.arch.replace(crossbars=1)
     with pytest.raises(ProgramError, match=r"crossbar x1 out of range \(have 1\)") as info:
         Simulator(one, backend=backend).run(p, {"x": TINY_X})
@@ -416,9 +418,9 @@ def good() -> bytes:
 
 
 def test_good_bytes_parse(good):
-    Program.from_bytes(good).verify()
-    Program.from_bytes(bytearray(good)).verify()
-    Program.from_bytes(memoryview(good)).verify()
+    verify(Program.from_bytes(good))
+    verify(Program.from_bytes(bytearray(good)))
+    verify(Program.from_bytes(memoryview(good)))
 
 
 @pytest.mark.parametrize("cut", [0, 1, 8, 19, 20, 40, 300, -17, -5, -4, -1])
@@ -743,7 +745,7 @@ CONV_AT = {
 
 def test_conv_tiny_is_valid(backend):
     p = conv_tiny()
-    p.verify()
+    verify(p)
     x = np.random.default_rng(0).integers(0, 2, (2, 3, 4, 2))
     y = Simulator(backend=backend).run(p, {"x": x.reshape(2, 12, 2)}).outputs["y"]
     windows = np.stack(
@@ -845,7 +847,7 @@ def test_adc_rows_follow_the_last_mvm():
     code = np.insert(p.code, 4, instruction("mvm", xb=0, src=6), axis=0)
     rejects(with_code(p, code), r"adc: rows per item differ: crossbar x0 holds sums for 1", index=5)
     code = np.insert(code, 5, instruction("mvm", xb=0, src=1), axis=0)  # back to b1's 6 rows
-    with_code(p, code).verify()
+    verify(with_code(p, code))
 
 
 BAD_IM2COL = [
@@ -900,7 +902,7 @@ def test_im2col_source_must_be_written():
     p.constants.append(np.array([[0, 0], [1, 1], [0, 0]]))
     code = p.code.copy()
     code[0] = instruction("req", dst=0, src=0, ncols=2, params=2, bits=8)
-    with_code(p, code).verify()
+    verify(with_code(p, code))
 
 
 @pytest.mark.parametrize(
@@ -950,7 +952,7 @@ def test_rows_in_meta_are_checked(good):
     del meta["buffer_rows"], meta["attrs"], meta["inputs"][0]["rows"]
     program = Program.from_bytes(rebuild(good, META=json.dumps(meta).encode()))
     assert program.buffer_rows == [1] * 5 and program.attrs == {} and program.inputs[0].rows == 1
-    program.verify()
+    verify(program)
 
 
 # ------------------------------------------------------- inputs with rows per item

@@ -16,12 +16,13 @@ from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import ProgramError
 from tvm_cim.core.quant import MAX_SHIFT
 
-from . import isa, timing
+from . import isa
 from .program import TENSOR_DTYPES, Program
 
-MAX_BUFFERS = 1 << 8
 #: Most vectors per item of a tensor or buffer (a 4096 x 4096 image).
 MAX_ROWS = 1 << 24
+#: Widest output code a ``req`` writes: what its ``bits`` field holds.
+_REQ_BITS = isa.BY_MNEMONIC["req"].field("bits").max_value
 
 
 def check_arch(program: Program, arch: CimArch | None) -> CimArch:
@@ -50,8 +51,8 @@ def verify(program: Program, arch: CimArch | None = None) -> None:
 def _check_tensors(program: Program) -> None:
     seen = set()
     for role, tensors in (("input", program.inputs), ("output", program.outputs)):
-        if len(tensors) > 256:
-            raise ProgramError(f"too many {role} tensors ({len(tensors)} > 256)")
+        if len(tensors) > isa.MAX_TENSORS:
+            raise ProgramError(f"too many {role} tensors ({len(tensors)} > {isa.MAX_TENSORS})")
         for t in tensors:
             where = f"{role} tensor {t.name!r}"
             if not t.name or t.name in seen:
@@ -75,8 +76,8 @@ def _check_tensors(program: Program) -> None:
 
 
 def _check_tables(program: Program, arch: CimArch) -> None:
-    if len(program.buffers) > MAX_BUFFERS:
-        raise ProgramError(f"{len(program.buffers)} buffers exceed the limit of {MAX_BUFFERS}")
+    if len(program.buffers) > isa.MAX_BUFFERS:
+        raise ProgramError(f"{len(program.buffers)} buffers exceed the limit of {isa.MAX_BUFFERS}")
     for i, width in enumerate(program.buffers):
         if not 1 <= width <= isa.MAX_COLUMNS:
             raise ProgramError(f"buffer b{i}: width {width} outside 1..{isa.MAX_COLUMNS}")
@@ -144,6 +145,16 @@ class _Checker:
         if ncols < 1 or start + ncols > width:
             self.fail(i, f"{what} columns {start}..{start + ncols - 1} outside width {width}")
 
+    def buffer_span(self, i: int, what: str, ops: dict, operand: str, ncols: int) -> None:
+        """Fail unless ``ncols`` columns from ``<operand>_col`` lie in buffer ``operand``."""
+        self.span(i, what, ops[f"{operand}_col"], ncols, self.p.buffers[ops[operand]])
+
+    def buffer_to_buffer(self, i: int, mnemonic: str, ops: dict, src_cols: int) -> None:
+        """The spans of ``shadd``, ``acc`` and ``req``: ``src_cols`` source columns,
+        ``ncols`` destination columns."""
+        self.buffer_span(i, f"{mnemonic} source", ops, "src", src_cols)
+        self.buffer_span(i, f"{mnemonic} destination", ops, "dst", ops["ncols"])
+
     def run(self) -> None:
         code, p = self.p.code, self.p
         if len(code) == 0 or code[-1, 0] != isa.OP["HALT"]:
@@ -165,7 +176,7 @@ class _Checker:
                 elif f.kind == "crossbar":
                     self.index(i, "crossbar", ops[f.name], self.arch.crossbars)
             getattr(self, f"check_{spec.mnemonic}")(i, ops)
-            for name in timing._WRITES.get(spec.mnemonic, ()):
+            for name in spec.writes:
                 self.written[ops[name]] = True
 
     def check_halt(self, i, ops):
@@ -176,12 +187,22 @@ class _Checker:
         self.image_on[ops["xb"]] = ops["image"]
         self.held[ops["xb"]] = 0
 
+    def transfer(self, i: int, mnemonic: str, ops: dict, role: str, tensor_end: str) -> None:
+        """The checks of ``load`` and ``store``: ``ncols`` columns between tensor
+        ``ops["tensor"]`` (input or output, per ``role``), at its ``tensor_end`` (``src``
+        or ``dst``), and the buffer at the other end, which has the tensor's rows."""
+        tensors = self.p.inputs if role == "input" else self.p.outputs
+        self.index(i, "tensor", ops["tensor"], len(tensors))
+        t = tensors[ops["tensor"]]
+        buffer_end = "dst" if tensor_end == "src" else "src"
+        ends = {"src": "source", "dst": "destination"}
+        start = ops[f"{tensor_end}_col"]
+        self.span(i, f"{mnemonic} {ends[tensor_end]}", start, ops["ncols"], t.width)
+        self.buffer_span(i, f"{mnemonic} {ends[buffer_end]}", ops, buffer_end, ops["ncols"])
+        self.same_rows(i, mnemonic, f"{role} tensor {t.name!r} has", t.rows, ops[buffer_end])
+
     def check_load(self, i, ops):
-        self.index(i, "tensor", ops["tensor"], len(self.p.inputs))
-        t = self.p.inputs[ops["tensor"]]
-        self.span(i, "load source", ops["src_col"], ops["ncols"], t.width)
-        self.span(i, "load destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
-        self.same_rows(i, "load", f"input tensor {t.name!r} has", t.rows, ops["dst"])
+        self.transfer(i, "load", ops, "input", tensor_end="src")
 
     def check_mvm(self, i, ops):
         image = self.image_on[ops["xb"]]
@@ -200,7 +221,7 @@ class _Checker:
         self.span(
             i, "adc crossbar", ops["col"], ops["ncols"], self.p.images[self.image_on[xb]].cols
         )
-        self.span(i, "adc destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.buffer_span(i, "adc destination", ops, "dst", ops["ncols"])
         self.same_rows(i, "adc", f"crossbar x{xb} holds sums for", self.held[xb], ops["dst"])
         if self.arch.adc_bits is None and ops["shift"]:
             self.fail(i, "adc shift must be 0 with a lossless ADC")
@@ -208,21 +229,17 @@ class _Checker:
             self.fail(i, f"adc shift {ops['shift']} exceeds {MAX_SHIFT}")
 
     def check_shadd(self, i, ops):
-        src_cols = 1 if ops["bcast"] else ops["ncols"]
-        self.span(i, "shadd source", ops["src_col"], src_cols, self.p.buffers[ops["src"]])
-        self.span(i, "shadd destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.buffer_to_buffer(i, "shadd", ops, 1 if ops["bcast"] else ops["ncols"])
         if ops["shift"] > MAX_SHIFT:
             self.fail(i, f"shadd shift {ops['shift']} exceeds {MAX_SHIFT}")
         self.same_source_rows(i, "shadd", ops)
 
     def check_acc(self, i, ops):
-        self.span(i, "acc source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
-        self.span(i, "acc destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.buffer_to_buffer(i, "acc", ops, ops["ncols"])
         self.same_source_rows(i, "acc", ops)
 
     def check_req(self, i, ops):
-        self.span(i, "req source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
-        self.span(i, "req destination", ops["dst_col"], ops["ncols"], self.p.buffers[ops["dst"]])
+        self.buffer_to_buffer(i, "req", ops, ops["ncols"])
         self.same_source_rows(i, "req", ops)
         self.index(i, "const", ops["params"], len(self.p.constants))
         params = self.p.constants[ops["params"]]
@@ -231,15 +248,11 @@ class _Checker:
         shifts = params[2, : ops["ncols"]]
         if shifts.min() < 0 or shifts.max() > MAX_SHIFT:
             self.fail(i, f"req params c{ops['params']}: shifts must lie in 0..{MAX_SHIFT}")
-        if not 1 <= ops["bits"] <= 31:
-            self.fail(i, f"req output bits {ops['bits']} outside 1..31")
+        if not 1 <= ops["bits"] <= _REQ_BITS:
+            self.fail(i, f"req output bits {ops['bits']} outside 1..{_REQ_BITS}")
 
     def check_store(self, i, ops):
-        self.index(i, "tensor", ops["tensor"], len(self.p.outputs))
-        t = self.p.outputs[ops["tensor"]]
-        self.span(i, "store destination", ops["dst_col"], ops["ncols"], t.width)
-        self.span(i, "store source", ops["src_col"], ops["ncols"], self.p.buffers[ops["src"]])
-        self.same_rows(i, "store", f"output tensor {t.name!r} has", t.rows, ops["src"])
+        self.transfer(i, "store", ops, "output", tensor_end="dst")
 
     def check_im2col(self, i, ops):
         dst, src, c = ops["dst"], ops["src"], ops["params"]
