@@ -2,10 +2,11 @@
 
 A policy's latency is a sum over operators of ``table[operator, w_bits - 1, a_bits - 1]``,
 each entry the latency ``tvm_cim.cost_report`` gives that operator (the number the
-simulator reports for it). One cost-only compile per ``(w_bits, a_bits)`` pair, with every
-operator at that pair, fills the table: an operator's latency depends only on its own
-widths. With ``crossbars=1`` the sum is the model's latency; with more crossbars it is the
-sequential sum (``sequential_latency_us``), which the search minimizes.
+simulator reports for it). The model is partitioned once; one cost-only lowering per
+``(w_bits, a_bits)`` pair, with every operator at that pair, fills the table: an
+operator's latency depends only on its own widths. With ``crossbars=1`` the sum is the
+model's latency; with more crossbars it is the sequential sum (``sequential_latency_us``),
+which the search minimizes.
 """
 
 from __future__ import annotations
@@ -105,23 +106,24 @@ class LatencyTable:
 
     @classmethod
     def build(cls, mod, names=None, arch="rram-4b", progress=None) -> LatencyTable:
-        """Fill the table with 64 cost-only compiles of ``mod`` (about a second for small
-        models). ``names`` are the operator names (see ``tvm_cim.compiler.frontend``)."""
-        from tvm_cim import cost_report
+        """Fill the table from one partition of ``mod`` and 64 cost-only lowerings (about a
+        second for small models). ``names`` are the operator names (see
+        ``tvm_cim.compiler.frontend``)."""
+        from tvm_cim.compiler.plan import plan_for_cim
 
-        arch = CimArch.load(arch)
-        base = cost_report(mod, arch=arch, names=names)
+        plan = plan_for_cim(mod, arch=CimArch.load(arch), names=names)
+        base = plan.cost_report()
         if not base.operators:
             raise CimError("the model has no operator the crossbars can run")
         operators = [OperatorInfo.from_report(op) for op in base.operators]
         table = np.zeros((len(operators), MAX_BITS, MAX_BITS))
         for w in range(1, MAX_BITS + 1):
             for a in range(1, MAX_BITS + 1):
-                report = cost_report(mod, arch=arch, precision={"default": [w, a]}, names=names)
+                report = plan.cost_report(plan.resolve({"default": [w, a]}))
                 table[:, w - 1, a - 1] = [op.latency_us for op in report.operators]
                 if progress is not None:
                     progress()
-        return cls(operators, table, arch)
+        return cls(operators, table, plan.arch)
 
     @classmethod
     def for_model(cls, model, example_input, arch="rram-4b") -> LatencyTable:

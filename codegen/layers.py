@@ -1,8 +1,14 @@
-"""The integer operators a crossbar program computes, as the graph passes describe them.
+"""The operators a crossbar program computes, from the graph reader to the codegen.
 
 A ``Region`` is one partitioned function: its parameters, its dense and convolution
 operators (``CimOp``) in dataflow order, and which operators it returns. Every field is
 plain numpy, so the codegen and its tests need no TVM.
+
+One record serves the whole way down. The graph reader fills a ``CimOp`` as the graph
+states it: real weights (a float model) or integer codes with their scales, the input's
+codes when the graph quantizes them, bias, ReLU and output quantization.
+``codegen.quantize`` completes it into integer form: integer weight codes and their
+width, the input codes the crossbars receive and the integer bias.
 
 An operator computes ``acc = x_codes @ weight_codes`` (a convolution through im2col) on the
 crossbars, then either requantizes ``acc`` inside the program to the codes of its
@@ -15,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..sim import isa
+from ..sim.builder import im2col_params
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,9 @@ class Codes:
     zero_point: int = 0
 
 
+_OH, _OW = isa.IM2COL_PARAMS.index("OH"), isa.IM2COL_PARAMS.index("OW")
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """A 2-D convolution's shapes and window, NCHW data and OIHW weights."""
@@ -42,47 +54,30 @@ class ConvGeometry:
     padding: tuple[int, int, int, int]  # top, left, bottom, right
     dilation: tuple[int, int]
 
-    @property
-    def out_height(self) -> int:
-        (kh, _), (sh, _), (pt, _, pb, _), (dh, _) = (
+    def params(self) -> np.ndarray:
+        """The ``im2col`` instruction's ``[1, 15]`` parameter constant."""
+        return im2col_params(
+            self.height,
+            self.width,
+            self.channels,
             self.kernel,
             self.strides,
             self.padding,
             self.dilation,
         )
-        return (self.height + pt + pb - dh * (kh - 1) - 1) // sh + 1
+
+    @property
+    def out_height(self) -> int:
+        return int(self.params()[0, _OH])
 
     @property
     def out_width(self) -> int:
-        (_, kw), (_, sw), (_, pl, _, pr), (_, dw) = (
-            self.kernel,
-            self.strides,
-            self.padding,
-            self.dilation,
-        )
-        return (self.width + pl + pr - dw * (kw - 1) - 1) // sw + 1
-
-    def params(self) -> np.ndarray:
-        """The ``im2col`` instruction's ``[1, 15]`` parameter constant."""
-        return np.array(
-            [
-                self.height,
-                self.width,
-                self.channels,
-                *self.kernel,
-                *self.strides,
-                *self.padding,
-                *self.dilation,
-                self.out_height,
-                self.out_width,
-            ],
-            dtype=np.int64,
-        ).reshape(1, -1)
+        return int(self.params()[0, _OW])
 
 
 @dataclass
 class CimOp:
-    """One dense or convolution operator of a region, in integer form.
+    """One dense or convolution operator of a region.
 
     Attributes
     ----------
@@ -93,11 +88,15 @@ class CimOp:
     source
         ``("param", i)`` for the region's i-th parameter, ``("op", j)`` for operator j.
     weight
-        ``[K, N]`` integer codes; for a convolution ``K`` runs over ``(kh, kw, c)``.
-    w_bits
-        Width of the weight codes.
+        ``[K, N]``; for a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a
+        float graph until quantized, else integer codes.
+    in_shape, out_shape
+        The graph's tensor shapes around the operator.
     input
-        The codes the crossbars receive (``a_bits`` is ``input.bits``).
+        The codes the crossbars receive (``a_bits`` is ``input.bits``); None for real
+        activations still to be quantized (by the precision and calibration).
+    w_bits
+        Width of the weight codes; None until quantized.
     weight_scale
         ``[N]`` real scale per output channel, None for integer graphs.
     int_bias
@@ -110,24 +109,27 @@ class CimOp:
         Requantize to these codes inside the program; None hands the accumulator out.
     conv
         Window and shapes of a convolution.
-    in_shape, out_shape
-        The graph's tensor shapes around the operator.
     """
 
     name: str
     kind: str
     source: tuple[str, int]
     weight: np.ndarray
-    w_bits: int
-    input: Codes
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    input: Codes | None = None
+    w_bits: int | None = None
     weight_scale: np.ndarray | None = None
     int_bias: np.ndarray | None = None
     real_bias: np.ndarray | None = None
     relu: bool = False
     output: Codes | None = None
     conv: ConvGeometry | None = None
-    in_shape: tuple[int, ...] = ()
-    out_shape: tuple[int, ...] = ()
+
+    @property
+    def is_float(self) -> bool:
+        """The weights are real values (a float graph's operator, not yet quantized)."""
+        return bool(np.issubdtype(self.weight.dtype, np.floating))
 
     @property
     def a_bits(self) -> int:
@@ -135,11 +137,13 @@ class CimOp:
 
     @property
     def in_features(self) -> int:
-        return int(self.weight.shape[0])
+        """``K``: the values one input vector holds (the weight's rows)."""
+        return self.weight.shape[0]
 
     @property
     def out_features(self) -> int:
-        return int(self.weight.shape[1])
+        """``N``: the output channels (the weight's columns)."""
+        return self.weight.shape[1]
 
     @property
     def vectors_per_item(self) -> int:

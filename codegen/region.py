@@ -240,6 +240,8 @@ def lower_region(region: Region, arch: CimArch) -> Program:
         An operator whose weights, bits or scales the crossbars cannot take, naming it.
     """
     for op in region.ops:
+        if op.w_bits is None or op.input is None:
+            raise CimError(f"{op.name}: not in integer form (see codegen.quantize)")
         if is_placeholder(op.weight):
             continue
         wmin, wmax = quant_range(op.w_bits, True)

@@ -17,13 +17,14 @@ from tvm import relax
 from tvm_cim.core.errors import CimError
 from tvm_cim.core.quant import quantize
 
-from .extract import GraphOp, GraphRegion, read_region
-from .partition import call_packed, offloaded_functions, rewrite_offloaded_calls
+from ..codegen.layers import CimOp, Region
+from ..codegen.quantize import Ranges
+from .partition import call_packed, rewrite_offloaded_calls
 
 _ids = itertools.count()
 
 
-def conv2d_nchw(x: np.ndarray, weight_matrix: np.ndarray, op: GraphOp) -> np.ndarray:
+def conv2d_nchw(x: np.ndarray, weight_matrix: np.ndarray, op: CimOp) -> np.ndarray:
     """Convolution through im2col: ``x`` NCHW, ``weight_matrix`` ``[KH*KW*C, O]``."""
     g = op.conv
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = g.kernel, g.strides, g.padding, g.dilation
@@ -44,21 +45,19 @@ def conv2d_nchw(x: np.ndarray, weight_matrix: np.ndarray, op: GraphOp) -> np.nda
     return out.reshape(x.shape[0], oh, ow, -1).transpose(0, 3, 1, 2)
 
 
-def _real_weight(op: GraphOp) -> np.ndarray:
-    if op.weight_float is not None:
-        return op.weight_float.astype(np.float64)
-    w = op.weight_codes.astype(np.float64)
+def _real_weight(op: CimOp) -> np.ndarray:
+    w = op.weight.astype(np.float64)
     return w * op.weight_scale if op.weight_scale is not None else w
 
 
-def float_forward(region: GraphRegion, args: list[np.ndarray], ranges: dict) -> list[np.ndarray]:
+def float_forward(region: Region, args: list[np.ndarray], ranges: Ranges) -> list[np.ndarray]:
     """Outputs of ``region`` computed in float64; widens ``ranges[name]`` for float inputs."""
     values: list[np.ndarray] = []
     for op in region.ops:
         kind, index = op.source
         x = args[index] if kind == "param" else values[index]
-        if op.input_codes is not None:
-            c = op.input_codes
+        if op.input is not None:
+            c = op.input
             x = x.astype(np.float64) - c.zero_point
             if c.scale is not None:
                 x = x * c.scale
@@ -85,14 +84,27 @@ def float_forward(region: GraphRegion, args: list[np.ndarray], ranges: dict) -> 
     return [values[j] for j in region.outputs]
 
 
-def calibrate(mod: tvm.IRModule, samples: Iterable) -> dict[str, tuple[float, float]]:
+def calibrate(
+    mod: tvm.IRModule, regions: dict[tvm.ir.GlobalVar, Region], samples: Iterable
+) -> Ranges:
     """Input ``(min, max)`` of every float operator of a partitioned module.
 
-    ``samples`` yields the ``main`` arguments of one run each: an array, a tuple of
-    arrays, or a dict from parameter name to array.
+    Parameters
+    ----------
+    mod
+        The partitioned module.
+    regions
+        Its ``cim`` functions as read (``read_region``), by global variable.
+    samples
+        Yields the ``main`` arguments of one run each: an array, a tuple of arrays, or a
+        dict from parameter name to array.
+
+    Raises
+    ------
+    CimError
+        ``samples`` is empty.
     """
-    ranges: dict[str, tuple[float, float]] = {}
-    regions = {gv: read_region(gv.name_hint, fn) for gv, fn in offloaded_functions(mod)}
+    ranges: Ranges = {}
     run_id = next(_ids)
 
     def rewrite(gv, fn, call):

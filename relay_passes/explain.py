@@ -1,10 +1,17 @@
-"""Why a dense or convolution operator stayed on the CPU, in words for reports."""
+"""Why a dense or convolution operator stayed on the CPU, in words for reports.
+
+The shared hardware limits are the pattern table's own (``patterns.anchor_reason``), so a
+report names the check that kept the operator off the crossbars.
+"""
 
 from __future__ import annotations
 
 from tvm import relax
 
-from ..sim.isa import MAX_COLUMNS
+from .patterns import CODE_DTYPES, FLOAT_DTYPES, anchor_reason, shape_reason
+
+#: Operand dtypes some pattern form takes (the integer forms accumulate in int32).
+_FORM_DTYPES = {*FLOAT_DTYPES, *CODE_DTYPES, "int32"}
 
 
 def _is_constant(expr, bindings) -> bool:
@@ -20,29 +27,16 @@ def _is_constant(expr, bindings) -> bool:
 
 
 def unsupported_reason(call: relax.Call, block) -> str:
-    """The first crossbar limit ``call`` breaks."""
+    """The first crossbar limit the anchor ``call`` (bound in ``block``) breaks."""
     bindings = {b.var: b.value for b in block.bindings}
     x, w = call.args[:2]
-    shapes = [getattr(a.ty, "shape", None) for a in (x, w, call)]
-    if any(s is None or not all(hasattr(d, "value") for d in s) for s in shapes):
-        return "dynamic shapes"
-    if not _is_constant(w, bindings):
-        return "weights are not constants"
-    if call.op.name == "relax.nn.conv2d":
-        a = call.attrs
-        if int(a.groups) != 1:
-            return f"grouped convolution (groups={int(a.groups)}) is not mapped"
-        if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW"):
-            return f"layout {a.data_layout}/{a.kernel_layout} is not NCHW/OIHW"
-        n, c, kh, kw = (int(d) for d in w.ty.shape)
-        k = c * kh * kw
-    else:
-        if len(w.ty.shape) != 2:
-            return "batched matmul weights are not one matrix"
-        k, n = (int(d) for d in w.ty.shape)
-    if k > MAX_COLUMNS or n > MAX_COLUMNS:
-        return f"weight matrix {k}x{n} exceeds {MAX_COLUMNS} rows or columns"
+    reason = shape_reason(call)
+    if reason is None and not _is_constant(w, bindings):
+        reason = "weights are not constants"
+    reason = reason or anchor_reason(call)
+    if reason is not None:
+        return reason
     dtypes = {str(x.ty.dtype), str(w.ty.dtype)}
-    if not dtypes <= {"float16", "float32", "float64", "int8", "uint8", "int32"}:
+    if not dtypes <= _FORM_DTYPES:
         return f"unsupported dtypes {sorted(dtypes)}"
     return "no cim pattern matched its operand form (dtypes or quantization)"

@@ -1,63 +1,26 @@
-"""Read a partitioned ``cim`` function back into operators the codegen understands.
+"""Read a partitioned ``cim`` function back into the operators the codegen lowers.
 
 A function made by ``MergeCompositeFunctions`` binds its composite functions locally and
 calls them in dataflow order. Each composite body is evaluated symbolically: constant
 subexpressions (reshaped biases, transposed or dequantized weights) are computed with
 numpy, the parameter is followed through ``dequantize``, ``astype`` and ``subtract``, and
 the anchor ``matmul`` or ``conv2d`` with its bias, ReLU and ``quantize`` becomes one
-``GraphOp``. The result still holds float weights for float models; ``quantize`` turns it
-into the codegen's integer ``CimOp``.
+``CimOp`` as the graph states it. A float model's operators still hold real weights;
+``codegen.quantize`` completes them into integer form.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tvm import relax
 
 from tvm_cim.core.errors import CimError
 
-from ..codegen.layers import Codes, ConvGeometry
+from ..codegen.layers import CimOp, Codes, ConvGeometry, Region
 from .canonicalize import clip_bounds, clipped_code_range
 from .partition import operator_name
-
-
-@dataclass
-class GraphOp:
-    """One offloaded operator as the graph states it.
-
-    ``input_codes`` None means float activations (quantized by the precision config and
-    calibration); otherwise the parameter already holds integer codes. Exactly one of
-    ``weight_float`` and ``weight_codes`` is set; both are ``[K, N]``.
-    """
-
-    name: str
-    kind: str
-    source: tuple[str, int]
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    out_dtype: str
-    input_codes: Codes | None = None
-    weight_float: np.ndarray | None = None
-    weight_codes: np.ndarray | None = None
-    weight_scale: np.ndarray | None = None
-    real_bias: np.ndarray | None = None
-    relu: bool = False
-    output: Codes | None = None
-    conv: ConvGeometry | None = None
-    clip: tuple[float, float] | None = None
-
-
-@dataclass
-class GraphRegion:
-    """A partitioned function: parameter shapes and dtypes, operators, returned operators."""
-
-    name: str
-    params: list[tuple[tuple[int, ...], str]]
-    ops: list[GraphOp] = field(default_factory=list)
-    outputs: list[int] = field(default_factory=list)
-
 
 # ------------------------------------------------------------------ symbolic values
 
@@ -91,6 +54,14 @@ class _Activation:
     clip: tuple[float, float] | None = None
 
 
+@dataclass
+class _Clipped:
+    """An operator's result clipped before its ``quantize``."""
+
+    op: CimOp
+    bounds: tuple[float, float]
+
+
 def _shape(expr) -> tuple[int, ...]:
     return tuple(int(d) for d in expr.ty.shape)
 
@@ -113,9 +84,9 @@ class _CompositeReader:
         self.env: dict = {}
         for param, src in zip(fn.params, sources):
             self.env[param] = _Activation(src, _shape(param), str(param.ty.dtype))
-        self.op: GraphOp | None = None
+        self.op: CimOp | None = None
 
-    def read(self) -> GraphOp:
+    def read(self) -> CimOp:
         for block in self.fn.body.blocks:
             for binding in block.bindings:
                 self.env[binding.var] = self.visit(binding.value, binding.var)
@@ -210,46 +181,23 @@ class _CompositeReader:
         x, w = args
         if x.codes is None and _bits_of(x.dtype)[0]:  # integer codes used as they are
             x = _Activation(x.source, x.shape, x.dtype, Codes(*_bits_of(x.dtype), None, 0))
-        op = GraphOp(
-            name=operator_name(call) or var.name,
+        name = operator_name(call) or var.name
+        weight, scale = _weight_matrix(w, kind, name)
+        self.op = CimOp(
+            name=name,
             kind=kind,
             source=x.source,
+            weight=weight,
+            weight_scale=scale,
             in_shape=x.shape,
             out_shape=_shape(call),
-            out_dtype=str(call.ty.dtype),
-            input_codes=x.codes,
+            input=x.codes,
+            conv=_geometry(call, x.shape, w) if kind == "conv2d" else None,
         )
-        if kind == "conv2d":
-            a = call.attrs
-            _, c, h, wd = x.shape
-            o, _, kh, kw = w.codes.shape if isinstance(w, _Dequantized) else w.shape
-            op.conv = ConvGeometry(
-                channels=c,
-                height=h,
-                width=wd,
-                kernel=(kh, kw),
-                strides=tuple(int(s) for s in a.strides),
-                padding=tuple(int(p) for p in a.padding),
-                dilation=tuple(int(d) for d in a.dilation),
-            )
-        out_axis = 0 if kind == "conv2d" else 1
-        if isinstance(w, _Dequantized):
-            if np.any(w.zero_point != 0):
-                raise CimError(f"{op.name}: weights with a nonzero zero point are not supported")
-            if w.scale.size > 1 and w.axis != out_axis:
-                raise CimError(f"{op.name}: weight scales must be per output channel")
-            n = w.codes.shape[out_axis]
-            op.weight_codes = _as_matrix(w.codes, kind)
-            op.weight_scale = np.broadcast_to(w.scale.reshape(-1), (n,)).astype(np.float32)
-        elif np.issubdtype(w.dtype, np.integer):
-            op.weight_codes = _as_matrix(w, kind)
-        else:
-            op.weight_float = _as_matrix(w, kind)
-        self.op = op
-        return op
+        return self.op
 
     def op_add(self, call, args, var):
-        op = args[0] if isinstance(args[0], GraphOp) else args[1]
+        op = args[0] if isinstance(args[0], CimOp) else args[1]
         bias = args[1] if op is args[0] else args[0]
         if isinstance(bias, _Dequantized):
             bias = bias.real()
@@ -266,16 +214,14 @@ class _CompositeReader:
         else:
             raise CimError(f"{op.name}: bias of shape {bias.shape} is not per channel")
         op.real_bias = bias if op.real_bias is None else op.real_bias + bias
-        op.out_dtype = str(call.ty.dtype)
         return op
 
     def op_clip(self, call, args, var):
         value = args[0]
         bounds = clip_bounds(call)
         if isinstance(value, _Activation):
-            return _Activation(value.source, value.shape, value.dtype, value.codes, bounds)
-        value.clip = bounds
-        return value
+            return replace(value, clip=bounds)
+        return _Clipped(value, bounds)
 
     def op_relu(self, call, args, var):
         (op,) = args
@@ -288,15 +234,48 @@ class _CompositeReader:
         scale = float(_scalar(scale, "quantization scale", self.name))
         zp = int(_scalar(zp, "quantization zero point", self.name))
         bits, signed = _bits_of(dtype)
-        clip = value.clip
+        clip = None
+        if isinstance(value, _Clipped):
+            value, clip = value.op, value.bounds
+        elif isinstance(value, _Activation):
+            clip = value.clip
         if clip is not None:  # the pattern check made sure it cuts at a code range
             bits, signed = clipped_code_range(*clip, scale, zp, dtype)
         codes = Codes(bits, signed, scale, zp)
         if isinstance(value, _Activation):  # quantized on the host from real values
             return _Activation(value.source, value.shape, dtype, codes)
         value.output = codes
-        value.out_dtype = dtype
         return value
+
+
+def _weight_matrix(w, kind: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``([K, N] weight, [N] scale or None)`` of a constant or dequantized weight."""
+    if not isinstance(w, _Dequantized):
+        return _as_matrix(w, kind), None
+    out_axis = 0 if kind == "conv2d" else 1
+    if np.any(w.zero_point != 0):
+        raise CimError(f"{name}: weights with a nonzero zero point are not supported")
+    if w.scale.size > 1 and w.axis != out_axis:
+        raise CimError(f"{name}: weight scales must be per output channel")
+    n = w.codes.shape[out_axis]
+    scale = np.broadcast_to(w.scale.reshape(-1), (n,)).astype(np.float32)
+    return _as_matrix(w.codes, kind), scale
+
+
+def _geometry(call: relax.Call, in_shape: tuple[int, ...], weight) -> ConvGeometry:
+    """The window of a ``conv2d`` call on an NCHW input with an OIHW ``weight``."""
+    a = call.attrs
+    _, c, h, width = in_shape
+    kh, kw = (weight.codes if isinstance(weight, _Dequantized) else weight).shape[2:]
+    return ConvGeometry(
+        channels=c,
+        height=h,
+        width=width,
+        kernel=(kh, kw),
+        strides=tuple(int(s) for s in a.strides),
+        padding=tuple(int(p) for p in a.padding),
+        dilation=tuple(int(d) for d in a.dilation),
+    )
 
 
 def _as_matrix(weight: np.ndarray, kind: str) -> np.ndarray:
@@ -307,9 +286,10 @@ def _as_matrix(weight: np.ndarray, kind: str) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)).reshape(-1, o))
 
 
-def read_region(name: str, fn: relax.Function) -> GraphRegion:
-    """The operators of a ``Codegen="cim"`` function, in dataflow order."""
-    region = GraphRegion(name, [(_shape(p), str(p.ty.dtype)) for p in fn.params])
+def read_region(name: str, fn: relax.Function) -> Region:
+    """The operators of a ``Codegen="cim"`` function as the graph states them, in dataflow
+    order."""
+    region = Region(name, [(_shape(p), str(p.ty.dtype)) for p in fn.params])
     env: dict = {p: ("param", i) for i, p in enumerate(fn.params)}
     local_fns: dict = {}
     for block in fn.body.blocks:
@@ -330,11 +310,8 @@ def read_region(name: str, fn: relax.Function) -> GraphRegion:
     for op in region.ops:  # codes a producer quantized here have the producer's width
         kind, index = op.source
         producer = region.ops[index] if kind == "op" else None
-        if producer is not None and producer.output is not None and op.input_codes is not None:
-            c = op.input_codes
-            op.input_codes = Codes(
-                producer.output.bits, producer.output.signed, c.scale, c.zero_point
-            )
+        if producer is not None and producer.output is not None and op.input is not None:
+            op.input = replace(op.input, bits=producer.output.bits, signed=producer.output.signed)
     body = fn.body.body
     returned = body.fields if isinstance(body, relax.Tuple) else [body]
     for var in returned:

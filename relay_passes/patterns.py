@@ -11,8 +11,10 @@ Three families, each for dense (``matmul``) and 2-D convolution, with an optiona
 * integer: ``cim.int.*``: ``astype``/``subtract``/``matmul(out_dtype="int32")`` as the ONNX
   frontend imports MatMulInteger and ConvInteger; computed bit-exactly.
 
-Every pattern carries the same check functions, one per hardware limit; an operator that
-fails one stays on the CPU.
+Every pattern carries its form's check functions and the hardware limits all forms share;
+an operator that fails one stays on the CPU. The shared limits are functions of the anchor
+call that say why it breaks one (``anchor_reason``), so the reports give the very reason
+that decided the partition.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from ..sim.isa import MAX_COLUMNS
 
 #: Anchor Relax operators and the operator kind they become.
 ANCHORS = {"relax.matmul": "dense", "relax.nn.conv2d": "conv2d"}
-_FLOAT_DTYPES = ("float16", "float32", "float64")
-_CODE_DTYPES = ("int8", "uint8")
+#: Activation and weight dtypes of the float forms.
+FLOAT_DTYPES = ("float16", "float32", "float64")
+#: Dtypes of the integer codes the QDQ and integer forms take.
+CODE_DTYPES = ("int8", "uint8")
 
 
 def _clipped(pattern):
@@ -91,25 +95,88 @@ def make_pattern(form: str, kind: str, relu: bool, quantize: bool):
     return out, annotations
 
 
-# ---------------------------------------------------------------- one check per limit
+# ------------------------------------------------- the limits every form shares
+
+
+def _static(expr) -> bool:
+    shape = getattr(expr.ty, "shape", None)
+    return shape is not None and all(hasattr(d, "value") for d in shape)
+
+
+def shape_reason(anchor) -> str | None:
+    """Programs are compiled for fixed tensor widths."""
+    if not all(_static(e) for e in (*anchor.args, anchor)):
+        return "dynamic shapes"
+    return None
+
+
+def conv_layout_reason(anchor) -> str | None:
+    """One crossbar matmul per output pixel: NCHW/OIHW, no groups (depthwise stays on CPU)."""
+    if anchor.op.name != "relax.nn.conv2d":
+        return None
+    a = anchor.attrs
+    if int(a.groups) != 1:
+        return f"grouped convolution (groups={int(a.groups)}) is not mapped"
+    if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW"):
+        return f"layout {a.data_layout}/{a.kernel_layout} is not NCHW/OIHW"
+    if str(a.out_layout) != "NCHW":
+        return f"output layout {a.out_layout} is not NCHW"
+    return None
+
+
+def matmul_shape_reason(anchor) -> str | None:
+    """The weight is one ``[K, N]`` matrix; the input may carry leading batch dimensions."""
+    if anchor.op.name != "relax.matmul":
+        return None
+    x, w = anchor.args
+    if len(w.ty.shape) != 2:
+        return "batched matmul weights are not one matrix"
+    if len(x.ty.shape) < 2:
+        return f"a matmul input of rank {len(x.ty.shape)} is not mapped"
+    return None
+
+
+def dimension_reason(anchor) -> str | None:
+    """Column and row counts are 16-bit fields of the instructions."""
+    w_shape = [int(d) for d in anchor.args[1].ty.shape]
+    if anchor.op.name == "relax.matmul":
+        k, n = w_shape
+    else:
+        n, c, kh, kw = w_shape
+        k = c * kh * kw
+    if k > MAX_COLUMNS or n > MAX_COLUMNS:
+        return f"weight matrix {k}x{n} exceeds {MAX_COLUMNS} rows or columns"
+    return None
+
+
+#: The shared limits, in the order they are checked (each assumes the ones before hold).
+ANCHOR_LIMITS = (shape_reason, conv_layout_reason, matmul_shape_reason, dimension_reason)
+
+
+def anchor_reason(anchor) -> str | None:
+    """The first shared limit the anchor ``matmul``/``conv2d`` call breaks, else None."""
+    for limit in ANCHOR_LIMITS:
+        reason = limit(anchor)
+        if reason is not None:
+            return reason
+    return None
+
+
+# ------------------------------------------------------------ one check per form
 
 
 def _anchor(ctx: PatternCheckContext):
     return ctx.annotated_expr["anchor"]
 
 
-def _check_static_shapes(ctx: PatternCheckContext) -> bool:
-    # Programs are compiled for fixed tensor widths.
-    for arg in (*_anchor(ctx).args, _anchor(ctx)):
-        shape = getattr(arg.ty, "shape", None)
-        if shape is None or not all(hasattr(d, "value") for d in shape):
-            return False
-    return True
+def _check_anchor_limits(ctx: PatternCheckContext) -> bool:
+    # The limits every form shares.
+    return anchor_reason(_anchor(ctx)) is None
 
 
 def _check_float_dtypes(ctx: PatternCheckContext) -> bool:
     # Float forms quantize float activations; other dtypes are not theirs.
-    return all(str(a.ty.dtype) in _FLOAT_DTYPES for a in _anchor(ctx).args)
+    return all(str(a.ty.dtype) in FLOAT_DTYPES for a in _anchor(ctx).args)
 
 
 def _check_int_dtypes(ctx: PatternCheckContext) -> bool:
@@ -130,7 +197,7 @@ def _check_int_dtypes(ctx: PatternCheckContext) -> bool:
                 source = source.args[0]
             else:
                 break
-        if str(source.ty.dtype) not in _CODE_DTYPES:
+        if str(source.ty.dtype) not in CODE_DTYPES:
             return False
     return True
 
@@ -138,7 +205,7 @@ def _check_int_dtypes(ctx: PatternCheckContext) -> bool:
 def _check_qdq_codes(ctx: PatternCheckContext) -> bool:
     # Dequantized codes must be 8-bit or narrower integers.
     x = ctx.annotated_expr["input"]
-    return str(x.args[0].ty.dtype) in _CODE_DTYPES
+    return str(x.args[0].ty.dtype) in CODE_DTYPES
 
 
 def _check_clip_alignment(ctx: PatternCheckContext) -> bool:
@@ -166,42 +233,6 @@ def _check_clip_alignment(ctx: PatternCheckContext) -> bool:
     return True
 
 
-def _check_conv_layout(ctx: PatternCheckContext) -> bool:
-    # One crossbar matmul per output pixel: NCHW/OIHW, no groups (depthwise stays on CPU).
-    anchor = _anchor(ctx)
-    if anchor.op.name != "relax.nn.conv2d":
-        return True
-    a = anchor.attrs
-    return (
-        int(a.groups) == 1
-        and str(a.data_layout) == "NCHW"
-        and str(a.kernel_layout) == "OIHW"
-        and str(a.out_layout) == "NCHW"
-    )
-
-
-def _check_matmul_shapes(ctx: PatternCheckContext) -> bool:
-    # The weight is one [K, N] matrix; the input may carry leading batch dimensions.
-    anchor = _anchor(ctx)
-    if anchor.op.name != "relax.matmul":
-        return True
-    x, w = anchor.args
-    return len(w.ty.shape) == 2 and len(x.ty.shape) >= 2
-
-
-def _check_dimensions(ctx: PatternCheckContext) -> bool:
-    # Column and row counts are 16-bit fields of the instructions.
-    anchor = _anchor(ctx)
-    w_shape = [int(d) for d in anchor.args[1].ty.shape]
-    if anchor.op.name == "relax.matmul":
-        k, n = w_shape
-    else:
-        n, c, kh, kw = w_shape
-        k = c * kh * kw
-    return k <= MAX_COLUMNS and n <= MAX_COLUMNS
-
-
-_COMMON = (_check_static_shapes, _check_conv_layout, _check_matmul_shapes, _check_dimensions)
 _FORM_CHECKS = {
     "float": (_check_float_dtypes,),
     "qdq": (_check_qdq_codes, _check_clip_alignment),
@@ -210,7 +241,7 @@ _FORM_CHECKS = {
 
 
 def _checker(form: str):
-    checks = _FORM_CHECKS[form] + _COMMON
+    checks = (*_FORM_CHECKS[form], _check_anchor_limits)
 
     def check(ctx: PatternCheckContext) -> bool:
         return all(c(ctx) for c in checks)

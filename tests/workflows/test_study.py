@@ -12,7 +12,7 @@ pytest.importorskip("tvm")
 from torch import nn  # noqa: E402
 
 from tvm_cim.cli.main import main as cli_main  # noqa: E402
-from tvm_cim.learn import models  # noqa: E402
+from tvm_cim.learn import zoo as models  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -23,14 +23,18 @@ def register() -> None:
         if _registered:
             return
         _registered = True
-    import numpy as np
     import tvm
     from tvm import relax
 
     from tvm_cim.compiler import runtime
+    from tvm_cim.core import errors
     from tvm_cim.relay_passes import patterns
 
-    tvm.register_global_func("tvm_cim.run", runtime.run, override=True)
+    tvm.register_global_func(runtime.RUNTIME_FUNCTION, runtime.run, override=True)
+    # A CimError raised inside a callback TVM makes (the codegen, the runtime function)
+    # reaches the caller as itself, not as a RuntimeError.
+    for error in (errors.CimError, *errors.CimError.__subclasses__()):
+        tvm.error.register_error(error.__name__, error)
     # While ``patterns`` is itself being imported (its ``import tvm`` got us here), it
     # registers the table at the end of its own import.
     if hasattr(patterns, "register"):
@@ -40,13 +44,12 @@ def register() -> None:
     @relax.pipeline.register_pipeline("cim")
     def _cim_pipeline(arch=None, precision=None, calibration=None):
         """Partition and lower for ``cim``, then TVM's default pipeline for the rest."""
-        from tvm_cim.compiler.flow import lower_partitioned, partition_for_cim
+        from tvm_cim.compiler.plan import plan_for_cim
 
         @tvm.transform.module_pass(opt_level=0, name="CimLowering")
         def _lower(mod, ctx):
-            mod = partition_for_cim(mod, arch=arch, precision=precision)
-            mod, _ = lower_partitioned(mod, arch=arch, precision=precision, calibration=calibration)
-            return relax.get_pipeline("default")(mod)
+            lowered, _ = plan_for_cim(mod, arch=arch, precision=precision).lower(calibration)
+            return relax.get_pipeline("default")(lowered)
 
         return _lower
 
@@ -54,32 +57,20 @@ def register() -> None:
     def _ext_codegen(functions, options, constant_names):
         """BYOC entry for ``RunCodegen``: each function becomes a crossbar program.
 
-        The programs run through Python closures registered under the functions' symbols,
-        which lives as long as this process; ``tvm_cim.build`` instead embeds each program
-        in the module as a constant, which survives ``export_library``.
+        Each program is lowered at the widths and arch ``partition_for_cim`` recorded on
+        its function (``options["arch"]`` overrides the arch) and runs through a Python
+        closure registered under the function's symbol, which lives as long as this
+        process; ``tvm_cim.build`` instead embeds each program in the module as a
+        constant, which survives ``export_library``.
         """
-        from tvm_cim.codegen.region import lower_region
-        from tvm_cim.core.arch import CimArch
-        from tvm_cim.relay_passes.extract import read_region
-        from tvm_cim.relay_passes.quantize import quantize_region
+        from tvm_cim.compiler.plan import load_arch, lower_function
 
-        arch = CimArch.load(str(options["arch"])) if options and "arch" in options else CimArch()
+        arch = load_arch(str(options["arch"])) if options and "arch" in options else None
         for fn in functions:
-            symbol = str(fn.attrs["global_symbol"])
-            region = quantize_region(read_region(symbol, fn), {}, {})
-            data = lower_region(region, arch).to_bytes()
-            dtypes = (
-                [str(fn.ret_ty.dtype)]
-                if hasattr(fn.ret_ty, "dtype")
-                else [str(t.dtype) for t in fn.ret_ty.fields]
-            )
+            data = lower_function(fn, arch).to_bytes()
 
-            n_params = len(fn.params)
+            def run(*tensors, _data=data):
+                runtime.run_encoded(_data, tensors)
 
-            def run(*tensors, _data=data, _n=n_params, _dtypes=dtypes):
-                values = runtime.run_region(_data, [t.numpy() for t in tensors[:_n]], _dtypes)
-                for dst, value in zip(tensors[_n:], values):
-                    dst.copyfrom(np.ascontiguousarray(value))
-
-            tvm.register_global_func(symbol, run, override=True)
+            tvm.register_global_func(str(fn.attrs["global_symbol"]), run, override=True)
         return []

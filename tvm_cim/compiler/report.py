@@ -4,7 +4,8 @@ Per operator: name, kind, shapes, bits, the crossbar rows and columns its weight
 tiles (crossbar writes), MVM executions per input item and its latency in the sequential
 model (the sum of its instructions' latencies: with ``crossbars=1`` and free digital steps
 this is CIM-AQ's formula). The total is the scheduled latency of the region programs,
-which overlaps tiles on several crossbars.
+which overlaps tiles on several crossbars. Every figure is the simulator's own static
+estimate (``tvm_cim.sim.timing``), so the report and a simulated run agree.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tvm_cim.core.arch import CimArch
-from tvm_cim.sim import isa
 from tvm_cim.sim.program import Program
-from tvm_cim.sim.timing import estimate
+from tvm_cim.sim.timing import estimate, estimate_spans
 
 
 @dataclass
@@ -91,32 +89,17 @@ class CompileReport:
         return "\n".join(lines)
 
 
-def _vectors(program: Program, row: np.ndarray) -> int:
-    """Vectors per item an instruction processes (its buffer's or tensor's rows)."""
-    spec = isa.BY_OPCODE[int(row[0])]
-    if spec.rows_from is None:
-        return 1
-    return program.buffer_rows[int(row[spec.field_index(spec.rows_from)])]
-
-
 def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorReport]:
-    """One report per offloaded operator, in offload order."""
-    latency = arch.latency_ps()
+    """One report per offloaded operator, in offload order.
+
+    Counts and latency are the simulator's static estimate of each operator's
+    instructions (``estimate_spans``) for one input item.
+    """
     reports = []
     for program in programs:
-        for summary in program.attrs["operators"]:
-            writes = mvms = 0
-            ps = 0
-            for start, end in summary["instructions"]:
-                for row in program.code[start:end]:
-                    spec = isa.BY_OPCODE[int(row[0])]
-                    vectors = _vectors(program, row)
-                    if spec.mnemonic == "prog":
-                        writes += 1
-                    if spec.mnemonic == "mvm":
-                        mvms += vectors
-                    if spec.latency_class:
-                        ps += latency[spec.latency_class] * (vectors if spec.per_vector else 1)
+        summaries = program.attrs["operators"]
+        spans = [[(start, end) for start, end in s["instructions"]] for s in summaries]
+        for summary, stats in zip(summaries, estimate_spans(program, spans, batch=1, arch=arch)):
             reports.append(
                 OperatorReport(
                     name=summary["name"],
@@ -129,10 +112,10 @@ def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorRep
                     a_bits=summary["a_bits"],
                     crossbar_rows=summary["crossbar_rows"],
                     crossbar_cols=summary["crossbar_cols"],
-                    tiles=writes,
-                    writes=writes,
-                    mvm_executions=mvms,
-                    latency_us=ps / 1e6,
+                    tiles=stats.crossbar_writes,
+                    writes=stats.crossbar_writes,
+                    mvm_executions=stats.mvm_executions,
+                    latency_us=stats.sequential_ps / 1e6,
                 )
             )
     total = sum(r.latency_us for r in reports)

@@ -19,6 +19,9 @@ from tvm_cim.sim.program import Program
 from tvm_cim.sim.simulator import PreparedProgram, Simulator
 from tvm_cim.sim.timing import SimStats
 
+#: The name of the runtime function a compiled model calls for each offloaded region.
+RUNTIME_FUNCTION = "tvm_cim.run"
+
 _cache: dict[bytes, tuple[Program, PreparedProgram]] = {}
 _lock = threading.Lock()
 _last_stats: dict[str, SimStats] = {}
@@ -92,7 +95,12 @@ def run_region(data: bytes, params: list[np.ndarray], dtypes: list[str]) -> list
 
 def run(program, *tensors) -> None:
     """``tvm_cim.run(program, *inputs, *outputs)``, as registered with TVM."""
-    data = program.numpy().tobytes()
+    run_encoded(program.numpy().tobytes(), tensors)
+
+
+def run_encoded(data: bytes, tensors) -> None:
+    """Run the encoded region program ``data`` on TVM tensors ``(*inputs, *outputs)``,
+    writing the outputs in place."""
     program, _ = prepared_program(data)
     n_params = 1 + max((s["param"] for s in program.attrs["inputs"]), default=-1)
     n_out = len(program.outputs)

@@ -69,9 +69,9 @@ def latency_study(model_name: str, arch="rram-4b", precision=None) -> dict:
     """
     import torch
 
-    from tvm_cim import cost_report
     from tvm_cim.compiler.frontend import load_torch
-    from tvm_cim.learn import models
+    from tvm_cim.compiler.plan import plan_for_cim
+    from tvm_cim.learn import zoo as models
 
     arch = CimArch.load(arch)
     model = models.fold_batchnorm(models.build(model_name))
@@ -79,8 +79,9 @@ def latency_study(model_name: str, arch="rram-4b", precision=None) -> dict:
     named = _named_precision(precision, offloadable, every, model_name)
     example = torch.zeros(1, *models.input_shape(model_name))
     mod, names = load_torch(model, example)
-    report = cost_report(mod, arch=arch, precision=named, names=names)
-    w8a8 = report if named is None else cost_report(mod, arch=arch, precision=None, names=names)
+    plan = plan_for_cim(mod, arch=arch, precision=named, names=names)
+    report = plan.cost_report()
+    w8a8 = report if named is None else plan.cost_report(plan.resolve(None))
     data = report.to_dict()
     data.update(
         model=model_name,
