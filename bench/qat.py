@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tvm_cim.learn import data, models, qat
+from tvm_cim.learn import data, qat, zoo
 from tvm_cim.learn import train as training
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     for name, dataset_name in (("digits-cnn", "digits"), ("mnist1d-cnn", "mnist1d")):
         dataset = data.load(dataset_name)
         torch.manual_seed(0)
-        fp32 = models.build(name)
+        fp32 = zoo.build(name)
         quant = qat.prepare(copy.deepcopy(fp32))
         qat.calibrate(quant, training.calibration_batches(dataset, config))
         _epoch_seconds(copy.deepcopy(fp32), dataset, training.TrainConfig(epochs=1))  # warm-up
@@ -37,7 +37,7 @@ def main() -> None:
         t_qat = _epoch_seconds(quant, dataset, config)
         print(f"{name:<12} {t_fp32:>12.3f} {t_qat:>12.3f} {t_qat / t_fp32:>6.2f}")
     dataset = data.load("digits")
-    model = models.build("digits-cnn")
+    model = zoo.build("digits-cnn")
     training.fit(model, dataset, training.TrainConfig(epochs=5))
     policy = {"default": {"w_bits": 4, "a_bits": 4}}
     for steps in (0, 20):

@@ -258,8 +258,20 @@ def test_loaders():
 def test_importing_tvm_cim_stays_cheap():
     code = (
         "import sys, tvm_cim, tvm_cim.learn.data\n"
-        "heavy = [m for m in ('torch', 'sklearn', 'mnist1d', 'tvm_cim.learn.models')"
+        "heavy = [m for m in ('torch', 'sklearn', 'mnist1d', 'tvm_cim.learn.zoo')"
         " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_loads_through_the_package_without_tvm_or_torch():
+    pytest.importorskip("sklearn")
+    code = (
+        "import sys, tvm_cim\n"
+        "ds = tvm_cim.data.load('digits')\n"
+        "assert ds.input_shape == (1, 8, 8), ds.input_shape\n"
+        "heavy = [m for m in ('tvm', 'torch', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

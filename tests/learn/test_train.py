@@ -97,10 +97,10 @@ def test_bad_input(tmp_path, capsys, args, message):
 
 
 def test_evaluate_policy_leaves_the_model_alone():
-    from tvm_cim.learn import data, models
+    from tvm_cim.learn import data, zoo
 
     dataset = data.load("synthetic")
-    model = models.build("digits-cnn")
+    model = zoo.build("digits-cnn")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     acc = training.evaluate_policy(model, dataset, {"default": {"w_bits": 4, "a_bits": 4}})
     assert 0 <= acc <= 100

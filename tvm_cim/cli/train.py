@@ -30,7 +30,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     import torch
 
-    from tvm_cim.learn import data, models, qat, train
+    from tvm_cim.learn import data, qat, train, zoo
 
     if args.epochs < 0:
         raise CimError(f"--epochs must be >= 0, got {args.epochs}")
@@ -61,7 +61,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"wrote {checkpoint}")
     example = torch.from_numpy(data.load(args.dataset, seed=args.seed).test[0][:1])
     if stage == "fp32":  # a float graph: compiling it needs --calibration
-        onnx_path = models.export_onnx(model, out / "fp32.onnx", tuple(example.shape[1:]))
+        onnx_path = zoo.export_onnx(model, out / "fp32.onnx", tuple(example.shape[1:]))
     else:
         onnx_path = qat.export_onnx(model, out / f"{stage}.onnx", example)
     print(f"wrote {onnx_path} (compile it with: tvm-cim compile {onnx_path} -o model.so)")

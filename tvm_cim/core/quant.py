@@ -5,10 +5,12 @@ per-read ADC quantization live here and nowhere else: the simulator (both backen
 the codegen and training-time fake quantization all call these functions, so what a
 model computes in training is what the crossbars compute.
 
-Every function works on numpy integer arrays and wraps like two's-complement int64
+Every integer function works on numpy integer arrays and wraps like two's-complement int64
 arithmetic on overflow (the Cython simulator core reproduces exactly that).
 Rounding is round-half-to-even everywhere, the rule of ``numpy.round`` and
-``torch.round``.
+``torch.round``. The scale rules (``weight_scales``, ``activation_scale``) are written over
+the array API (``array-api-compat``), so QAT's torch tensors get the very float32 scales
+the compiler computes with numpy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from array_api_compat import array_namespace, is_array_api_obj, is_numpy_namespace
 
 #: Largest right shift a requantization or ADC read may use; keeps every shift
 #: well-defined for int64 arithmetic.
@@ -168,23 +171,74 @@ def weight_qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def weight_scales(weight: np.ndarray, bits: int, axis: int = -1) -> np.ndarray:
+def _namespace(x):
+    """The array namespace of ``x``: its own for arrays and tensors, numpy's for numbers."""
+    return array_namespace(x) if is_array_api_obj(x) else array_namespace(np.empty(0))
+
+
+def _scale_of_absmax(xp, absmax, qmax: int):
+    """``absmax / qmax`` in float32, and 1 wherever that is not positive.
+
+    This is the scale rule of weights and activations alike. A tensor that is all zero (or
+    was always zero in calibration) quantizes to code 0 at any scale; 1 keeps the bias grid
+    (input scale times weight scale) as coarse as a unit scale, so biases still fit the
+    int32 accumulator, where a tiny scale would saturate them.
+    """
+    scale = xp.asarray(absmax, dtype=xp.float32) / xp.asarray(qmax, dtype=xp.float32)
+    return xp.where(scale > 0, scale, xp.ones_like(scale))
+
+
+def weight_scales(weight, bits: int, axis: int = -1):
     """Per-output-channel scales of symmetric ``bits``-wide weights.
 
-    ``weight`` holds output channels along ``axis``; an all-zero channel gets scale 1.
+    The one definition of a weight scale, for numpy arrays and torch tensors alike (QAT
+    calls it on its weights): ``max|w| / weight_qmax(bits)`` per channel in float32, and 1
+    for an all-zero channel.
+
+    Parameters
+    ----------
+    weight
+        Weights with output channels along ``axis``: a numpy array or a torch tensor
+        (detached).
+    bits
+        Weight width, at least 2.
+    axis
+        Axis of the output channels.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        float32 scales, one per output channel, of the input's kind.
     """
-    w = np.moveaxis(np.asarray(weight, dtype=np.float32), axis, -1)
-    absmax = np.abs(w.reshape(-1, w.shape[-1])).max(axis=0)
-    scale = absmax / np.float32(weight_qmax(bits))
-    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    xp = _namespace(weight)
+    w = xp.moveaxis(xp.asarray(weight, dtype=xp.float32), axis, -1)
+    absmax = xp.max(xp.abs(xp.reshape(w, (-1, w.shape[-1]))), axis=0)
+    return _scale_of_absmax(xp, absmax, weight_qmax(bits))
 
 
-def activation_scale(absmax: float, bits: int, signed: bool) -> float:
-    """Scale mapping ``[-absmax, absmax]`` (or ``[0, absmax]``) onto ``bits``-wide codes."""
-    qmax = quant_range(bits, signed)[1]
-    if qmax == 0 or not absmax > 0:
-        return 1.0
-    return float(np.float32(absmax) / np.float32(qmax))
+def activation_scale(absmax, bits: int, signed: bool):
+    """Scale mapping ``[-absmax, absmax]`` (or ``[0, absmax]``) onto ``bits``-wide codes.
+
+    The one definition of an activation scale, for numbers and torch tensors alike (QAT
+    calls it on its running maximum): ``absmax / qmax`` in float32, where ``qmax`` is the
+    largest code (1 for signed 1-bit codes, whose only non-zero code is -1), and 1 when
+    ``absmax`` is not positive (an activation that was always 0).
+
+    Parameters
+    ----------
+    absmax
+        Largest magnitude seen: a number or a 0-d torch tensor.
+    bits, signed
+        Code width and signedness.
+
+    Returns
+    -------
+    float or torch.Tensor
+        A Python float for a number or numpy value, a 0-d float32 tensor for a tensor.
+    """
+    xp = _namespace(absmax)
+    scale = _scale_of_absmax(xp, absmax, max(quant_range(bits, signed)[1], 1))
+    return float(scale) if is_numpy_namespace(xp) else scale
 
 
 def fixed_point(real: np.ndarray, precision_bits: int = 31) -> tuple[np.ndarray, np.ndarray]:

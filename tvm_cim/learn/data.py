@@ -17,7 +17,7 @@ name          sample shape     classes   source and split (train/val/test)
 ============= ================ ========= ===================================================
 
 MNIST-1D signals are given as images of height 1, ``(1, 1, 40)``, which is the input shape
-of ``tvm_cim.learn.models.build("mnist1d-cnn")``; ``x[:, 0, 0]`` recovers the ``(N, 40)`` signals.
+of ``tvm_cim.learn.zoo.build("mnist1d-cnn")``; ``x[:, 0, 0]`` recovers the ``(N, 40)`` signals.
 Its samples are the package's canonical ones (generated with the package's own seed 42), so
 ``seed`` only picks the validation split. Generating them takes a few seconds, so the arrays
 are cached as ``.npz`` under ``$TVM_CIM_CACHE`` (default ``~/.cache/tvm-cim``), keyed by

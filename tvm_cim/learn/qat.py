@@ -9,10 +9,12 @@ Each quantized layer fake-quantizes its input activation to ``a_bits`` and its w
 ``w_bits``:
 
 * weights: symmetric per output channel, scale ``max|w| / (2**(w_bits-1) - 1)`` recomputed
-  every step (``tvm_cim.core.quant.weight_scales``), codes ``-qmax..qmax``;
-* activations: a calibrated scale, from the running maximum of ``|x|`` seen in training
-  mode (exponential moving average, momentum 0.9), frozen in eval mode; unsigned codes
-  when every calibration input was non-negative (after a ReLU), signed otherwise;
+  every step (``tvm_cim.core.quant.weight_scales``, the compiler's own function), codes
+  ``-qmax..qmax``;
+* activations: a calibrated scale (``tvm_cim.core.quant.activation_scale``), from the
+  running maximum of ``|x|`` seen in training mode (exponential moving average, momentum
+  0.9), frozen in eval mode; unsigned codes when every calibration input was non-negative
+  (after a ReLU), signed otherwise;
 * biases: rounded to the accumulator's grid (input scale times weight scale), as the
   crossbars add them to the integer accumulator;
 * rounding half to even and clamping exactly as ``tvm_cim.core.quant.quantize`` (division in
@@ -21,15 +23,14 @@ Each quantized layer fake-quantizes its input activation to ``a_bits`` and its w
 ``export_onnx`` writes the trained model as a QDQ ONNX graph whose integer semantics are
 those of the fake quantization: ``Clip`` to the code range, ``QuantizeLinear`` /
 ``DequantizeLinear`` for activations, int8 weight codes with per-channel scales through
-``DequantizeLinear``; the Conv/Gemm nodes carry the layer paths as names. ``tvm-cim
+``DequantizeLinear``; the Conv/Gemm nodes carry the layer paths as names
+(``tvm_cim.learn.onnx_export``, shared with the model zoo's float export). ``tvm-cim
 compile`` takes it with no further flags.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,7 +41,15 @@ from torch import nn
 
 from tvm_cim.core.errors import CimError
 from tvm_cim.core.precision import W8A8, Bits, Precision
-from tvm_cim.core.quant import quant_range, quantize, weight_qmax
+from tvm_cim.core.quant import (
+    activation_scale,
+    quant_range,
+    quantize,
+    weight_qmax,
+    weight_scales,
+)
+from tvm_cim.learn.onnx_export import write_onnx
+from tvm_cim.learn.zoo.layers import quantizable_layers
 
 ACT_MOMENTUM = 0.9
 
@@ -66,9 +75,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) ->
 def weight_fake_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel fake quantization; returns ``(weight_q, scale)``."""
     qmax = weight_qmax(bits)
-    flat = weight.detach().reshape(weight.shape[0], -1)
-    scale = flat.abs().amax(dim=1) / torch.tensor(qmax, dtype=torch.float32)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = weight_scales(weight.detach(), bits, axis=0)
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return fake_quantize(weight, scale.reshape(shape), -qmax, qmax), scale
 
@@ -91,9 +98,7 @@ class _QuantMixin:
         return quant_range(self.bits.a_bits, self.signed_input)
 
     def act_scale(self) -> torch.Tensor:
-        qmax = self.act_range()[1]
-        absmax = self.act_absmax.clamp_min(1e-8)
-        return absmax / torch.tensor(float(max(qmax, 1)), dtype=torch.float32)
+        return activation_scale(self.act_absmax, self.bits.a_bits, self.signed_input)
 
     def _observe(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -159,15 +164,10 @@ def _export_activation(x, scale: float, qmin: int, qmax: int):
     return torch.fake_quantize_per_tensor_affine(x, scale, 0, lo, hi)
 
 
-def _quantizable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1
-    return isinstance(module, nn.Linear)
-
-
 def layer_names(model: nn.Module) -> list[str]:
-    """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order."""
-    return [name for name, m in model.named_modules() if _quantizable(m)]
+    """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order: the
+    dense ``Conv2d`` and ``Linear`` layers (depthwise convolutions stay float)."""
+    return quantizable_layers(model, include_depthwise=False)
 
 
 def _resolve(model: nn.Module, precision) -> dict[str, Bits]:
@@ -178,7 +178,8 @@ def _resolve(model: nn.Module, precision) -> dict[str, Bits]:
 def prepare(model: nn.Module, precision=None) -> nn.Module:
     """Replace quantizable layers by quantized ones, in place; returns ``model``.
 
-    ``precision`` is anything ``tvm_cim.core.precision.Precision.load`` reads, naming layers
+    Layers that are already quantized keep their calibration and take the new bits, so
+    preparing a prepared model sets its precision. ``precision`` is anything ``tvm_cim.core.precision.Precision.load`` reads, naming layers
     by module path; unspecified layers get W8A8. Weight bits must be at least 2.
     """
     bits = _resolve(model, precision)
@@ -282,29 +283,19 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
     """Write the prepared model as a QDQ ONNX file; returns the path.
 
     Conv and Gemm nodes of quantized layers are named by their module paths, so
-    precision configs and compile reports use the same names as training.
+    precision configs and compile reports use the same names as training. Weight codes
+    and scales stay apart (no constant folding): each weight is an int8 initializer read
+    by a ``DequantizeLinear``.
     """
-    import onnx
-
-    buffer = io.BytesIO()
-    with _frozen_for_export(model) as layers, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
+    with _frozen_for_export(model) as layers:
+        return write_onnx(
             model,
-            (example_input,),
-            buffer,
-            dynamo=False,
-            opset_version=17,
-            do_constant_folding=False,  # keep weight codes and scales apart
-            input_names=["x"],
-            output_names=["y"],
+            example_input,
+            path,
+            fold_constants=False,
+            layers=set(layers),
+            rewrite=_fold_weight_quantization,
         )
-    graph = onnx.load_from_string(buffer.getvalue())
-    _fold_weight_quantization(graph, set(layers))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(graph, str(path))
-    return path
 
 
 def export_program(model: nn.Module, example_input: torch.Tensor):
@@ -319,22 +310,20 @@ def export_program(model: nn.Module, example_input: torch.Tensor):
         return torch.export.export(model, (example_input,))
 
 
-def _fold_weight_quantization(model, layer_paths: set[str]) -> None:
-    """``QuantizeLinear(float weight)`` becomes an int8 initializer; name the layers' nodes."""
+def _fold_weight_quantization(model) -> None:
+    """``QuantizeLinear(float weight)`` becomes an int8 initializer of the weight codes."""
     from onnx import numpy_helper
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    producers = {o: n for n in g.node for o in n.output}
 
     def value(name):
         if name in inits:
             return numpy_helper.to_array(inits[name])
         return numpy_helper.to_array(consts[name].attribute[0].t)
 
-    dropped = set()
-    weight_layer = {}  # DequantizeLinear output -> layer path
+    dropped = set()  # outputs of the QuantizeLinear nodes that become initializers
     for node in g.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
             continue
@@ -348,20 +337,11 @@ def _fold_weight_quantization(model, layer_paths: set[str]) -> None:
         codes = quantize(w, scale.reshape(shape), 0, 8, True, dtype=np.int8)
         codes_name = f"{layer}.weight_codes"
         g.initializer.append(numpy_helper.from_array(codes, codes_name))
-        dropped.add(id(node))
+        dropped.add(node.output[0])
         for consumer in g.node:
             if consumer.op_type == "DequantizeLinear" and consumer.input[0] == node.output[0]:
                 consumer.input[0] = codes_name
-                weight_layer[consumer.output[0]] = layer
         g.initializer.remove(inits[source])
-    keep = [n for n in g.node if id(n) not in dropped]
+    keep = [n for n in g.node if n.output[0] not in dropped]
     del g.node[:]
     g.node.extend(keep)
-    for node in g.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            layer = weight_layer.get(node.input[1])
-            if layer is None and node.input[1] in producers:  # Gemm may transpose first
-                upstream = producers[node.input[1]]
-                layer = weight_layer.get(upstream.input[0]) if upstream.input else None
-            if layer in layer_paths:
-                node.name = layer

@@ -20,7 +20,7 @@ from torch import nn
 
 from tvm_cim.core.errors import CimError
 from tvm_cim.learn import data as datasets
-from tvm_cim.learn import models, qat
+from tvm_cim.learn import qat, zoo
 
 STAGES = ("fp32", "w8a8", "mixed")
 
@@ -133,6 +133,15 @@ def calibration_batches(dataset: datasets.Dataset, config: TrainConfig):
     return [x[i : i + config.batch_size] for i in range(0, min(n, len(x)), config.batch_size)]
 
 
+def _prepare_and_calibrate(
+    model: nn.Module, precision, dataset: datasets.Dataset, config: TrainConfig
+) -> None:
+    """Set ``precision`` on ``model`` (preparing a float model for QAT; a prepared one
+    keeps its layers) and recompute its activation scales on the training split."""
+    qat.prepare(model, precision)
+    qat.calibrate(model, calibration_batches(dataset, config))
+
+
 def run_stage(
     stage: str,
     model_name: str,
@@ -150,15 +159,11 @@ def run_stage(
         raise CimError("the mixed stage needs a precision config")
     dataset = datasets.load(dataset_name, seed=config.seed)
     torch.manual_seed(config.seed)
-    model = copy.deepcopy(start) if start is not None else models.build(model_name)
+    model = copy.deepcopy(start) if start is not None else zoo.build(model_name)
     began = time.perf_counter()
     if stage != "fp32":
         bits = precision if stage == "mixed" else {"default": {"w_bits": 8, "a_bits": 8}}
-        if any(isinstance(m, qat._QuantMixin) for m in model.modules()):
-            qat.set_precision(model, bits)
-        else:
-            qat.prepare(model, bits)
-        qat.calibrate(model, calibration_batches(dataset, config))
+        _prepare_and_calibrate(model, bits, dataset, config)
     history = fit(model, dataset, config, progress=progress)
     result = StageResult(
         stage=stage,
@@ -187,11 +192,7 @@ def policy_model(
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     candidate = copy.deepcopy(model)
-    if any(isinstance(m, qat._QuantMixin) for m in candidate.modules()):
-        qat.set_precision(candidate, precision)
-    else:
-        qat.prepare(candidate, precision)
-    qat.calibrate(candidate, calibration_batches(dataset, config))
+    _prepare_and_calibrate(candidate, precision, dataset, config)
     if finetune_steps:
         optimizer = torch.optim.Adam(candidate.parameters(), lr=config.lr * 0.1)
         loader, _, _ = dataset.loaders(config.batch_size, seed=config.seed)
@@ -205,20 +206,11 @@ def policy_model(
     return candidate.eval()
 
 
-def evaluate_policy(
-    model: nn.Module,
-    dataset: datasets.Dataset,
-    precision,
-    *,
-    finetune_steps: int = 0,
-    config: TrainConfig | None = None,
-) -> float:
-    """Validation accuracy (percent) of ``policy_model(model, dataset, precision, ...)``:
-    the "evaluate this policy" step of the precision search."""
-    candidate = policy_model(
-        model, dataset, precision, finetune_steps=finetune_steps, config=config
-    )
-    return accuracy(candidate, dataset.val)
+def evaluate_policy(model: nn.Module, dataset: datasets.Dataset, precision, **options) -> float:
+    """Validation accuracy (percent) of ``policy_model(model, dataset, precision,
+    **options)`` (``finetune_steps``, ``config``): the "evaluate this policy" step of the
+    precision search."""
+    return accuracy(policy_model(model, dataset, precision, **options), dataset.val)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -254,7 +246,7 @@ def load_checkpoint(path, model_name: str | None = None) -> tuple[nn.Module, dic
         raise CimError(f"{path}: not a tvm-cim checkpoint")
     if model_name is not None and blob["model"] != model_name:
         raise CimError(f"{path} holds a {blob['model']!r} model, not {model_name!r}")
-    model = models.build(blob["model"])
+    model = zoo.build(blob["model"])
     if blob.get("precision"):
         qat.prepare(model, blob["precision"])
     try:

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tvm_cim.core.errors import CimError  # noqa: E402
-from tvm_cim.learn import models  # noqa: E402
+from tvm_cim.learn import zoo  # noqa: E402
 
 RESNET18_LAYERS = [
     "conv1",
@@ -52,7 +52,7 @@ def built(name: str) -> nn.Module:
     """One shared default instance per model (do not modify it)."""
     if name not in _BUILT:
         torch.manual_seed(0)
-        _BUILT[name] = models.build(name)
+        _BUILT[name] = zoo.build(name)
     return _BUILT[name]
 
 
@@ -81,7 +81,7 @@ def onnx_layer_names(path) -> list[str]:
 
 
 def test_names_and_shapes():
-    assert models.names() == [
+    assert zoo.names() == [
         "digits-mlp",
         "digits-cnn",
         "mnist1d-cnn",
@@ -90,27 +90,27 @@ def test_names_and_shapes():
         "vgg16",
         "mobilenetv2",
     ]
-    assert models.input_shape("digits-cnn") == (1, 8, 8)
-    assert models.input_shape("mnist1d-cnn") == (1, 1, 40)
-    assert models.input_shape("resnet20") == (3, 32, 32)
-    assert models.input_shape("resnet18") == (3, 224, 224)
+    assert zoo.input_shape("digits-cnn") == (1, 8, 8)
+    assert zoo.input_shape("mnist1d-cnn") == (1, 1, 40)
+    assert zoo.input_shape("resnet20") == (3, 32, 32)
+    assert zoo.input_shape("resnet18") == (3, 224, 224)
 
 
 def test_unknown_model_and_bad_kwargs():
     with pytest.raises(CimError, match="unknown model 'resnet50'.*digits-cnn"):
-        models.build("resnet50")
+        zoo.build("resnet50")
     with pytest.raises(CimError, match="unknown model"):
-        models.input_shape("alexnet")
+        zoo.input_shape("alexnet")
     with pytest.raises(CimError, match="digits-mlp"):
-        models.build("digits-mlp", depth=3)
+        zoo.build("digits-mlp", depth=3)
     with pytest.raises(CimError, match="shortcut"):
-        models.build("resnet20", shortcut="C")
+        zoo.build("resnet20", shortcut="C")
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", zoo.names())
 def test_forward_on_input_shape(name):
     model = built(name).eval()
-    shape = models.input_shape(name)
+    shape = zoo.input_shape(name)
     assert model.input_shape == shape
     batch = 1 if shape[-1] > 100 else 4
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_forward_on_input_shape(name):
 
 
 def test_num_classes():
-    model = models.build("resnet20", num_classes=100).eval()
+    model = zoo.build("resnet20", num_classes=100).eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
@@ -135,8 +135,8 @@ def test_parameter_counts_match_torchvision(name):
 
 def test_resnet18_layers():
     model = built("resnet18")
-    assert models.quantizable_layers(model) == RESNET18_LAYERS
-    assert models.depthwise_layers(model) == []
+    assert zoo.quantizable_layers(model) == RESNET18_LAYERS
+    assert zoo.depthwise_layers(model) == []
     conv = model.get_submodule("layer2.0.downsample.0")
     assert conv.kernel_size == (1, 1) and conv.stride == (2, 2)
     assert model.get_submodule("conv1").kernel_size == (7, 7)
@@ -146,18 +146,18 @@ def test_resnet18_layers():
 
 def test_vgg16_layers():
     model = built("vgg16")
-    assert models.quantizable_layers(model) == VGG16_LAYERS
+    assert zoo.quantizable_layers(model) == VGG16_LAYERS
     assert model.get_submodule("classifier.0").in_features == 512 * 7 * 7
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    bn = models.build("vgg16", batch_norm=True, hidden=16)
-    layers = models.quantizable_layers(bn)
+    bn = zoo.build("vgg16", batch_norm=True, hidden=16)
+    layers = zoo.quantizable_layers(bn)
     assert len(layers) == 16 and layers[:3] == ["features.0", "features.3", "features.7"]
     assert isinstance(bn.get_submodule("features.1"), nn.BatchNorm2d)
 
 
 def test_resnet20_layers():
     model = built("resnet20")
-    layers = models.quantizable_layers(model)
+    layers = zoo.quantizable_layers(model)
     assert len(layers) == 20
     assert layers[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
     assert layers[-3:] == ["layer3.2.conv1", "layer3.2.conv2", "fc"]
@@ -165,14 +165,14 @@ def test_resnet20_layers():
     assert widths == [16, 32, 64]
     assert sum(p.numel() for p in model.parameters()) == 269_722
 
-    projected = models.quantizable_layers(models.build("resnet20", shortcut="B"))
+    projected = zoo.quantizable_layers(zoo.build("resnet20", shortcut="B"))
     assert len(projected) == 22
     assert "layer2.0.downsample.0" in projected and "layer3.0.downsample.0" in projected
 
 
 def test_mobilenetv2_layers():
     model = built("mobilenetv2")
-    layers = models.quantizable_layers(model)
+    layers = zoo.quantizable_layers(model)
     assert len(layers) == 53
     assert layers[:7] == [
         "features.0.0",
@@ -184,23 +184,23 @@ def test_mobilenetv2_layers():
         "features.3.conv.0.0",
     ]
     assert layers[-2:] == ["features.18.0", "classifier.1"]
-    depthwise = models.depthwise_layers(model)
+    depthwise = zoo.depthwise_layers(model)
     assert len(depthwise) == 17
     assert depthwise[:2] == ["features.1.conv.0.0", "features.2.conv.1.0"]
     for path in depthwise:
         conv = model.get_submodule(path)
         assert conv.groups == conv.in_channels == conv.out_channels
         assert conv.kernel_size == (3, 3)
-    dense = models.quantizable_layers(model, include_depthwise=False)
+    dense = zoo.quantizable_layers(model, include_depthwise=False)
     assert dense == [p for p in layers if p not in depthwise]
     assert model.get_submodule("classifier.1").in_features == 1280
 
 
 def test_small_models_layers():
-    assert models.quantizable_layers(built("digits-mlp")) == ["fc1", "fc2", "fc3"]
-    assert models.quantizable_layers(built("digits-cnn")) == ["conv1", "conv2", "fc1", "fc2"]
+    assert zoo.quantizable_layers(built("digits-mlp")) == ["fc1", "fc2", "fc3"]
+    assert zoo.quantizable_layers(built("digits-cnn")) == ["conv1", "conv2", "fc1", "fc2"]
     m = built("mnist1d-cnn")
-    assert models.quantizable_layers(m) == ["conv1", "conv2", "conv3", "fc"]
+    assert zoo.quantizable_layers(m) == ["conv1", "conv2", "conv3", "fc"]
     assert all(m.get_submodule(f"conv{i}").kernel_size[0] == 1 for i in (1, 2, 3))
 
 
@@ -220,17 +220,17 @@ def test_small_models_layers():
 def test_fold_batchnorm_preserves_outputs(name, shape):
     torch.manual_seed(1)
     if name == "resnet20-B":
-        model = models.build("resnet20", shortcut="B")
+        model = zoo.build("resnet20", shortcut="B")
     elif name == "vgg16-bn":
-        model = models.build("vgg16", batch_norm=True, hidden=32)
+        model = zoo.build("vgg16", batch_norm=True, hidden=32)
     else:
-        model = models.build(name)
+        model = zoo.build(name)
     randomize_batchnorm(model)
-    folded = models.fold_batchnorm(model)
+    folded = zoo.fold_batchnorm(model)
 
     assert model.training and not folded.training
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    assert models.quantizable_layers(folded) == models.quantizable_layers(model)
+    assert zoo.quantizable_layers(folded) == zoo.quantizable_layers(model)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     x = torch.randn(2, *shape)
     model.eval()
@@ -256,7 +256,7 @@ def test_fold_batchnorm_untraceable_model_uses_module_order():
 
     torch.manual_seed(0)
     model = randomize_batchnorm(Branchy()).eval()
-    folded = models.fold_batchnorm(model)
+    folded = zoo.fold_batchnorm(model)
     assert isinstance(folded.bn, nn.Identity)
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
@@ -285,7 +285,7 @@ def test_fold_batchnorm_leaves_shared_convolutions_alone():
 
     for cls in (Shared, Reused):
         model = randomize_batchnorm(cls()).eval()
-        folded = models.fold_batchnorm(model)
+        folded = zoo.fold_batchnorm(model)
         assert isinstance(folded.bn, nn.BatchNorm2d)
         x = torch.randn(1, model.conv.in_channels, 3, 3)
         with torch.no_grad():
@@ -301,16 +301,16 @@ def test_export_onnx_small_models(name, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     torch.manual_seed(0)
-    model = randomize_batchnorm(models.build(name))
-    path = models.export_onnx(model, tmp_path / f"{name}.onnx")
+    model = randomize_batchnorm(zoo.build(name))
+    path = zoo.export_onnx(model, tmp_path / f"{name}.onnx")
     assert model.training
-    assert onnx_layer_names(path) == models.quantizable_layers(model)
+    assert onnx_layer_names(path) == zoo.quantizable_layers(model)
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     (inp,) = proto.graph.input
     dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-    assert inp.name == "x" and dims == [1, *models.input_shape(name)]
+    assert inp.name == "x" and dims == [1, *zoo.input_shape(name)]
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     constants = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     constants |= {t.name for t in proto.graph.initializer}
@@ -318,7 +318,7 @@ def test_export_onnx_small_models(name, tmp_path):
         if node.op_type == "Pad":
             assert node.input[1] in constants
 
-    x = torch.randn(1, *models.input_shape(name))
+    x = torch.randn(1, *zoo.input_shape(name))
     model.eval()
     with torch.no_grad():
         expected = model(x).numpy()
@@ -333,44 +333,44 @@ def test_export_onnx_names_match_the_frontend(tmp_path):
     from tvm_cim.compiler.frontend import onnx_operator_names
 
     model = built("resnet20")
-    path = models.export_onnx(model, tmp_path / "resnet20.onnx")
-    assert onnx_operator_names(onnx.load(str(path))) == models.quantizable_layers(model)
+    path = zoo.export_onnx(model, tmp_path / "resnet20.onnx")
+    assert onnx_operator_names(onnx.load(str(path))) == zoo.quantizable_layers(model)
 
 
 def test_export_onnx_resnet18(tmp_path):
     pytest.importorskip("onnx")
     model = built("resnet18")
-    path = models.export_onnx(model, tmp_path / "resnet18.onnx")
+    path = zoo.export_onnx(model, tmp_path / "resnet18.onnx")
     assert onnx_layer_names(path) == RESNET18_LAYERS
 
 
 def test_export_onnx_vgg16_layout(tmp_path):
     pytest.importorskip("onnx")
-    model = models.build("vgg16", hidden=64)
-    path = models.export_onnx(model, tmp_path / "vgg16.onnx")
+    model = zoo.build("vgg16", hidden=64)
+    path = zoo.export_onnx(model, tmp_path / "vgg16.onnx")
     assert onnx_layer_names(path) == VGG16_LAYERS
 
 
 def test_export_onnx_mobilenetv2(tmp_path):
     pytest.importorskip("onnx")
     model = built("mobilenetv2")
-    path = models.export_onnx(model, tmp_path / "mobilenetv2.onnx", input_shape=(3, 96, 96))
-    assert onnx_layer_names(path) == models.quantizable_layers(model)
+    path = zoo.export_onnx(model, tmp_path / "mobilenetv2.onnx", input_shape=(3, 96, 96))
+    assert onnx_layer_names(path) == zoo.quantizable_layers(model)
 
 
 @pytest.mark.slow
 def test_export_onnx_vgg16_full(tmp_path):
     pytest.importorskip("onnx")
     model = built("vgg16")
-    path = models.export_onnx(model, tmp_path / "vgg16.onnx")
-    assert onnx_layer_names(path) == models.quantizable_layers(model, include_depthwise=False)
+    path = zoo.export_onnx(model, tmp_path / "vgg16.onnx")
+    assert onnx_layer_names(path) == zoo.quantizable_layers(model, include_depthwise=False)
 
 
 def test_export_onnx_needs_an_input_shape(tmp_path):
     with pytest.raises(CimError, match="input_shape"):
-        models.export_onnx(nn.Linear(4, 2), tmp_path / "linear.onnx")
+        zoo.export_onnx(nn.Linear(4, 2), tmp_path / "linear.onnx")
     pytest.importorskip("onnx")
-    path = models.export_onnx(nn.Sequential(nn.Linear(4, 2)), tmp_path / "s.onnx", (4,))
+    path = zoo.export_onnx(nn.Sequential(nn.Linear(4, 2)), tmp_path / "s.onnx", (4,))
     assert onnx_layer_names(path) == ["0"]
 
 
@@ -383,8 +383,8 @@ def test_digits_cnn_trains():
 
     torch.manual_seed(0)
     ds = data.load("digits")
-    model = models.build("digits-cnn")
-    assert ds.input_shape == models.input_shape("digits-cnn")
+    model = zoo.build("digits-cnn")
+    assert ds.input_shape == zoo.input_shape("digits-cnn")
     train, val, _ = ds.loaders(32, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
@@ -414,13 +414,20 @@ def test_dataset_batches_fit_models(dataset, model, tmp_path, monkeypatch):
 
     ds = data.load(dataset)
     net = (
-        models.build(model)
+        zoo.build(model)
         if model
-        else models.build("digits-cnn", num_classes=ds.num_classes)  # same (1, 8, 8) input
+        else zoo.build("digits-cnn", num_classes=ds.num_classes)  # same (1, 8, 8) input
     )
     if model:
-        assert ds.input_shape == models.input_shape(model)
+        assert ds.input_shape == zoo.input_shape(model)
     x, y = next(iter(ds.loaders(16, seed=0)[0]))
     out = net(x)
     assert out.shape == (16, ds.num_classes)
     nn.functional.cross_entropy(out, y).backward()
+
+
+def test_the_package_reaches_the_zoo():
+    import tvm_cim
+
+    assert tvm_cim.models is zoo
+    assert tvm_cim.models.build("digits-mlp").input_shape == (1, 8, 8)

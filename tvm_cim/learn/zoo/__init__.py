@@ -1,0 +1,201 @@
+"""Model zoo: small trainable models and standard architectures as ``torch.nn`` modules.
+
+``build(name)`` returns a freshly initialised model; ``names()`` lists the known names and
+``input_shape(name)`` the per-sample input shape (channels first, no batch dimension).
+
+Layer names follow the usual PyTorch module paths (``named_modules()``), because precision
+policies name layers by those paths: the ImageNet and CIFAR architectures use
+torchvision's names (``conv1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``;
+``features.0``, ``classifier.6``; ``features.1.conv.0.0``, ``classifier.1``) and are written
+here by hand, so torchvision is not needed.
+
+=============== =================== ================================================
+name            input shape         model
+=============== =================== ================================================
+``digits-mlp``  ``(1, 8, 8)``       MLP 64-128-64-10 for scikit-learn's digits
+``digits-cnn``  ``(1, 8, 8)``       two 3x3 convolutions, two linear layers
+``mnist1d-cnn`` ``(1, 1, 40)``      three ``(1, k)`` convolutions with BN, a linear layer
+``resnet20``    ``(3, 32, 32)``     CIFAR ResNet-20 (He et al., option A shortcuts)
+``resnet18``    ``(3, 224, 224)``   ImageNet ResNet-18 (torchvision layout)
+``vgg16``       ``(3, 224, 224)``   ImageNet VGG-16 (torchvision layout)
+``mobilenetv2`` ``(3, 224, 224)``   ImageNet MobileNetV2 (torchvision layout)
+=============== =================== ================================================
+
+One-dimensional signals are handled as images of height 1: ``mnist1d-cnn`` takes
+``(N, 1, 1, 40)`` inputs and its convolutions are ``nn.Conv2d`` with ``(1, k)`` kernels, so
+its exported graph holds 2-D convolutions that the crossbar compiler maps like any other.
+``tvm_cim.learn.data.load("mnist1d")`` yields samples of that same shape ``(1, 1, 40)``.
+
+The families live in ``small``, ``resnet``, ``vgg`` and ``mobilenet``; ``layers`` says which
+layers the crossbars take, ``batchnorm`` folds batch norm into convolutions, and
+``export_onnx`` writes float graphs through ``tvm_cim.learn.onnx_export``.
+
+Importing this package imports PyTorch; ``import tvm_cim`` does not import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tvm_cim.core.errors import CimError
+from tvm_cim.learn.onnx_export import write_onnx
+from tvm_cim.learn.zoo.batchnorm import fold_batchnorm
+from tvm_cim.learn.zoo.layers import depthwise_layers, quantizable_layers
+from tvm_cim.learn.zoo.mobilenet import MobileNetV2
+from tvm_cim.learn.zoo.resnet import ResNet18, ResNet20
+from tvm_cim.learn.zoo.small import DigitsCNN, DigitsMLP, Mnist1dCNN
+from tvm_cim.learn.zoo.vgg import VGG16
+
+__all__ = [
+    "build",
+    "names",
+    "input_shape",
+    "quantizable_layers",
+    "depthwise_layers",
+    "fold_batchnorm",
+    "export_onnx",
+    "DigitsMLP",
+    "DigitsCNN",
+    "Mnist1dCNN",
+    "ResNet20",
+    "ResNet18",
+    "VGG16",
+    "MobileNetV2",
+]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "digits-mlp": _Entry(DigitsMLP, (1, 8, 8)),
+    "digits-cnn": _Entry(DigitsCNN, (1, 8, 8)),
+    "mnist1d-cnn": _Entry(Mnist1dCNN, (1, 1, 40)),
+    "resnet20": _Entry(ResNet20, (3, 32, 32)),
+    "resnet18": _Entry(ResNet18, (3, 224, 224)),
+    "vgg16": _Entry(VGG16, (3, 224, 224)),
+    "mobilenetv2": _Entry(MobileNetV2, (3, 224, 224)),
+}
+
+
+def names() -> list[str]:
+    """Names of the models ``build`` knows, small models first.
+
+    Returns
+    -------
+    list of str
+        The model names.
+    """
+    return list(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise CimError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    """Per-sample input shape of a model, channels first, without the batch dimension.
+
+    Parameters
+    ----------
+    name
+        A name from ``names()``.
+
+    Returns
+    -------
+    tuple of int
+        For example ``(1, 8, 8)``, ``(1, 1, 40)`` or ``(3, 224, 224)``.
+
+    Raises
+    ------
+    CimError
+        If the name is unknown.
+    """
+    return _entry(name).input_shape
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a freshly initialised model.
+
+    The model draws its initial weights from PyTorch's global generator (seed it with
+    ``torch.manual_seed`` for reproducible weights). Its per-sample input shape is also
+    stored as the attribute ``input_shape``, which ``export_onnx`` uses.
+
+    Parameters
+    ----------
+    name
+        A name from ``names()``.
+    **kwargs
+        Passed to the model's constructor, e.g. ``num_classes``.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, in training mode.
+
+    Raises
+    ------
+    CimError
+        If the name is unknown or the keyword arguments do not fit the model.
+    """
+    entry = _entry(name)
+    try:
+        model = entry.factory(**kwargs)
+    except TypeError as exc:
+        raise CimError(f"model {name!r}: {exc}") from None
+    model.input_shape = entry.input_shape
+    return model
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, input_shape: Sequence[int] | None = None
+) -> Path:
+    """Export a model to ONNX with its current weights, naming layers by module path.
+
+    The model is traced in eval mode with a batch-1 random input named ``x`` (output
+    ``y``) by PyTorch's TorchScript-based exporter at opset 17; batch norm after a
+    convolution is folded into it by the exporter. Each ``Conv``, ``Gemm`` and ``MatMul``
+    node produced by a module is then renamed to that module's ``named_modules()`` path
+    (``layer1.0.conv1``, ``fc``), so precision configs written against the PyTorch model
+    name the same layers in the ONNX file; a module that emits several such nodes gets
+    ``_1``, ``_2`` suffixes on the later ones. Small computations on constants that the
+    exporter leaves in the graph (such as the pads of a ``Pad``) are folded into constants.
+
+    Parameters
+    ----------
+    model
+        The model; the training mode of each of its modules is restored afterwards.
+    path
+        The ``.onnx`` file to write.
+    input_shape
+        Per-sample input shape; defaults to the model's ``input_shape`` attribute (set by
+        ``build``).
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    CimError
+        If no input shape is given or known.
+    """
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+    if input_shape is None:
+        raise CimError("export_onnx: pass input_shape (the model has no input_shape attribute)")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *(int(d) for d in input_shape)), generator=gen)
+    return write_onnx(model, x, path, fold_constants=True)
