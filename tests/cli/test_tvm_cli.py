@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import tvm_cim  # noqa: E402, F401  (registers the cim target)
-from tvm_cim.cli.main import main, program_file_name  # noqa: E402
+from tvm_cim.cli.compile import program_file_name  # noqa: E402
+from tvm_cim.cli.main import main  # noqa: E402
 from tvm_cim.compiler.flow import compile_for_cim  # noqa: E402
 from tvm_cim.compiler.frontend import load_onnx  # noqa: E402
 from tvm_cim.sim.program import Program  # noqa: E402
@@ -529,3 +530,10 @@ def test_output_required_without_cost_only(files, capsys):
     result = _main(capsys, "compile", files["qdq"])
     assert result.status == 2
     assert "-o/--output is required" in result.err
+
+
+def test_unwritable_report_exits_2(files, capsys, tmp_path):
+    result = _main(capsys, "compile", files["qdq"], "--cost-only", "--report", tmp_path)
+    assert result.status == 2
+    assert result.err.startswith(f"tvm-cim: error: cannot write report {tmp_path}: ")
+    assert len(result.err.strip().splitlines()) == 1

@@ -1,2 +1,3 @@
-"""The command lines: ``tvm-cim`` (``main``) and ``cim-sim`` (``sim``), on one scaffolding
-(``common``)."""
+"""The command lines on one scaffolding (``common``): ``tvm-cim`` (``main``, with
+``compile``, ``run``, ``train``, ``report`` and ``search`` holding its subcommands) and
+``cim-sim`` (``sim``)."""

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from tvm_cim.cli.search import add_arch_argument
-from tvm_cim.core.errors import CimError
+from tvm_cim.cli.common import EXIT_OK, add_arch_argument, write_json
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tvm-cim report``."""
     p.add_argument("--model", required=True, help="zoo model: resnet18, vgg16, mobilenetv2, ...")
-    add_arch_argument(p)
+    add_arch_argument(p, "study")
     p.add_argument(
         "--precision",
         metavar="CFG|POLICY.npy",
@@ -25,6 +24,7 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
+    """``tvm-cim report``: print the study's table and write it as JSON with ``--json``."""
     from tvm_cim.workflows.study import latency_study, study_arch, study_table
 
     arch = study_arch(args.arch, args.crossbars, args.adc_bits)
@@ -33,10 +33,6 @@ def report(args: argparse.Namespace) -> int:
     print(study_table(data))
     if args.json:
         path = Path(args.json)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=2))
-        except OSError as exc:
-            raise CimError(f"cannot write {path}: {exc.strerror or exc}") from None
+        write_json(path, data, "study")
         print(f"wrote {path}")
-    return 0
+    return EXIT_OK

@@ -5,23 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tvm_cim.cli.common import EXIT_OK, add_arch_argument
 from tvm_cim.core.errors import CimError
 
 
-def add_arch_argument(p: argparse.ArgumentParser) -> None:
-    """``--arch`` of the commands that default to the paper's machine (search, report)."""
-    p.add_argument(
-        "--arch",
-        default="rram-4b",
-        metavar="PRESET|FILE",
-        help="arch preset or file (tvm-cim or CIM-AQ YAML/JSON; default rram-4b)",
-    )
-
-
 def search_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tvm-cim search``."""
     p.add_argument("--model", required=True, help="trainable zoo model, e.g. digits-cnn")
     p.add_argument("--dataset", required=True, help="digits, mnist1d or synthetic")
-    add_arch_argument(p)
+    add_arch_argument(p, "study")
     p.add_argument("--strategy", default="dqn", help="dqn (default), ddpg, tpe or random")
     p.add_argument("--episodes", type=int, default=150, help="policies to play (default 150)")
     p.add_argument(
@@ -68,7 +60,24 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+#: The options that are ``SearchSettings`` fields of the same name, passed as given.
+_SETTINGS_AS_GIVEN = (
+    "model",
+    "dataset",
+    "arch",
+    "strategy",
+    "episodes",
+    "max_acc_drop",
+    "seed",
+    "storage",
+    "resume",
+    "finetune_steps",
+    "final_epochs",
+)
+
+
 def search(args: argparse.Namespace) -> int:
+    """``tvm-cim search``: run the search, print its summary and the files it wrote."""
     from tvm_cim.agent.search import SearchSettings, run_search
     from tvm_cim.agent.space import SearchSpace
 
@@ -85,20 +94,10 @@ def search(args: argparse.Namespace) -> int:
         pin_first_last=args.pin_first_last,
     )
     settings = SearchSettings(
-        model=args.model,
-        dataset=args.dataset,
+        **{name: getattr(args, name) for name in _SETTINGS_AS_GIVEN},
         out=Path(args.out),
-        arch=args.arch,
-        strategy=args.strategy,
-        episodes=args.episodes,
-        max_acc_drop=args.max_acc_drop,
-        seed=args.seed,
-        storage=args.storage,
-        resume=args.resume,
         space=space,
-        finetune_steps=args.finetune_steps,
         verify=not args.no_verify,
-        final_epochs=args.final_epochs,
         progress=not args.no_progress,
         base_checkpoint=Path(args.start) if args.start else None,
     )
@@ -107,4 +106,4 @@ def search(args: argparse.Namespace) -> int:
     for key in ("policy_yaml", "policy_npy", "policy_onnx", "log", "pareto_png", "bits_png"):
         if result.files[key].is_file():
             print(f"wrote {result.files[key]}")
-    return 0
+    return EXIT_OK
