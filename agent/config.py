@@ -9,7 +9,7 @@ towards one (CIM-AQ's reward reaches about a hundred).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,6 @@ class DQNConfig:
     reward_scale: float = 0.01
     latency_shaping: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class DDPGConfig:
@@ -90,9 +87,6 @@ class DDPGConfig:
     batch_size: int = 64
     reward_scale: float = 0.01
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class TPEConfig:
@@ -108,9 +102,6 @@ class TPEConfig:
 
     startup_fraction: float = 0.1
     multivariate: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def _preserved_random_state():
 
 
 class QatAccuracy:
-    """The QAT issue's "evaluate this policy" step: recalibrate ``model`` at the policy,
+    """Evaluate a policy as the training stages do: recalibrate ``model`` at the policy,
     finetune ``finetune_steps`` batches, measure validation accuracy.
 
     Deterministic for ``config.seed``.

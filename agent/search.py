@@ -136,7 +136,7 @@ class SearchResult:
 
 
 def _validate(settings: SearchSettings) -> None:
-    from tvm_cim.learn import models
+    from tvm_cim.learn import zoo as models
 
     if settings.strategy not in STRATEGIES:
         raise CimError(
@@ -213,7 +213,8 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
 
     import torch
 
-    from tvm_cim.learn import data, models, qat
+    from tvm_cim.learn import data, qat
+    from tvm_cim.learn import zoo as models
 
     _validate(settings)
     began = time.perf_counter()

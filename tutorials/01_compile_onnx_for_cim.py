@@ -29,7 +29,7 @@ from tvm import relax
 
 import tvm_cim
 from tvm_cim.compiler.frontend import load_onnx
-from tvm_cim.learn import models
+from tvm_cim.learn import zoo as models
 
 torch.manual_seed(0)
 workdir = Path(tempfile.mkdtemp())

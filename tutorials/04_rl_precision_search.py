@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tvm_cim.agent.latency import LatencyTable
-from tvm_cim.learn import models
+from tvm_cim.learn import zoo as models
 
 torch.set_num_threads(1)
 table = LatencyTable.for_model(models.build("digits-cnn").eval(), torch.zeros(1, 1, 8, 8))

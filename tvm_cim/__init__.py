@@ -30,6 +30,7 @@ _LAZY_ATTRIBUTES = {
     "partition_for_cim": "compiler.flow",
     "compile_for_cim": "compiler.flow",
     "cost_report": "compiler.flow",
+    "plan_for_cim": "compiler.plan",
     "Precision": "core.precision",
 }
 
@@ -43,7 +44,7 @@ _LAZY_MODULES = {
     "report": "compiler.report",
     "runtime": "compiler.runtime",
     "data": "learn.data",
-    "models": "learn.models",
+    "models": "learn.zoo",
     "qat": "learn.qat",
     "train": "learn.train",
     "study": "workflows.study",
@@ -78,6 +79,7 @@ __all__ = [
     "partition_for_cim",
     "compile_for_cim",
     "cost_report",
+    "plan_for_cim",
     "Precision",
     "__version__",
 ]

@@ -347,22 +347,12 @@ class CimArch:
         fields (ADC, parallelism, digital costs) take the defaults, which reproduce
         the CIM-AQ latency model.
         """
-        text = _read_text(path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ArchError(f"{path}: invalid YAML: {err}") from None
-        return cls._from_file_data(data, path)
+        return cls._from_file(path, yaml.safe_load, yaml.YAMLError, "YAML")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CimArch:
         """Read a JSON file (native layout, or CIM-AQ's layout as JSON)."""
-        text = _read_text(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ArchError(f"{path}: invalid JSON: {err}") from None
-        return cls._from_file_data(data, path)
+        return cls._from_file(path, json.loads, json.JSONDecodeError, "JSON")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the native layout as YAML."""
@@ -400,8 +390,13 @@ class CimArch:
         )
 
     @classmethod
-    def _from_file_data(cls, data: Any, path: str | os.PathLike) -> CimArch:
-        """Build from parsed file contents, prefixing errors with the file name."""
+    def _from_file(cls, path: str | os.PathLike, parse, parse_error, syntax: str) -> CimArch:
+        """Read and ``parse`` a file, then build from its contents; errors name the file."""
+        text = _read_text(path)
+        try:
+            data = parse(text)
+        except parse_error as err:
+            raise ArchError(f"{path}: invalid {syntax}: {err}") from None
         if not isinstance(data, Mapping):
             raise ArchError(
                 f"{path}: an architecture file must hold a mapping, got {type(data).__name__}"
