@@ -55,11 +55,13 @@ def stage(repo: Path, dest: Path) -> Path:
 
 
 def _modules_in(staged: Path) -> dict[str, Path]:
+    """Module name -> source file (the Cython source, not its stub)."""
     out = {}
     for path in sorted((staged / PACKAGE).rglob("*.py")):
         parts = path.relative_to(staged).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        out[name] = path
+        pyx = path.with_suffix(".pyx")
+        out[name] = pyx if pyx.exists() else path
     return out
 
 
@@ -87,10 +89,7 @@ def circles(staged: Path) -> list[list[str]]:
 def floors(staged: Path) -> dict[str, tuple[int, int]]:
     """``{floor: (files, lines)}``: the subpackages of ``tvm_cim`` and its own modules."""
     out: dict[str, list[int]] = {}
-    sources = _modules_in(staged)
-    for name, path in sources.items():
-        if path.with_suffix(".pyx").exists():  # a stub: count the Cython source
-            path = path.with_suffix(".pyx")
+    for name, path in _modules_in(staged).items():
         parts = name.split(".")
         is_package = path.name == "__init__.py"
         floor = (
