@@ -175,12 +175,13 @@ class _Checker:
                     self.index(i, "buffer", ops[f.name], nbuf)
                 elif f.kind == "crossbar":
                     self.index(i, "crossbar", ops[f.name], self.arch.crossbars)
-            getattr(self, f"check_{spec.mnemonic}")(i, ops)
+            # The table's checks above are all an instruction needs unless it has dataflow
+            # facts of its own: those are a ``check_<mnemonic>`` method.
+            check = getattr(self, f"check_{spec.mnemonic}", None)
+            if check is not None:
+                check(i, ops)
             for name in spec.writes:
                 self.written[ops[name]] = True
-
-    def check_halt(self, i, ops):
-        pass
 
     def check_prog(self, i, ops):
         self.index(i, "image", ops["image"], len(self.p.images))
