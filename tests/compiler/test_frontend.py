@@ -166,6 +166,31 @@ def test_input_names_are_kept_and_shapes_given(tmp_path):
         load_onnx(path, {"input.1": (0, 8)})
 
 
+def test_qoperator_models_are_refused_with_the_node_and_the_qdq_hint(tmp_path):
+    """onnxruntime's QOperator format (QLinearConv) cannot be imported: say which node and
+    how to export instead, before TVM fails on it."""
+    scalar = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "y_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "y_zp"),
+        numpy_helper.from_array(np.ones((2, 1, 3, 3), np.int8), "w"),
+    ]
+    inputs = ["x", "x_scale", "x_zp", "w", "w_scale", "w_zp", "y_scale", "y_zp"]
+    node = helper.make_node("QLinearConv", inputs, ["y"], name="conv_q", pads=[1, 1, 1, 1])
+    path = _save(
+        tmp_path / "qop.onnx",
+        [node],
+        [_tensor("x", [1, 1, 4, 4], TensorProto.UINT8)],
+        [_tensor("y", [1, 2, 4, 4], TensorProto.UINT8)],
+        scalar,
+    )
+    with pytest.raises(CimError, match=r"node 'conv_q' is a QLinearConv.*QuantFormat\.QDQ"):
+        load_onnx(path)
+
+
 @pytest.mark.parametrize("kind", ["missing", "truncated", "empty", "directory"])
 def test_unreadable_files(tmp_path, mlp, kind):
     path = tmp_path / "model.onnx"

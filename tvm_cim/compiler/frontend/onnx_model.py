@@ -31,6 +31,38 @@ ANCHOR_OP_TYPES = (
 # Operators a convolution weight passes through on its way from an initializer.
 _WEIGHT_PASSTHROUGH = ("DequantizeLinear", "Identity", "Cast")
 
+#: Quantized operators of the operator-oriented format (onnxruntime's
+#: ``QuantFormat.QOperator``, standard and ``com.microsoft``), which TVM's ONNX frontend
+#: does not import; the same quantization in QDQ format does.
+QOPERATOR_TYPES = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "QAttention",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QLinearSoftmax",
+    "QLinearWhere",
+    "QLinearReduceMean",
+)
+
+
+def _refuse_qoperator_nodes(model, path: Path) -> None:
+    """Name the first operator-format quantized node, and how to export the model instead."""
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in QOPERATOR_TYPES:
+            name = node.name or f"#{index}"
+            raise CimError(
+                f"{path}: node {name!r} is a {node.op_type}, a QOperator-format quantized "
+                "operator that the TVM ONNX frontend cannot import; quantize the model in QDQ "
+                "format instead (onnxruntime: quantize_static(..., quant_format=QuantFormat.QDQ))"
+            )
+
 
 def _read_model(path: Path):
     import onnx
@@ -215,11 +247,13 @@ def load_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None
     ------
     CimError
         A missing, truncated or corrupt file, a dynamic input without a shape in
-        ``input_shapes``, a bad ``input_shapes`` entry, or a model the TVM ONNX frontend
-        cannot import.
+        ``input_shapes``, a bad ``input_shapes`` entry, an operator-format quantized node
+        (``QLinearConv``, ...: export QDQ instead), or a model the TVM ONNX frontend cannot
+        import.
     """
     path = Path(path)
     model = _read_model(path)
+    _refuse_qoperator_nodes(model, path)
     shape_dict = _shape_dict(model, path, input_shapes)
     names = onnx_operator_names(model)
 
