@@ -69,7 +69,14 @@ SEARCH_REQUIRES = [
     "optuna>=4,<5",
     "matplotlib>=3.7",
 ]
-DEV_REQUIRES = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "import-linter>=2.1", "networkx>=3"]
+DEV_REQUIRES = [
+    "pytest>=8",
+    "hypothesis>=6",
+    "ruff>=0.6",
+    "import-linter>=2.1",
+    "networkx>=3",
+    "onnxruntime>=1.17",  # the reference producer and runtime for models from other tools
+]
 
 setup(
     name="tvm-cim",

@@ -233,6 +233,20 @@ def _check_clip_alignment(ctx: PatternCheckContext) -> bool:
     return True
 
 
+def _check_self_contained(ctx: PatternCheckContext) -> bool:
+    # A value computed inside the match that the rest of the graph also reads (a
+    # quantize/dequantize pair shared with a residual add) would make the composite return
+    # a tuple: refuse the match, so that the graph keeps computing that value.
+    result = ctx.value_to_bound_var.get(ctx.matched_expr)
+    inside = set(ctx.matched_bindings.keys())
+    for var in inside:
+        if result is not None and var.same_as(result):
+            continue
+        if any(user not in inside for user in ctx.var_usages.get(var, [])):
+            return False
+    return True
+
+
 _FORM_CHECKS = {
     "float": (_check_float_dtypes,),
     "qdq": (_check_qdq_codes, _check_clip_alignment),
@@ -241,7 +255,7 @@ _FORM_CHECKS = {
 
 
 def _checker(form: str):
-    checks = (*_FORM_CHECKS[form], _check_anchor_limits)
+    checks = (*_FORM_CHECKS[form], _check_anchor_limits, _check_self_contained)
 
     def check(ctx: PatternCheckContext) -> bool:
         return all(c(ctx) for c in checks)
