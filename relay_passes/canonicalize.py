@@ -2,9 +2,15 @@
 
 The ONNX frontend imports ``Clip`` with constant bounds as two opaque TIR calls
 (``maximum`` then ``minimum``, each bound guarded against NaN). Quantized models clip an
-activation to its code range right before ``QuantizeLinear``, so this pass turns such
-pairs back into ``R.clip(x, lo, hi)``, which the patterns see and LegalizeOps lowers as
-before.
+activation to its code range right before ``QuantizeLinear``, so ``clips_from_min_max``
+turns such pairs back into ``R.clip(x, lo, hi)``, which the patterns see and LegalizeOps
+lowers as before.
+
+Producers such as onnxruntime share one QuantizeLinear/DequantizeLinear pair among all
+readers of a tensor (a convolution and the residual ``Add`` beside it). A pattern cannot
+take a value another operator also reads, so ``dedicated_qdq_pairs`` gives every reader
+its own copy of the pair, as onnxruntime's ``DedicatedQDQPair`` option would: the same
+values, computed once per reader.
 """
 
 from __future__ import annotations
@@ -98,3 +104,99 @@ def clipped_code_range(lo: float, hi: float, scale: float, zero_point: int, dtyp
         if (qlo, qhi) == quant_range(bits, signed):
             return bits, signed
     return None
+
+
+def _op_name(expr) -> str | None:
+    return getattr(getattr(expr, "op", None), "name", None)
+
+
+def _readers(fn: relax.Function) -> dict:
+    """How many times each variable is read by the bindings and the result of ``fn``."""
+    counts: dict = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                count(field)
+        elif isinstance(expr, relax.Call):
+            for arg in expr.args:
+                count(arg)
+        elif isinstance(expr, relax.TupleGetItem):
+            count(expr.tuple_value)
+
+    for block in fn.body.blocks:
+        for binding in block.bindings:
+            count(binding.value)
+    count(fn.body.body)
+    return counts
+
+
+@relax.expr_functor.mutator
+class _PairCopier(relax.PyExprMutator):
+    """Rebuilds every reader of a shared dequantize on its own [clip ->] quantize ->
+    dequantize chain."""
+
+    _CHAIN = ("relax.dequantize", "relax.quantize", "relax.clip")
+
+    def __init__(self, mod, bindings, readers):
+        super().__init__(mod)
+        self.bindings = bindings
+        self.shared = {
+            var
+            for var, value in bindings.items()
+            if _op_name(value) == "relax.dequantize" and readers.get(var, 0) > 1
+        }
+
+    def _copy(self, var, depth: int = 0):
+        """A fresh binding computing ``var`` (and the rest of its chain)."""
+        value = self.bindings.get(var)
+        if depth >= len(self._CHAIN) or _op_name(value) != self._CHAIN[depth]:
+            return self.visit_expr(var)
+        first = value.args[0]
+        source = self._copy(first, depth + 1) if isinstance(first, relax.Var) else first
+        call = relax.Call(value.op, [source, *value.args[1:]], value.attrs, value.ty_args)
+        return self.builder_.emit(call)
+
+    def _argument(self, arg):
+        if isinstance(arg, relax.Var) and arg in self.shared:
+            return self._copy(arg)
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([self._argument(field) for field in arg.fields])
+        return self.visit_expr(arg)
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        if not isinstance(value, relax.Call) or binding.var in self.shared:
+            super().visit_var_binding_(binding)
+            return
+        args = list(value.args)
+        if not any(self._reads_shared(a) for a in args):
+            super().visit_var_binding_(binding)
+            return
+        call = relax.Call(
+            value.op, [self._argument(a) for a in args], value.attrs, value.ty_args, value.span
+        )
+        emit = (
+            self.builder_.emit
+            if isinstance(binding.var, relax.DataflowVar)
+            else self.builder_.emit_output
+        )
+        self.set_var_remap(binding.var, emit(call, binding.var.name))
+
+    def _reads_shared(self, arg) -> bool:
+        if isinstance(arg, relax.Tuple):
+            return any(self._reads_shared(f) for f in arg.fields)
+        return isinstance(arg, relax.Var) and arg in self.shared
+
+
+def dedicated_qdq_pairs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Give each reader of a shared ``dequantize`` its own quantize/dequantize chain."""
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    for gv, fn in mod.functions.items():
+        if not isinstance(fn, relax.Function):
+            continue
+        bindings = {b.var: b.value for block in fn.body.blocks for b in block.bindings}
+        out[gv] = _PairCopier(mod, bindings, _readers(fn)).visit_expr(fn)
+    return relax.transform.DeadCodeElimination()(out)

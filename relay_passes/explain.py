@@ -39,27 +39,5 @@ def unsupported_reason(call: relax.Call, block) -> str:
     dtypes = {str(x.ty.dtype), str(w.ty.dtype)}
     if not dtypes <= _FORM_DTYPES:
         return f"unsupported dtypes {sorted(dtypes)}"
-    if _shared_dequantize(x, block):
-        # ``patterns._check_self_contained`` refuses a match that would swallow it.
-        return (
-            "its input's quantize/dequantize pair is shared with other operators of the graph "
-            "(quantize with dedicated pairs, e.g. onnxruntime's DedicatedQDQPair=True)"
-        )
     return "no cim pattern matched its operand form (dtypes or quantization)"
 
-
-def _shared_dequantize(x, block) -> bool:
-    """Whether ``x`` is a dequantize (or a quantize/dequantize pair) another binding reads."""
-    bindings = {b.var: b.value for b in block.bindings}
-    users: dict = {}
-    for b in block.bindings:
-        for arg in getattr(b.value, "args", ()):
-            if isinstance(arg, relax.Var):
-                users[arg] = users.get(arg, 0) + 1
-    value = bindings.get(x)
-    if getattr(getattr(value, "op", None), "name", None) != "relax.dequantize":
-        return False
-    if users.get(x, 0) > 1:
-        return True
-    source = value.args[0]
-    return isinstance(source, relax.Var) and users.get(source, 0) > 1

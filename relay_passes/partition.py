@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import tvm
 from tvm import relax
 
-from .canonicalize import clips_from_min_max
+from .canonicalize import clips_from_min_max, dedicated_qdq_pairs
 from .patterns import ANCHORS, cim_patterns
 
 _build_ids = itertools.count()
@@ -100,7 +100,7 @@ def offloaded_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax
 
 def partition(mod: tvm.IRModule, names: Sequence[str] | None = None) -> tvm.IRModule:
     """Name operators, fuse the table's matches and merge them into ``cim`` functions."""
-    mod = clips_from_min_max(name_operators(mod, names))
+    mod = dedicated_qdq_pairs(clips_from_min_max(name_operators(mod, names)))
     mod = relax.transform.FuseOpsByPattern(
         cim_patterns(), bind_constants=True, annotate_codegen=False
     )(mod)
