@@ -62,26 +62,30 @@ class _ClipRewriter(relax.PyExprMutator):
             if lo is not None and hi is not None and dtype.startswith("float"):
                 x = self.visit_expr(lower[0])
                 clipped = relax.op.clip(x, lo, hi)
-                emit = (
-                    self.builder_.emit
-                    if isinstance(binding.var, relax.DataflowVar)
-                    else self.builder_.emit_output
-                )
-                self.set_var_remap(binding.var, emit(clipped, binding.var.name))
+                self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, clipped))
                 return
         super().visit_var_binding_(binding)
 
 
-def clips_from_min_max(mod: tvm.IRModule) -> tvm.IRModule:
-    """Rewrite ``minimum(maximum(x, lo), hi)`` TIR call pairs with constant bounds to ``clip``."""
+def _emit_like(builder, var, expr):
+    """Bind ``expr`` to a new variable of ``var``'s kind (dataflow or output) and name."""
+    emit = builder.emit if isinstance(var, relax.DataflowVar) else builder.emit_output
+    return emit(expr, var.name)
+
+
+def _rewrite_functions(mod: tvm.IRModule, mutator) -> tvm.IRModule:
+    """Each Relax function through ``mutator(mod, bindings, fn)``, then dead code removed."""
     out = tvm.IRModule(mod.functions, attrs=mod.attrs)
     for gv, fn in mod.functions.items():
-        if not isinstance(fn, relax.Function):
-            continue
-        bindings = {b.var: b.value for block in fn.body.blocks for b in block.bindings}
-        out[gv] = _ClipRewriter(mod, bindings).visit_expr(fn)
-    out = relax.transform.DeadCodeElimination()(out)
-    return out
+        if isinstance(fn, relax.Function):
+            bindings = {b.var: b.value for block in fn.body.blocks for b in block.bindings}
+            out[gv] = mutator(mod, bindings, fn).visit_expr(fn)
+    return relax.transform.DeadCodeElimination()(out)
+
+
+def clips_from_min_max(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite ``minimum(maximum(x, lo), hi)`` TIR call pairs with constant bounds to ``clip``."""
+    return _rewrite_functions(mod, lambda mod, bindings, fn: _ClipRewriter(mod, bindings))
 
 
 def clip_bounds(call) -> tuple[float, float]:
@@ -178,12 +182,7 @@ class _PairCopier(relax.PyExprMutator):
         call = relax.Call(
             value.op, [self._argument(a) for a in args], value.attrs, value.ty_args, value.span
         )
-        emit = (
-            self.builder_.emit
-            if isinstance(binding.var, relax.DataflowVar)
-            else self.builder_.emit_output
-        )
-        self.set_var_remap(binding.var, emit(call, binding.var.name))
+        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, call))
 
     def _reads_shared(self, arg) -> bool:
         if isinstance(arg, relax.Tuple):
@@ -193,10 +192,6 @@ class _PairCopier(relax.PyExprMutator):
 
 def dedicated_qdq_pairs(mod: tvm.IRModule) -> tvm.IRModule:
     """Give each reader of a shared ``dequantize`` its own quantize/dequantize chain."""
-    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
-    for gv, fn in mod.functions.items():
-        if not isinstance(fn, relax.Function):
-            continue
-        bindings = {b.var: b.value for block in fn.body.blocks for b in block.bindings}
-        out[gv] = _PairCopier(mod, bindings, _readers(fn)).visit_expr(fn)
-    return relax.transform.DeadCodeElimination()(out)
+    return _rewrite_functions(
+        mod, lambda mod, bindings, fn: _PairCopier(mod, bindings, _readers(fn))
+    )

@@ -40,4 +40,3 @@ def unsupported_reason(call: relax.Call, block) -> str:
     if not dtypes <= _FORM_DTYPES:
         return f"unsupported dtypes {sorted(dtypes)}"
     return "no cim pattern matched its operand form (dtypes or quantization)"
-
