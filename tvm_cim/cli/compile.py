@@ -21,6 +21,7 @@ from tvm_cim.cli.common import (
     write_file,
     write_json,
 )
+from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
 
 #: Suffix of the program files ``compile --dump-programs`` writes.
@@ -95,12 +96,6 @@ def _load_model(args: argparse.Namespace):
     return load_onnx(args.model, _shapes(args.input_shapes))
 
 
-def _load_arch(spec: str | None):
-    from tvm_cim.core.arch import CimArch
-
-    return CimArch.load(spec) if spec else CimArch()
-
-
 def _check_file(path: str | None, what: str) -> None:
     if path is not None and not Path(path).exists():
         raise CimError(f"{what} {path} does not exist")
@@ -145,7 +140,7 @@ def compile_model(args: argparse.Namespace) -> int:
     """``tvm-cim compile``: report, library, JSON report and program files."""
     _check_file(args.precision, "precision file")
     _check_file(args.calibration, "calibration data")
-    arch = _load_arch(args.arch)
+    arch = CimArch.load(args.arch or None)
     if args.cost_only and args.dump_programs:
         raise CimError("--dump-programs needs weight images; drop --cost-only")
     if not args.cost_only and not args.output:
@@ -217,7 +212,7 @@ def _form(op) -> str:
 def inspect_model(args: argparse.Namespace) -> int:
     """``tvm-cim inspect``: the offloaded operators, those left on the CPU and why."""
     _check_file(args.precision, "precision file")
-    arch = _load_arch(args.arch)
+    arch = CimArch.load(args.arch or None)
     mod, names = _load_model(args)
 
     from tvm_cim.compiler.frontend import main_inputs

@@ -48,11 +48,6 @@ ARCH_ATTR = "cim.arch"
 Bitwidths = dict[str, Bits | None]
 
 
-def load_arch(arch: CimArch | str | None) -> CimArch:
-    """``arch`` as a ``CimArch``: itself, a preset or file loaded, or the default."""
-    return CimArch() if arch is None else CimArch.load(arch)
-
-
 def _check_static(mod: tvm.IRModule) -> None:
     for param in mod["main"].params:
         shape = getattr(param.ty, "shape", None)
@@ -201,7 +196,7 @@ def plan_for_cim(
     """
     if params:
         mod = relax.transform.BindParams("main", params)(mod)
-    arch = load_arch(arch)
+    arch = CimArch.load(arch)
     _check_static(mod)
     partitioned = partition(mod, names)
     regions = [(gv, read_region(gv.name_hint, fn)) for gv, fn in offloaded_functions(partitioned)]
@@ -233,4 +228,4 @@ def lower_function(fn: relax.Function, arch: CimArch | None = None) -> Program:
     if arch is None:
         arch = CimArch.from_dict(json.loads(str(attrs[ARCH_ATTR]))) if ARCH_ATTR in attrs else None
     region = read_region(str(attrs["global_symbol"]), fn)
-    return lower(region, bits, {}, load_arch(arch))
+    return lower(region, bits, {}, CimArch.load(arch))

@@ -63,9 +63,10 @@ def register() -> None:
         process; ``tvm_cim.build`` instead embeds each program in the module as a
         constant, which survives ``export_library``.
         """
-        from tvm_cim.compiler.plan import load_arch, lower_function
+        from tvm_cim.compiler.plan import lower_function
+        from tvm_cim.core.arch import CimArch
 
-        arch = load_arch(str(options["arch"])) if options and "arch" in options else None
+        arch = CimArch.load(str(options["arch"])) if options and "arch" in options else None
         for fn in functions:
             data = lower_function(fn, arch).to_bytes()
 

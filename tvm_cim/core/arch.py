@@ -363,11 +363,16 @@ class CimArch:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path_or_preset: str | os.PathLike | CimArch | Mapping[str, Any]) -> CimArch:
-        """Load an architecture from a preset name, a file, a mapping or a ``CimArch``.
+    def load(
+        cls, path_or_preset: str | os.PathLike | CimArch | Mapping[str, Any] | None
+    ) -> CimArch:
+        """Load an architecture from a preset name, a file, a mapping or a ``CimArch``;
+        None is the default architecture, ``CimArch()``.
 
         Files are chosen by suffix: ``.yaml`` / ``.yml`` or ``.json``.
         """
+        if path_or_preset is None:
+            return cls()
         if isinstance(path_or_preset, CimArch):
             return path_or_preset
         if isinstance(path_or_preset, Mapping):
