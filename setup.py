@@ -69,6 +69,8 @@ SEARCH_REQUIRES = [
     "optuna>=4,<5",
     "matplotlib>=3.7",
 ]
+# Reading QONNX files (Quant nodes with a bit-width input, as FINN and Brevitas write them).
+QONNX_REQUIRES = ["qonnx==1.0.0"]
 DEV_REQUIRES = [
     "pytest>=8",
     "hypothesis>=6",
@@ -76,7 +78,13 @@ DEV_REQUIRES = [
     "import-linter>=2.1",
     "networkx>=3",
     "onnxruntime>=1.17",  # the reference producer and runtime for models from other tools
-]
+    # Producers whose files the conformance tests compile. Brevitas pins setuptools<81 and,
+    # in its export extra, an old onnx: it is installed without that extra, and its QCDQ
+    # export's own needs (onnxoptimizer, onnxscript) are listed here instead.
+    "brevitas==0.13.4",
+    "onnxoptimizer>=0.3",
+    "onnxscript>=0.1",
+] + QONNX_REQUIRES
 
 setup(
     name="tvm-cim",
@@ -91,6 +99,7 @@ setup(
         "tvm": TVM_REQUIRES,
         "train": TRAIN_REQUIRES,
         "search": SEARCH_REQUIRES,
+        "qonnx": QONNX_REQUIRES,
         "dev": DEV_REQUIRES,
         "all": TVM_REQUIRES + TRAIN_REQUIRES + SEARCH_REQUIRES + DEV_REQUIRES,
     },

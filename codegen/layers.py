@@ -53,13 +53,15 @@ class ConvGeometry:
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
     dilation: tuple[int, int]
+    groups: int = 1
 
-    def params(self) -> np.ndarray:
-        """The ``im2col`` instruction's ``[1, 15]`` parameter constant."""
+    def params(self, channels: int | None = None) -> np.ndarray:
+        """The ``im2col`` instruction's ``[1, 15]`` parameter constant, for an image of
+        ``channels`` channels (all of them unless told: a group set takes fewer)."""
         return im2col_params(
             self.height,
             self.width,
-            self.channels,
+            self.channels if channels is None else channels,
             self.kernel,
             self.strides,
             self.padding,
@@ -73,6 +75,11 @@ class ConvGeometry:
     @property
     def out_width(self) -> int:
         return int(self.params()[0, _OW])
+
+    @property
+    def taps(self) -> int:
+        """``KH * KW``: the window positions."""
+        return self.kernel[0] * self.kernel[1]
 
 
 @dataclass
@@ -89,14 +96,17 @@ class CimOp:
         ``("param", i)`` for the region's i-th parameter, ``("op", j)`` for operator j.
     weight
         ``[K, N]``; for a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a
-        float graph until quantized, else integer codes.
+        float graph until quantized, else integer codes. A grouped convolution's weight
+        is block-diagonal: column ``n`` of group ``n // (N / groups)`` is zero outside
+        its group's input channels.
     in_shape, out_shape
         The graph's tensor shapes around the operator.
     input
         The codes the crossbars receive (``a_bits`` is ``input.bits``); None for real
         activations still to be quantized (by the precision and calibration).
     w_bits
-        Width of the weight codes; None until quantized.
+        Width of the weight codes; None until quantized, unless the graph states it (an
+        integer clip of the weight codes), which quantization then keeps.
     weight_scale
         ``[N]`` real scale per output channel, None for integer graphs.
     int_bias
@@ -144,6 +154,16 @@ class CimOp:
     def out_features(self) -> int:
         """``N``: the output channels (the weight's columns)."""
         return self.weight.shape[1]
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups (1 for a dense operator)."""
+        return 1 if self.conv is None else self.conv.groups
+
+    @property
+    def reduction_length(self) -> int:
+        """The products summed into one output: ``K / groups``."""
+        return self.in_features // self.groups
 
     @property
     def vectors_per_item(self) -> int:

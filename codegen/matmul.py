@@ -162,17 +162,30 @@ def accumulator_bits(k: int, w_bits: int, a_bits: int, signed_input: bool) -> in
     return 32 if accumulator_bound(k, w_bits, a_bits, signed_input) < 1 << 31 else 64
 
 
-def emit_requant(b: ProgramBuilder, acc: int, channels: int, rq: Requantize, rows: int = 1) -> int:
-    """Requantize accumulator buffer ``acc`` into a new buffer of codes; returns it."""
-    params = b.constant(rq.params(channels))
-    result = b.buffer(channels, rows=rows)
+def emit_requant(
+    b: ProgramBuilder,
+    acc: int,
+    channels: int,
+    rq: Requantize,
+    rows: int = 1,
+    columns: tuple[int, int] | None = None,
+    dst: int | None = None,
+) -> int:
+    """Requantize accumulator buffer ``acc`` (``channels`` wide) into a buffer of codes.
+
+    ``columns`` ``(c0, c1)`` takes only those accumulator columns; ``dst`` is the buffer
+    to write (``c1 - c0`` wide), else a new one. Returns the buffer written.
+    """
+    c0, c1 = (0, channels) if columns is None else columns
+    params = b.constant(rq.params(channels)[:, c0:c1])
+    result = b.buffer(c1 - c0, rows=rows) if dst is None else dst
     b.emit(
         "req",
         dst=result,
         dst_col=0,
         src=acc,
-        src_col=0,
-        ncols=channels,
+        src_col=c0,
+        ncols=c1 - c0,
         params=params,
         zp=rq.zero_point,
         bits=rq.out_bits,
@@ -180,6 +193,14 @@ def emit_requant(b: ProgramBuilder, acc: int, channels: int, rq: Requantize, row
         relu=int(rq.relu),
     )
     return result
+
+
+def weight_mapping(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping:
+    """The mapping of ``weight``, or of its shape alone for a cost-only placeholder."""
+    weight = np.asarray(weight)
+    if is_placeholder(weight):
+        return placeholder_mapping(*weight.shape, w_bits, arch)
+    return map_weights(weight, w_bits, arch)
 
 
 def emit_matmul(
@@ -197,48 +218,72 @@ def emit_matmul(
     ``xbuf`` holds the input codes (``weight.shape[0]`` columns, ``rows`` vectors per
     item); the weight is checked by the caller. Tiles go round-robin over the crossbars.
     """
-    weight = np.asarray(weight)
-    if is_placeholder(weight):
-        mapping = placeholder_mapping(*weight.shape, w_bits, b.arch)
-    else:
-        mapping = map_weights(weight, w_bits, b.arch)
-    return _Lowering(b, mapping, w_bits, a_bits, signed_input, rows).accumulate(xbuf)
+    lowering = TiledMatmul(b, weight_mapping(weight, w_bits, b.arch), w_bits, a_bits, signed_input)
+    sums = CrossbarSums(b, lowering.outputs, rows, len(lowering.tiles), lowering.tile_width)
+    lowering.emit(xbuf, sums)
+    return sums.total()
 
 
-class _Lowering:
-    def __init__(
-        self, b: ProgramBuilder, mapping: WeightMapping, w_bits, a_bits, signed_input, rows
-    ):
+class CrossbarSums:
+    """The buffers one operator's tiles leave their results in, one set per crossbar.
+
+    Each crossbar used reads its ADC into its own column buffer and shift-adds into its
+    own ``outputs``-wide accumulator, so tiles on different crossbars never wait for each
+    other; ``total`` adds the accumulators up at the end. ``crossbar`` deals the tiles
+    out round-robin.
+    """
+
+    def __init__(self, b: ProgramBuilder, outputs: int, rows: int, tiles: int, width: int):
+        self.b = b
+        self.outputs = outputs
+        used = min(tiles, b.arch.crossbars)
+        self.colbufs = [b.buffer(width, rows=rows) for _ in range(used)]
+        self.accs = [b.buffer(outputs, rows=rows) for _ in range(used)]
+        self.dealt = 0
+
+    def crossbar(self) -> int:
+        """The crossbar of the next tile."""
+        xb = self.dealt % self.b.arch.crossbars
+        self.dealt += 1
+        return xb
+
+    def total(self) -> int:
+        """Add every crossbar's accumulator into the first; returns that buffer."""
+        for acc in self.accs[1:]:
+            self.b.emit("acc", dst=self.accs[0], dst_col=0, src=acc, src_col=0, ncols=self.outputs)
+        return self.accs[0]
+
+
+class TiledMatmul:
+    """One weight mapping cut into crossbar tiles: input rows by logical columns."""
+
+    def __init__(self, b: ProgramBuilder, mapping: WeightMapping, w_bits, a_bits, signed_input):
         self.b = b
         self.arch = b.arch
         self.m = mapping
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.signed_input = signed_input
-        self.rows = rows
         k = mapping.positive.shape[0]
         self.rows_per_tile = self.arch.rows // 2 if mapping.negative is not None else self.arch.rows
-        self.row_tiles = [
-            (r, min(r + self.rows_per_tile, k)) for r in range(0, k, self.rows_per_tile)
-        ]
+        row_tiles = [(r, min(r + self.rows_per_tile, k)) for r in range(0, k, self.rows_per_tile)]
         lc = mapping.logical_cols
-        self.col_tiles = [(c, min(c + self.arch.cols, lc)) for c in range(0, lc, self.arch.cols)]
+        col_tiles = [(c, min(c + self.arch.cols, lc)) for c in range(0, lc, self.arch.cols)]
+        self.tiles = [(r, c) for r in row_tiles for c in col_tiles]
+        self.tile_width = max(c1 - c0 for c0, c1 in col_tiles)
 
-    def accumulate(self, xbuf: int) -> int:
-        b, m, arch = self.b, self.m, self.arch
-        tiles = [(r, c) for r in self.row_tiles for c in self.col_tiles]
-        used = min(len(tiles), arch.crossbars)
-        width = max(c1 - c0 for c0, c1 in self.col_tiles)
-        colbufs = [b.buffer(width, rows=self.rows) for _ in range(used)]
-        accs = [b.buffer(m.outputs, rows=self.rows) for _ in range(used)]
-        for t, (rows, cols) in enumerate(tiles):
-            xb = t % arch.crossbars
-            self._tile(xb, rows, cols, xbuf, colbufs[xb], accs[xb])
-        for acc in accs[1:]:
-            b.emit("acc", dst=accs[0], dst_col=0, src=acc, src_col=0, ncols=m.outputs)
-        return accs[0]
+    @property
+    def outputs(self) -> int:
+        return self.m.outputs
 
-    def _tile(self, xb, rows, cols, xbuf, colbuf, acc) -> None:
+    def emit(self, xbuf: int, sums: CrossbarSums, out_col: int = 0) -> None:
+        """Every tile, on the crossbars ``sums`` deals; the results go to accumulator
+        columns ``out_col ..``."""
+        for rows, cols in self.tiles:
+            xb = sums.crossbar()
+            self._tile(xb, rows, cols, xbuf, sums.colbufs[xb], sums.accs[xb], out_col)
+
+    def _tile(self, xb, rows, cols, xbuf, colbuf, acc, out_col) -> None:
         b, m, arch = self.b, self.m, self.arch
         (r0, r1), (c0, c1) = rows, cols
         cells = m.positive[r0:r1, c0:c1]
@@ -271,7 +316,7 @@ class _Lowering:
                     b.emit(
                         "shadd",
                         dst=acc,
-                        dst_col=lo - block.col0,
+                        dst_col=out_col + lo - block.col0,
                         src=colbuf,
                         src_col=lo - c0,
                         ncols=hi - lo,
@@ -282,7 +327,7 @@ class _Lowering:
                 b.emit(
                     "shadd",
                     dst=acc,
-                    dst_col=0,
+                    dst_col=out_col,
                     src=colbuf,
                     src_col=m.ones_col - c0,
                     ncols=m.outputs,

@@ -55,10 +55,13 @@ def _input_codes(op: CimOp, bits: Bits | None, ranges: Ranges | None) -> Codes:
 
 
 def _weight_bits(op: CimOp, bits: Bits | None) -> int:
-    """The weight width: the precision's, else W8A8 for real weights and the codes' own."""
+    """The weight width: the precision's, else W8A8 for real weights, and for codes the
+    width the graph states (``op.w_bits``, from a clip of the codes) or the codes' own."""
     if op.is_float:
         return (bits or W8A8).w_bits
-    return code_bits(op.weight) if bits is None else bits.w_bits
+    if bits is not None:
+        return bits.w_bits
+    return code_bits(op.weight) if op.w_bits is None else op.w_bits
 
 
 def _weights(op: CimOp, bits: Bits | None) -> tuple[np.ndarray, np.ndarray | None, int]:

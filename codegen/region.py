@@ -23,14 +23,18 @@ from tvm_cim.core.quant import MAX_SHIFT, Requantize, fixed_point, quant_range, 
 
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
+from .grouped import check_block_diagonal, group_sets
 from .layers import CimOp, Codes, Region
 from .mapping import is_placeholder, logical_shape
 from .matmul import (
+    CrossbarSums,
+    TiledMatmul,
     _smallest_dtype,
     accumulator_bits,
     accumulator_bound,
     emit_matmul,
     emit_requant,
+    weight_mapping,
 )
 
 
@@ -46,7 +50,7 @@ def requantization(op: CimOp, target: Codes) -> Requantize:
         step = np.float64(op.input.scale) * np.asarray(op.weight_scale, np.float64)
         bias = bias + quantize(op.real_bias, step, 0, 32, True)
     # Keep (acc + bias) * multiplier inside int64.
-    bound = accumulator_bound(op.in_features, op.w_bits, op.a_bits, op.input.signed)
+    bound = accumulator_bound(op.reduction_length, op.w_bits, op.a_bits, op.input.signed)
     magnitude = bound + int(np.abs(bias).max(initial=0)) + 1
     precision = max(1, min(31, MAX_SHIFT - magnitude.bit_length()))
     multiplier, shift = fixed_point(real, precision)
@@ -75,6 +79,7 @@ class _RegionLowering:
         self.region = region
         self.b = ProgramBuilder(arch, region.name)
         self.values: dict[tuple, int] = {}  # (source, codes) -> buffer of codes
+        self.tensors: dict[tuple, int] = {}  # (source, codes) -> program input tensor
         self.accs: dict[int, int] = {}  # op index -> accumulator buffer
         self.ranges: dict[int, list[list[int]]] = {j: [] for j in range(len(region.ops))}
         self.in_attrs: list[dict] = []
@@ -87,16 +92,19 @@ class _RegionLowering:
     def lower(self) -> Program:
         for j, op in enumerate(self.region.ops):
             start = len(self.b.rows)
-            xbuf, rows = self._input_buffer(op)
-            self.accs[j] = emit_matmul(
-                self.b,
-                xbuf,
-                op.weight,
-                w_bits=op.w_bits,
-                a_bits=op.a_bits,
-                signed_input=op.input.signed,
-                rows=rows,
-            )
+            if op.groups > 1:
+                self.accs[j] = self._grouped(op)
+            else:
+                xbuf, rows = self._input_buffer(op)
+                self.accs[j] = emit_matmul(
+                    self.b,
+                    xbuf,
+                    op.weight,
+                    w_bits=op.w_bits,
+                    a_bits=op.a_bits,
+                    signed_input=op.input.signed,
+                    rows=rows,
+                )
             self.ranges[j].append([start, len(self.b.rows)])
         for j in self.region.outputs:
             start = len(self.b.rows)
@@ -122,39 +130,50 @@ class _RegionLowering:
             if op.source[0] == "param":
                 self.values[key] = self._load_param(op)
             else:
-                producer = self.region.ops[op.source[1]]
-                # The consumer's codes: the producer's quantize may be the wider container.
-                rq = requantization(producer, op.input)
-                self.values[key] = emit_requant(
-                    self.b,
-                    self.accs[op.source[1]],
-                    producer.out_features,
-                    rq,
-                    rows=producer.vectors_per_item,
-                )
+                self.values[key] = self._requantize_source(op)
         codes = self.values[key]
         if op.conv is None:
             return codes, 1
-        geometry = op.conv
-        cols = self.b.buffer(op.in_features, rows=op.vectors_per_item)
+        return self._im2col(op, codes, op.conv.channels), op.vectors_per_item
+
+    def _im2col(self, op: CimOp, codes: int, channels: int, dst: int | None = None) -> int:
+        """Unfold the ``channels``-wide image in ``codes`` into ``dst`` (else a new buffer)."""
+        if dst is None:
+            dst = self.b.buffer(op.conv.taps * channels, rows=op.vectors_per_item)
         self.b.emit(
             "im2col",
-            dst=cols,
+            dst=dst,
             src=codes,
-            params=self.b.constant(geometry.params()),
+            params=self.b.constant(op.conv.params(channels)),
             pad=op.input.zero_point,
         )
-        return cols, op.vectors_per_item
+        return dst
 
-    def _load_param(self, op: CimOp) -> int:
+    def _requantize_source(self, op: CimOp, columns=None, dst: int | None = None) -> int:
+        """The codes ``op`` reads, requantized from its producer's accumulator (only the
+        accumulator ``columns`` when given, into ``dst`` when given)."""
+        producer = self.region.ops[op.source[1]]
+        # The consumer's codes: the producer's quantize may be the wider container.
+        return emit_requant(
+            self.b,
+            self.accs[op.source[1]],
+            producer.out_features,
+            requantization(producer, op.input),
+            rows=producer.vectors_per_item,
+            columns=columns,
+            dst=dst,
+        )
+
+    def _param_tensor(self, op: CimOp) -> int:
+        """The program input holding the region parameter ``op`` reads (made once)."""
+        key = (op.source, op.input)
+        if key in self.tensors:
+            return self.tensors[key]
         index = op.source[1]
         shape, dtype = self.region.params[index]
-        if op.conv is not None:
-            width, rows, layout = op.conv.channels, op.conv.height * op.conv.width, "nchw"
-        else:
-            width, rows, layout = int(shape[-1]), 1, "flat"
+        width, rows, layout = self._param_layout(op, shape)
         real = dtype.startswith("float")
-        tensor = self.b.input(
+        self.tensors[key] = self.b.input(
             TensorDesc(
                 f"in{len(self.in_attrs)}",
                 width,
@@ -171,9 +190,70 @@ class _RegionLowering:
                 "quant": _codes_dict(op.input) if real else None,
             }
         )
+        return self.tensors[key]
+
+    @staticmethod
+    def _param_layout(op: CimOp, shape) -> tuple[int, int, str]:
+        """``(width, rows per item, layout)`` of a parameter in the program."""
+        if op.conv is not None:
+            return op.conv.channels, op.conv.height * op.conv.width, "nchw"
+        return int(shape[-1]), 1, "flat"
+
+    def _load_param(self, op: CimOp) -> int:
+        tensor = self._param_tensor(op)
+        width, rows, _ = self._param_layout(op, self.region.params[op.source[1]][0])
         buf = self.b.buffer(width, rows=rows)
         self.b.emit("load", dst=buf, dst_col=0, tensor=tensor, src_col=0, ncols=width)
         return buf
+
+    def _grouped(self, op: CimOp) -> int:
+        """A grouped convolution, set by set (see ``codegen.grouped``); its accumulator."""
+        b = self.b
+        sets = group_sets(op, b.arch)
+        tiled = [
+            TiledMatmul(
+                b,
+                weight_mapping(sets.weight(op.weight, s), op.w_bits, b.arch),
+                op.w_bits,
+                op.a_bits,
+                op.input.signed,
+            )
+            for s in range(sets.count)
+        ]
+        sums = CrossbarSums(
+            b,
+            op.out_features,
+            op.vectors_per_item,
+            sum(len(t.tiles) for t in tiled),
+            max(t.tile_width for t in tiled),
+        )
+        if sets.count == 1:  # every group in one tile: the whole image, unfolded once
+            tiled[0].emit(self._input_buffer(op)[0], sums)
+            return sums.total()
+        pool: dict[tuple, int] = {}
+        unfolded = [self._set_columns(op, sets, 0, pool)]
+        for s, t in enumerate(tiled):
+            if s + 1 < sets.count:  # unfold the next set while this one runs
+                unfolded.append(self._set_columns(op, sets, s + 1, pool))
+            t.emit(unfolded[s], sums, out_col=sets.outputs(s)[0])
+        return sums.total()
+
+    def _set_columns(self, op: CimOp, sets, s: int, pool: dict) -> int:
+        """Set ``s``'s channels in a buffer of their own, unfolded; returns the unfolded
+        buffer. Sets alternate between two pairs of buffers of each width."""
+        c0, c1 = sets.channels(s)
+        width, slot = c1 - c0, s % 2
+        image, cols = pool.get((slot, width), (None, None))
+        if image is None:
+            image = self.b.buffer(width, rows=op.conv.height * op.conv.width)
+            cols = self.b.buffer(op.conv.taps * width, rows=op.vectors_per_item)
+            pool[(slot, width)] = image, cols
+        if op.source[0] == "param":
+            tensor = self._param_tensor(op)
+            self.b.emit("load", dst=image, dst_col=0, tensor=tensor, src_col=c0, ncols=width)
+        else:
+            self._requantize_source(op, columns=(c0, c1), dst=image)
+        return self._im2col(op, image, width, dst=cols)
 
     def _store(self, j: int) -> None:
         op = self.region.ops[j]
@@ -192,7 +272,7 @@ class _RegionLowering:
             affine = None
         else:
             src = self.accs[j]
-            bits = accumulator_bits(op.in_features, op.w_bits, op.a_bits, op.input.signed)
+            bits = accumulator_bits(op.reduction_length, op.w_bits, op.a_bits, op.input.signed)
             desc = TensorDesc(f"out{len(self.out_attrs)}", n, f"int{bits}", bits, True, rows=rows)
             scale = None
             if op.weight_scale is not None and op.input.scale is not None:
@@ -216,7 +296,10 @@ class _RegionLowering:
 
 
 def _op_summary(op: CimOp, arch: CimArch) -> dict:
-    rows, cols = logical_shape(op.in_features, op.out_features, op.w_bits, arch)
+    if op.groups > 1:
+        rows, cols = group_sets(op, arch).logical_shape(op.w_bits, arch)
+    else:
+        rows, cols = logical_shape(op.in_features, op.out_features, op.w_bits, arch)
     return {
         "crossbar_rows": rows,
         "crossbar_cols": cols,
@@ -250,4 +333,5 @@ def lower_region(region: Region, arch: CimArch) -> Program:
                 f"{op.name}: weight codes {op.weight.min()}..{op.weight.max()} do not fit "
                 f"signed {op.w_bits} bits"
             )
+        check_block_diagonal(op)
     return _RegionLowering(region, arch).lower()

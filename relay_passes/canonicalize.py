@@ -1,10 +1,15 @@
 """Put graph idioms into the forms the pattern table matches.
 
 The ONNX frontend imports ``Clip`` with constant bounds as two opaque TIR calls
-(``maximum`` then ``minimum``, each bound guarded against NaN). Quantized models clip an
-activation to its code range right before ``QuantizeLinear``, so ``clips_from_min_max``
-turns such pairs back into ``R.clip(x, lo, hi)``, which the patterns see and LegalizeOps
-lowers as before.
+(``maximum`` then ``minimum``, each float bound guarded against NaN). Quantized models clip
+an activation to its code range right before ``QuantizeLinear``, and QCDQ exports
+(Brevitas, qonnx) state a width below 8 bits as an integer ``Clip`` of the 8-bit codes,
+weights and activations alike. ``clips_from_min_max`` turns such pairs back into
+``R.clip(x, lo, hi)``, which the patterns see and LegalizeOps lowers as before.
+
+A ``Flatten`` or ``Reshape`` between an activation's ``DequantizeLinear`` and the ``Gemm``
+reading it hides the dequantize from the patterns; ``reshapes_before_dequantize`` moves the
+reshape above the per-tensor quantize/clip/dequantize chain, where it changes nothing.
 
 Producers such as onnxruntime share one QuantizeLinear/DequantizeLinear pair among all
 readers of a tensor (a convolution and the residual ``Add`` beside it). A pattern cannot
@@ -58,13 +63,28 @@ class _ClipRewriter(relax.PyExprMutator):
         lower = upper and _tir_call(self.bindings.get(upper[0]), "maximum")
         if upper and lower:
             lo, hi = _constant(lower[1], self.bindings), _constant(upper[1], self.bindings)
-            dtype = str(binding.var.ty.dtype)
-            if lo is not None and hi is not None and dtype.startswith("float"):
+            bounds = _clip_bounds_of(lo, hi, str(binding.var.ty.dtype))
+            if bounds is not None:
                 x = self.visit_expr(lower[0])
-                clipped = relax.op.clip(x, lo, hi)
+                clipped = relax.op.clip(x, *bounds)
                 self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, clipped))
                 return
         super().visit_var_binding_(binding)
+
+
+def _clip_bounds_of(lo, hi, dtype: str):
+    """``R.clip`` bounds of constant min/max bounds on a ``dtype`` tensor, else None.
+
+    Float tensors keep float bounds; integer tensors get integer bounds, which is exact
+    only when both bounds are whole numbers (TIR compared them in the tensor's dtype).
+    """
+    if lo is None or hi is None:
+        return None
+    if dtype.startswith("float"):
+        return lo, hi
+    if dtype.startswith(("int", "uint")) and float(lo).is_integer() and float(hi).is_integer():
+        return int(lo), int(hi)
+    return None
 
 
 def _emit_like(builder, var, expr):
@@ -84,8 +104,85 @@ def _rewrite_functions(mod: tvm.IRModule, mutator) -> tvm.IRModule:
 
 
 def clips_from_min_max(mod: tvm.IRModule) -> tvm.IRModule:
-    """Rewrite ``minimum(maximum(x, lo), hi)`` TIR call pairs with constant bounds to ``clip``."""
+    """Rewrite ``minimum(maximum(x, lo), hi)`` TIR call pairs with constant bounds to
+    ``clip``, on float tensors and on integer codes."""
     return _rewrite_functions(mod, lambda mod, bindings, fn: _ClipRewriter(mod, bindings))
+
+
+#: Operators a reshape moves above: elementwise, with scalar parameters.
+_RESHAPE_COMMUTES = ("relax.dequantize", "relax.clip", "relax.quantize")
+
+
+def _per_tensor(call) -> bool:
+    """A ``clip``, or a ``(de)quantize`` with one scale and one zero point."""
+    if _op_name(call) == "relax.clip":
+        return True
+    return all(
+        len(getattr(arg.ty, "shape", None) or ()) == 0 or all(int(d) == 1 for d in arg.ty.shape)
+        for arg in call.args[1:3]
+    )
+
+
+def _elementwise_chain(data, bindings) -> list:
+    """The per-tensor dequantize/clip/quantize calls above ``data``, outermost first."""
+    chain = []
+    while isinstance(data, relax.Var) and data in bindings:
+        value = bindings[data]
+        if _op_name(value) not in _RESHAPE_COMMUTES or not _per_tensor(value):
+            break
+        chain.append(value)
+        data = value.args[0]
+    return chain
+
+
+def _rebuild(call, data):
+    """``call`` on new ``data``; a per-tensor (de)quantize drops its channel axis."""
+    name = _op_name(call)
+    if name == "relax.clip":
+        return relax.op.clip(data, call.args[1], call.args[2])
+    make = relax.op.quantize if name == "relax.quantize" else relax.op.dequantize
+    return make(data, call.args[1], call.args[2], axis=-1, out_dtype=str(call.attrs.out_dtype))
+
+
+@relax.expr_functor.mutator
+class _ReshapeMover(relax.PyExprMutator):
+    """Moves a reshape of dequantized activations above their per-tensor
+    quantize/clip/dequantize chain."""
+
+    def __init__(self, mod, bindings):
+        super().__init__(mod)
+        self.bindings = bindings
+
+    def visit_var_binding_(self, binding):
+        value = binding.value
+        chain = []
+        if _op_name(value) == "relax.reshape":
+            chain = _elementwise_chain(value.args[0], self.bindings)
+        source = chain[-1].args[0] if chain else None
+        if not chain or _op_name(chain[0]) != "relax.dequantize" or _constant_tensor(source):
+            super().visit_var_binding_(binding)
+            return
+        out = self.builder_.emit(relax.op.reshape(self.visit_expr(source), value.args[1]))
+        for call in reversed(chain[1:]):
+            out = self.builder_.emit(_rebuild(call, out))
+        moved = _rebuild(chain[0], out)
+        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, moved))
+
+
+def _constant_tensor(expr) -> bool:
+    """Constants (weights, biases) keep their own forms; only activations are moved."""
+    return isinstance(expr, tvm.ir.Constant)
+
+
+def reshapes_before_dequantize(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite ``reshape(dequantize(clip(quantize(x))))`` (each of quantize and clip
+    optional, all per tensor) to ``dequantize(clip(quantize(reshape(x))))``.
+
+    Exact: every moved operator works on each element alone with the same scalar
+    parameters, so it commutes with a reshape. Flatten imports as this reshape, and the
+    patterns then see the dequantize right before the matmul that reads it.
+    """
+    return _rewrite_functions(mod, lambda mod, bindings, fn: _ReshapeMover(mod, bindings))
 
 
 def clip_bounds(call) -> tuple[float, float]:
@@ -108,6 +205,73 @@ def clipped_code_range(lo: float, hi: float, scale: float, zero_point: int, dtyp
         if (qlo, qhi) == quant_range(bits, signed):
             return bits, signed
     return None
+
+
+def integer_code_range(lo: int, hi: int) -> tuple[int, bool, bool] | None:
+    """``(bits, signed, narrow)`` when integer clip bounds ``[lo, hi]`` are the full range
+    of ``bits``-wide codes, or their narrow range (signed ``[-(2**(b-1)-1), 2**(b-1)-1]``,
+    unsigned ``[0, 2**b-2]``, 2 bits or more), else None."""
+    from tvm_cim.core.quant import quant_range
+
+    for bits in range(1, 9):
+        for signed in (True, False):
+            qlo, qhi = quant_range(bits, signed)
+            if (lo, hi) == (qlo, qhi):
+                return bits, signed, False
+            narrow = (qlo + 1, qhi) if signed else (qlo, qhi - 1)
+            if bits >= 2 and (lo, hi) == narrow:
+                return bits, signed, True
+    return None
+
+
+#: Widths of weight codes the crossbars map.
+WEIGHT_CLIP_BITS = range(2, 9)
+
+
+def weight_clip_bits(lo: float, hi: float) -> int | None:
+    """The width integer weight codes clipped to ``[lo, hi]`` state: a signed full or
+    narrow code range of 2..8 bits; else None."""
+    if not (float(lo).is_integer() and float(hi).is_integer()):
+        return None
+    found = integer_code_range(int(lo), int(hi))
+    if found is None or not found[1] or found[0] not in WEIGHT_CLIP_BITS:
+        return None
+    return found[0]
+
+
+def quantized_code_range(
+    dtype: str, scale: float, zero_point: int, before=None, after=None
+) -> tuple[int, bool] | None:
+    """``(bits, signed)`` of the codes ``[clip(before) ->] quantize [-> clip(after)]``
+    gives, when they are exactly the full range of ``bits``-wide codes, else None.
+
+    ``before`` is a real-valued clip ahead of the quantize (see ``clipped_code_range``),
+    ``after`` an integer clip of its codes. A narrow range is None: the crossbars' inputs
+    and requantization clamp to full code ranges only, so a narrow one would not reproduce
+    the graph.
+    """
+    if after is None:
+        if before is None:
+            return _DTYPE_CODES.get(dtype)
+        return clipped_code_range(*before, scale, zero_point, dtype)
+    from tvm_cim.core.quant import quant_range, quantize
+
+    signed = dtype == "int8"
+    lo, hi = quant_range(8, signed)
+    if before is not None:
+        qlo, qhi = (int(v) for v in quantize(np.array(before), scale, zero_point, 8, signed))
+        lo, hi = max(lo, qlo), min(hi, qhi)
+    if not (float(after[0]).is_integer() and float(after[1]).is_integer()):
+        return None
+    lo, hi = max(lo, int(after[0])), min(hi, int(after[1]))
+    found = integer_code_range(lo, hi)
+    if found is None or found[2]:
+        return None
+    return found[0], found[1]
+
+
+#: The codes of an 8-bit dtype.
+_DTYPE_CODES = {"int8": (8, True), "uint8": (8, False)}
 
 
 def _op_name(expr) -> str | None:
@@ -142,7 +306,12 @@ class _PairCopier(relax.PyExprMutator):
     """Rebuilds every reader of a shared dequantize on its own [clip ->] quantize ->
     dequantize chain."""
 
-    _CHAIN = ("relax.dequantize", "relax.quantize", "relax.clip")
+    #: The chains a copy follows up from the dequantize: its codes' integer clip (QCDQ)
+    #: is optional, and so is the real-valued clip before the quantize.
+    _CHAINS = (
+        ("relax.dequantize", "relax.clip", "relax.quantize", "relax.clip"),
+        ("relax.dequantize", "relax.quantize", "relax.clip"),
+    )
 
     def __init__(self, mod, bindings, readers):
         super().__init__(mod)
@@ -153,13 +322,14 @@ class _PairCopier(relax.PyExprMutator):
             if _op_name(value) == "relax.dequantize" and readers.get(var, 0) > 1
         }
 
-    def _copy(self, var, depth: int = 0):
+    def _copy(self, var, path: tuple = ()):
         """A fresh binding computing ``var`` (and the rest of its chain)."""
         value = self.bindings.get(var)
-        if depth >= len(self._CHAIN) or _op_name(value) != self._CHAIN[depth]:
+        path = (*path, _op_name(value))
+        if not any(chain[: len(path)] == path for chain in self._CHAINS):
             return self.visit_expr(var)
         first = value.args[0]
-        source = self._copy(first, depth + 1) if isinstance(first, relax.Var) else first
+        source = self._copy(first, path) if isinstance(first, relax.Var) else first
         call = relax.Call(value.op, [source, *value.args[1:]], value.attrs, value.ty_args)
         return self.builder_.emit(call)
 

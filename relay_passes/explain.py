@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from tvm import relax
 
-from .patterns import CODE_DTYPES, FLOAT_DTYPES, anchor_reason, shape_reason
+from .patterns import (
+    CODE_DTYPES,
+    FLOAT_DTYPES,
+    activation_clip_reason,
+    anchor_reason,
+    shape_reason,
+    weight_clip_reason,
+)
 
 #: Operand dtypes some pattern form takes (the integer forms accumulate in int32).
 _FORM_DTYPES = {*FLOAT_DTYPES, *CODE_DTYPES, "int32"}
@@ -23,7 +30,28 @@ def _is_constant(expr, bindings) -> bool:
         return all(
             _is_constant(a, bindings) for a in expr.args if not isinstance(a, relax.ShapeExpr)
         )
+    if isinstance(expr, relax.Tuple):
+        return all(_is_constant(f, bindings) for f in expr.fields)
+    if isinstance(expr, relax.TupleGetItem):
+        return _is_constant(expr.tuple_value, bindings)
     return hasattr(expr, "value")
+
+
+#: Operators the quantized weight forms keep between the integer codes and the anchor;
+#: constant folding leaves every other computation of constants folded.
+_KEPT_WEIGHT_OPS = ("relax.dequantize", "relax.clip", "relax.astype", "relax.subtract")
+
+
+def _unfolded_reason(w, bindings) -> str | None:
+    """A weight still computed from constants by an operator folding could not evaluate."""
+    while isinstance(w, relax.Var) and w in bindings:
+        w = bindings[w]
+    if isinstance(w, relax.TupleGetItem):
+        w = bindings.get(w.tuple_value, w.tuple_value)
+    op = getattr(getattr(w, "op", None), "name", None)
+    if op is None or op in _KEPT_WEIGHT_OPS or op == "relax.permute_dims":
+        return None
+    return f"weights are computed from constants by {op}, which constant folding left"
 
 
 def unsupported_reason(call: relax.Call, block) -> str:
@@ -33,7 +61,9 @@ def unsupported_reason(call: relax.Call, block) -> str:
     reason = shape_reason(call)
     if reason is None and not _is_constant(w, bindings):
         reason = "weights are not constants"
-    reason = reason or anchor_reason(call)
+    reason = reason or _unfolded_reason(w, bindings)
+    reason = reason or anchor_reason(call) or weight_clip_reason(w, bindings)
+    reason = reason or activation_clip_reason(x, bindings)
     if reason is not None:
         return reason
     dtypes = {str(x.ty.dtype), str(w.ty.dtype)}

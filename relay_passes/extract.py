@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tvm import relax
 
-from tvm_cim.core.errors import CimError
+from tvm_cim.core.errors import CimError, InternalCompilerError, UnsupportedOperator
 
 from ..codegen.layers import CimOp, Codes, ConvGeometry, Region
-from .canonicalize import clip_bounds, clipped_code_range
-from .partition import operator_name
+from .canonicalize import clip_bounds, clipped_code_range, quantized_code_range, weight_clip_bits
+from .partition import anchor_names, operator_name
 
 # ------------------------------------------------------------------ symbolic values
 
@@ -33,6 +33,8 @@ class _Dequantized:
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int
+    #: Bounds of the integer clip the codes passed through, which states their width.
+    clip: tuple[float, float] | None = None
 
     def real(self) -> np.ndarray:
         shape = [1] * self.codes.ndim
@@ -52,6 +54,14 @@ class _Activation:
     dtype: str
     codes: Codes | None = None
     clip: tuple[float, float] | None = None
+
+
+@dataclass
+class _ClippedCodes:
+    """Constant integer codes after an integer clip, with the clip's bounds."""
+
+    codes: np.ndarray
+    bounds: tuple[float, float]
 
 
 @dataclass
@@ -85,6 +95,8 @@ class _CompositeReader:
         for param, src in zip(fn.params, sources):
             self.env[param] = _Activation(src, _shape(param), str(param.ty.dtype))
         self.op: CimOp | None = None
+        #: ``(dtype, real clip before it or None)`` of each ``quantize`` in the composite.
+        self.quantized: dict = {}
 
     def read(self) -> CimOp:
         for block in self.fn.body.blocks:
@@ -116,6 +128,8 @@ class _CompositeReader:
     # constant folding and activation tracking
     def op_reshape(self, call, args, var):
         data, shape = args
+        if isinstance(data, _ClippedCodes):
+            data = data.codes
         if isinstance(data, _Dequantized):
             data = data.real()
         if not isinstance(data, np.ndarray):
@@ -127,9 +141,7 @@ class _CompositeReader:
         axes = None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
         if isinstance(data, _Dequantized):
             axes = axes or list(range(data.codes.ndim))[::-1]
-            return _Dequantized(
-                np.transpose(data.codes, axes), data.scale, data.zero_point, axes.index(data.axis)
-            )
+            return replace(data, codes=np.transpose(data.codes, axes), axis=axes.index(data.axis))
         return np.transpose(data, axes)
 
     def op_astype(self, call, args, var):
@@ -154,10 +166,13 @@ class _CompositeReader:
     def op_dequantize(self, call, args, var):
         data, scale, zp = args
         axis = int(call.attrs.axis)
+        bounds = None
+        if isinstance(data, _ClippedCodes):
+            data, bounds = data.codes, data.bounds
         if isinstance(data, np.ndarray):
             axis = axis % data.ndim
             return _Dequantized(
-                data.astype(np.int64), np.asarray(scale, np.float32), np.asarray(zp), axis
+                data.astype(np.int64), np.asarray(scale, np.float32), np.asarray(zp), axis, bounds
             )
         bits, signed = _bits_of(data.dtype)
         if data.codes is not None:  # quantized inside this region: keep its code width
@@ -172,17 +187,30 @@ class _CompositeReader:
 
     # the operator itself
     def op_matmul(self, call, args, var):
-        return self._anchor(call, args, var, "dense")
+        return self._stated_width(self._anchor(call, args, var, "dense"), args[1])
 
     def op_conv2d(self, call, args, var):
-        return self._anchor(call, args, var, "conv2d")
+        return self._stated_width(self._anchor(call, args, var, "conv2d"), args[1])
+
+    def _stated_width(self, op: CimOp, w) -> CimOp:
+        """``op`` with the weight width an integer clip of its codes states."""
+        if isinstance(w, _Dequantized) and w.clip is not None:
+            op.w_bits = weight_clip_bits(*w.clip)
+            if op.w_bits is None:
+                lo, hi = w.clip
+                raise CimError(
+                    f"{op.name}: its weight codes pass through an integer clip "
+                    f"[{lo:g}, {hi:g}] that is not a signed code range of 2..8 bits"
+                )
+        return op
 
     def _anchor(self, call, args, var, kind):
         x, w = args
         if x.codes is None and _bits_of(x.dtype)[0]:  # integer codes used as they are
             x = _Activation(x.source, x.shape, x.dtype, Codes(*_bits_of(x.dtype), None, 0))
         name = operator_name(call) or var.name
-        weight, scale = _weight_matrix(w, kind, name)
+        groups = int(call.attrs.groups) if kind == "conv2d" else 1
+        weight, scale = _weight_matrix(w, kind, name, groups)
         self.op = CimOp(
             name=name,
             kind=kind,
@@ -219,9 +247,24 @@ class _CompositeReader:
     def op_clip(self, call, args, var):
         value = args[0]
         bounds = clip_bounds(call)
+        if isinstance(value, np.ndarray):  # constant codes: the clip states their width
+            return _ClippedCodes(np.clip(value, *bounds).astype(value.dtype), bounds)
+        if call.args[0] in self.quantized and isinstance(value, _Activation):
+            return replace(value, codes=self._clipped_codes(call, value.codes, bounds))
+        if call.args[0] in self.quantized:  # the codes of the operator's own quantize
+            value.output = self._clipped_codes(call, value.output, bounds)
+            return value
         if isinstance(value, _Activation):
             return replace(value, clip=bounds)
         return _Clipped(value, bounds)
+
+    def _clipped_codes(self, call, codes: Codes, bounds) -> Codes:
+        """``codes`` (of a ``quantize`` in this region) after an integer clip."""
+        dtype, before = self.quantized[call.args[0]]
+        found = quantized_code_range(dtype, codes.scale, codes.zero_point, before, bounds)
+        if found is None:  # the pattern check made sure it cuts at a code range
+            raise CimError(f"{self.name}: codes clipped to {bounds} are not a full code range")
+        return replace(codes, bits=found[0], signed=found[1])
 
     def op_relu(self, call, args, var):
         (op,) = args
@@ -241,6 +284,7 @@ class _CompositeReader:
             clip = value.clip
         if clip is not None:  # the pattern check made sure it cuts at a code range
             bits, signed = clipped_code_range(*clip, scale, zp, dtype)
+        self.quantized[var] = (dtype, clip)
         codes = Codes(bits, signed, scale, zp)
         if isinstance(value, _Activation):  # quantized on the host from real values
             return _Activation(value.source, value.shape, dtype, codes)
@@ -248,10 +292,12 @@ class _CompositeReader:
         return value
 
 
-def _weight_matrix(w, kind: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _weight_matrix(
+    w, kind: str, name: str, groups: int = 1
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``([K, N] weight, [N] scale or None)`` of a constant or dequantized weight."""
     if not isinstance(w, _Dequantized):
-        return _as_matrix(w, kind), None
+        return _as_matrix(w, kind, groups), None
     out_axis = 0 if kind == "conv2d" else 1
     if np.any(w.zero_point != 0):
         raise CimError(f"{name}: weights with a nonzero zero point are not supported")
@@ -259,7 +305,7 @@ def _weight_matrix(w, kind: str, name: str) -> tuple[np.ndarray, np.ndarray | No
         raise CimError(f"{name}: weight scales must be per output channel")
     n = w.codes.shape[out_axis]
     scale = np.broadcast_to(w.scale.reshape(-1), (n,)).astype(np.float32)
-    return _as_matrix(w.codes, kind), scale
+    return _as_matrix(w.codes, kind, groups), scale
 
 
 def _geometry(call: relax.Call, in_shape: tuple[int, ...], weight) -> ConvGeometry:
@@ -275,15 +321,38 @@ def _geometry(call: relax.Call, in_shape: tuple[int, ...], weight) -> ConvGeomet
         strides=tuple(int(s) for s in a.strides),
         padding=tuple(int(p) for p in a.padding),
         dilation=tuple(int(d) for d in a.dilation),
+        groups=int(a.groups),
     )
 
 
-def _as_matrix(weight: np.ndarray, kind: str) -> np.ndarray:
-    """Dense weights stay ``[K, N]``; OIHW convolution weights become ``[KH*KW*C, O]``."""
+def _as_matrix(weight: np.ndarray, kind: str, groups: int = 1) -> np.ndarray:
+    """Dense weights stay ``[K, N]``; OIHW convolution weights become ``[KH*KW*C, O]``.
+
+    A grouped weight (``[O, C/groups, KH, KW]``) becomes the block-diagonal matrix of all
+    ``C`` channels: zero where an output's group does not read the channel.
+    """
     if kind == "dense":
         return np.ascontiguousarray(weight)
-    o = weight.shape[0]
-    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)).reshape(-1, o))
+    o, cg, kh, kw = weight.shape
+    taps = np.transpose(weight, (2, 3, 1, 0))  # KH, KW, C/groups, O
+    if groups == 1:
+        return np.ascontiguousarray(taps.reshape(-1, o))
+    og = o // groups
+    full = np.zeros((kh, kw, groups, cg, groups, og), dtype=weight.dtype)
+    blocks = taps.reshape(kh, kw, cg, groups, og)
+    for g in range(groups):
+        full[:, :, g, :, g, :] = blocks[:, :, :, g, :]
+    return full.reshape(kh * kw * groups * cg, o)
+
+
+def _read_composite(fn: relax.Function, sources: list, region: str) -> CimOp:
+    """One composite's operator; a failure names the operators of the composite."""
+    try:
+        return _CompositeReader(fn, sources, region).read()
+    except CimError as exc:
+        raise UnsupportedOperator(str(exc), anchor_names(fn)) from exc
+    except Exception as exc:
+        raise InternalCompilerError(exc, "reading", anchor_names(fn)) from exc
 
 
 def read_region(name: str, fn: relax.Function) -> Region:
@@ -300,7 +369,7 @@ def read_region(name: str, fn: relax.Function) -> Region:
                 continue
             if isinstance(value, relax.Call) and value.op in local_fns:
                 sources = [env[a] for a in value.args]
-                op = _CompositeReader(local_fns[value.op], sources, name).read()
+                op = _read_composite(local_fns[value.op], sources, name)
                 region.ops.append(op)
                 env[binding.var] = ("op", len(region.ops) - 1)
             elif isinstance(value, relax.Var):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import tvm
 from tvm import relax
 
-from .canonicalize import clips_from_min_max, dedicated_qdq_pairs
+from .canonicalize import clips_from_min_max, dedicated_qdq_pairs, reshapes_before_dequantize
+from .fold import fold_constants
 from .patterns import ANCHORS, cim_patterns
 
 _build_ids = itertools.count()
@@ -32,6 +33,21 @@ def operator_name(call: relax.Call) -> str | None:
     if text and str(text).startswith(OPERATOR_SPAN_PREFIX):
         return str(text)[len(OPERATOR_SPAN_PREFIX) :]
     return None
+
+
+def anchor_names(fn: relax.Function) -> list[str]:
+    """The names of the anchor operators inside ``fn`` and its local functions."""
+    found: list[str] = []
+
+    @relax.expr_functor.visitor
+    class _Anchors(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            super().visit_call_(call)
+            if getattr(call.op, "name", None) in ANCHORS:
+                found.append(operator_name(call) or str(call.op.name))
+
+    _Anchors().visit_expr(fn)
+    return found
 
 
 @relax.expr_functor.mutator
@@ -98,11 +114,17 @@ def offloaded_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax
     return [(gv, found[gv]) for gv in order]
 
 
-def partition(mod: tvm.IRModule, names: Sequence[str] | None = None) -> tvm.IRModule:
-    """Name operators, fuse the table's matches and merge them into ``cim`` functions."""
-    mod = dedicated_qdq_pairs(clips_from_min_max(name_operators(mod, names)))
+def partition(
+    mod: tvm.IRModule, names: Sequence[str] | None = None, refused: Collection[str] = ()
+) -> tvm.IRModule:
+    """Name operators, fuse the table's matches and merge them into ``cim`` functions.
+
+    Operators named in ``refused`` stay on the CPU whatever the table says.
+    """
+    mod = clips_from_min_max(name_operators(mod, names))
+    mod = fold_constants(dedicated_qdq_pairs(reshapes_before_dequantize(mod)))
     mod = relax.transform.FuseOpsByPattern(
-        cim_patterns(), bind_constants=True, annotate_codegen=False
+        _refusing(cim_patterns(), set(refused)), bind_constants=True, annotate_codegen=False
     )(mod)
     mod = relax.transform.MergeCompositeFunctions()(mod)
     build = next(_build_ids)
@@ -110,6 +132,25 @@ def partition(mod: tvm.IRModule, names: Sequence[str] | None = None) -> tvm.IRMo
         symbol = re.sub(r"\W", "_", str(fn.attrs["global_symbol"]))
         mod[gv] = fn.with_attr("global_symbol", f"{symbol}_b{build}")
     return mod
+
+
+def _refusing(patterns: list, refused: set[str]) -> list:
+    """``patterns`` with checks that also refuse the anchors named in ``refused``."""
+    if not refused:
+        return patterns
+
+    def guarded(check):
+        def guarded_check(ctx) -> bool:
+            return operator_name(ctx.annotated_expr["anchor"]) not in refused and check(ctx)
+
+        return guarded_check
+
+    return [
+        relax.transform.FusionPattern(
+            p.name, p.pattern, dict(p.annotation_patterns), guarded(p.check)
+        )
+        for p in patterns
+    ]
 
 
 @relax.expr_functor.mutator

@@ -42,7 +42,9 @@ def _const_or_reshaped():
 
 
 def _dequantized_const():
-    return is_op("relax.dequantize")(is_const(), is_const(), is_const())
+    # Constant codes, or constant codes through an integer clip that states their width.
+    codes = is_const() | is_op("relax.clip")(is_const(), wildcard(), wildcard())
+    return is_op("relax.dequantize")(codes, is_const(), is_const())
 
 
 def _int_operand(source):
@@ -60,9 +62,10 @@ def _operands(form: str, kind: str):
         if kind == "dense":
             w = w | is_op("relax.permute_dims")(is_const())
     elif form == "qdq":
-        # The activation's own quantize (after an optional clip) when no producer took it.
+        # The activation's own quantize (after an optional clip, and before an optional
+        # integer clip of its codes) when no producer took it.
         leading = is_op("relax.quantize")(_clipped(wildcard()), is_const(), is_const())
-        x = is_op("relax.dequantize")(leading | wildcard(), is_const(), is_const())
+        x = is_op("relax.dequantize")(_clipped(leading) | wildcard(), is_const(), is_const())
         w = _dequantized_const()
         if kind == "dense":
             w = w | is_op("relax.permute_dims")(_dequantized_const())
@@ -74,8 +77,9 @@ def _operands(form: str, kind: str):
     return x, w
 
 
-def make_pattern(form: str, kind: str, relu: bool, quantize: bool):
-    """``(pattern, annotations)`` of one table entry."""
+def make_pattern(form: str, kind: str, relu: bool, quantize: bool, code_clip: bool = False):
+    """``(pattern, annotations)`` of one table entry; ``code_clip`` takes an integer clip of
+    the output codes as well."""
     x, w = _operands(form, kind)
     op = "relax.matmul" if kind == "dense" else "relax.nn.conv2d"
     anchor = is_op(op)(x, w)
@@ -92,6 +96,9 @@ def make_pattern(form: str, kind: str, relu: bool, quantize: bool):
     if quantize:
         out = is_op("relax.quantize")(_clipped(out), is_const(), is_const())
         annotations["output"] = out
+        if code_clip:  # the codes' own width, as an integer clip after the quantize
+            out = is_op("relax.clip")(out, wildcard(), wildcard())
+            annotations["output_clip"] = out
     return out, annotations
 
 
@@ -111,12 +118,20 @@ def shape_reason(anchor) -> str | None:
 
 
 def conv_layout_reason(anchor) -> str | None:
-    """One crossbar matmul per output pixel: NCHW/OIHW, no groups (depthwise stays on CPU)."""
+    """One crossbar matmul per output pixel and group set: NCHW/OIHW, groups that split
+    the input and output channels evenly (grouped and depthwise convolutions included)."""
     if anchor.op.name != "relax.nn.conv2d":
         return None
     a = anchor.attrs
-    if int(a.groups) != 1:
-        return f"grouped convolution (groups={int(a.groups)}) is not mapped"
+    groups = int(a.groups)
+    if groups != 1 and (str(a.data_layout), str(a.kernel_layout)) == ("NCHW", "OIHW"):
+        channels = int(anchor.args[0].ty.shape[1])
+        outputs = int(anchor.args[1].ty.shape[0])
+        if groups < 1 or channels % groups or outputs % groups:
+            return (
+                f"grouped convolution (groups={groups}) does not split {channels} input "
+                f"and {outputs} output channels evenly"
+            )
     if (str(a.data_layout), str(a.kernel_layout)) != ("NCHW", "OIHW"):
         return f"layout {a.data_layout}/{a.kernel_layout} is not NCHW/OIHW"
     if str(a.out_layout) != "NCHW":
@@ -142,8 +157,11 @@ def dimension_reason(anchor) -> str | None:
     if anchor.op.name == "relax.matmul":
         k, n = w_shape
     else:
-        n, c, kh, kw = w_shape
+        n, c, kh, kw = w_shape  # c: the channels of one group
         k = c * kh * kw
+        channels = int(anchor.args[0].ty.shape[1])
+        if channels > MAX_COLUMNS:
+            return f"{channels} input channels exceed {MAX_COLUMNS} columns"
     if k > MAX_COLUMNS or n > MAX_COLUMNS:
         return f"weight matrix {k}x{n} exceeds {MAX_COLUMNS} rows or columns"
     return None
@@ -209,28 +227,103 @@ def _check_qdq_codes(ctx: PatternCheckContext) -> bool:
 
 
 def _check_clip_alignment(ctx: PatternCheckContext) -> bool:
-    # A clip before a quantize must cut exactly at a code range: then the codes are that
-    # narrower width (a ReLU6-like clip stays on the CPU instead).
-    from .canonicalize import clip_bounds, clipped_code_range
+    # A clip before a quantize must cut exactly at a code range, and so must an integer
+    # clip of its codes: then the codes are that narrower width (a ReLU6-like clip, or a
+    # narrow code range, stays on the CPU instead).
+    from .canonicalize import clip_bounds, quantized_code_range
 
-    quantizes = [ctx.annotated_expr.get("output")]
-    x = ctx.annotated_expr["input"]
-    source = ctx.matched_bindings.get(x.args[0], x.args[0])
-    if getattr(getattr(source, "op", None), "name", None) == "relax.quantize":
-        quantizes.append(source)
-    for q in quantizes:
-        if q is None:
-            continue
-        clip = ctx.matched_bindings.get(q.args[0], q.args[0])
-        if getattr(getattr(clip, "op", None), "name", None) != "relax.clip":
+    for q, after in _quantized_codes(ctx):
+        before = ctx.matched_bindings.get(q.args[0], q.args[0])
+        before = before if _op_is(before, "relax.clip") else None
+        if before is None and after is None:
             continue
         scale, zp = (a.value.numpy() for a in q.args[1:3])
         if scale.size != 1 or zp.size != 1:
             return False
-        lo, hi = clip_bounds(clip)
-        if clipped_code_range(lo, hi, float(scale), int(zp), str(q.ty.dtype)) is None:
+        bounds = (clip_bounds(c) if c is not None else None for c in (before, after))
+        if quantized_code_range(str(q.ty.dtype), float(scale), int(zp), *bounds) is None:
             return False
     return True
+
+
+def _op_is(expr, name: str) -> bool:
+    return getattr(getattr(expr, "op", None), "name", None) == name
+
+
+def _quantized_codes(ctx: PatternCheckContext) -> list:
+    """``(quantize, integer clip of its codes or None)`` of the match's output and of its
+    activation operand, where the match quantizes them."""
+    found = []
+    if ctx.annotated_expr.get("output") is not None:
+        found.append((ctx.annotated_expr["output"], ctx.annotated_expr.get("output_clip")))
+    x = ctx.annotated_expr["input"]
+    source = ctx.matched_bindings.get(x.args[0], x.args[0])
+    after = None
+    if _op_is(source, "relax.clip"):
+        after, source = source, ctx.matched_bindings.get(source.args[0], source.args[0])
+    if _op_is(source, "relax.quantize"):
+        found.append((source, after))
+    return found
+
+
+def weight_clip(weight, bindings) -> tuple | None:
+    """The integer clip the weight operand's constant codes pass through, else None."""
+    expr = weight
+    while True:
+        expr = bindings.get(expr, expr)
+        if _op_is(expr, "relax.clip"):
+            return expr
+        if not any(_op_is(expr, n) for n in ("relax.permute_dims", "relax.dequantize")):
+            return None
+        expr = expr.args[0]
+
+
+def weight_clip_reason(weight, bindings) -> str | None:
+    """Why an integer clip of the weight codes states no width the crossbars map."""
+    from .canonicalize import clip_bounds, weight_clip_bits
+
+    clip = weight_clip(weight, bindings)
+    if clip is None:
+        return None
+    lo, hi = clip_bounds(clip)
+    if weight_clip_bits(lo, hi) is None:
+        return (
+            f"weight codes pass through an integer clip [{lo:g}, {hi:g}] that is not a "
+            "signed code range of 2..8 bits"
+        )
+    return None
+
+
+def activation_clip_reason(x, bindings) -> str | None:
+    """Why an integer clip of the activation codes ``x`` dequantizes states no width the
+    crossbars take exactly (a narrow or partial code range), else None."""
+    from .canonicalize import clip_bounds, quantized_code_range
+
+    dq = bindings.get(x, x)
+    clip = bindings.get(dq.args[0], dq.args[0]) if _op_is(dq, "relax.dequantize") else None
+    q = bindings.get(clip.args[0], clip.args[0]) if _op_is(clip, "relax.clip") else None
+    if not _op_is(q, "relax.quantize"):
+        return None
+    scale, zp = (getattr(a, "value", None) for a in q.args[1:3])
+    if not (hasattr(scale, "numpy") and hasattr(zp, "numpy")):
+        return None
+    scale, zp = scale.numpy(), zp.numpy()
+    if scale.size != 1 or zp.size != 1:
+        return None
+    before = bindings.get(q.args[0], q.args[0])
+    before = clip_bounds(before) if _op_is(before, "relax.clip") else None
+    lo, hi = clip_bounds(clip)
+    if quantized_code_range(str(q.ty.dtype), float(scale), int(zp), before, (lo, hi)) is None:
+        return (
+            f"activation codes are clipped to [{lo:g}, {hi:g}], not the full range of a code "
+            "width (crossbar inputs clamp to full ranges only)"
+        )
+    return None
+
+
+def _check_weight_clip(ctx: PatternCheckContext) -> bool:
+    # Clipped weight codes have the width the clip states, which must be one of ours.
+    return weight_clip_reason(ctx.annotated_expr["weight"], ctx.matched_bindings) is None
 
 
 def _check_self_contained(ctx: PatternCheckContext) -> bool:
@@ -249,7 +342,7 @@ def _check_self_contained(ctx: PatternCheckContext) -> bool:
 
 _FORM_CHECKS = {
     "float": (_check_float_dtypes,),
-    "qdq": (_check_qdq_codes, _check_clip_alignment),
+    "qdq": (_check_qdq_codes, _check_clip_alignment, _check_weight_clip),
     "int": (_check_int_dtypes,),
 }
 
@@ -270,14 +363,18 @@ def pattern_entries() -> list[tuple]:
     for form in ("float", "int", "qdq"):
         prefix = "cim." if form == "float" else f"cim.{form}."
         for kind in ("dense", "conv2d"):
-            variants = [(False, False)]
+            variants = [(False, False, False)]
             if form != "int":
-                variants += [(True, False)]
+                variants += [(True, False, False)]
             if form == "qdq":
-                variants += [(False, True), (True, True)]
-            for relu, quantize in variants:
+                variants += [(False, True, False), (True, True, False)]
+                # Above the plain quantize forms, so that they take the clip of the codes.
+                variants += [(False, True, True), (True, True, True)]
+            for relu, quantize, code_clip in variants:
                 name = prefix + kind + ("_relu" if relu else "") + ("_quantize" if quantize else "")
-                entries.append((name, *make_pattern(form, kind, relu, quantize), _checker(form)))
+                name += "_clip" if code_clip else ""
+                pattern = make_pattern(form, kind, relu, quantize, code_clip)
+                entries.append((name, *pattern, _checker(form)))
     return entries
 
 

@@ -2,7 +2,7 @@
 
 Two small ONNX models are built with ``onnx.helper``: a QDQ MLP (QuantizeLinear and
 DequantizeLinear around a MatMul and a Gemm with per-channel int8 weights) and a float
-CNN (Conv, a depthwise Conv that stays on the CPU, MaxPool, Flatten, Gemm) calibrated from
+CNN (Conv, a depthwise Conv, MaxPool, Flatten, Gemm) calibrated from
 an ``.npz``. Most commands run in-process through ``main``; ``run`` and one error also
 run as fresh processes.
 """
@@ -31,7 +31,7 @@ from tvm_cim.compiler.frontend import load_onnx  # noqa: E402
 from tvm_cim.sim.program import Program  # noqa: E402
 
 QDQ_NAMES = ["fc1", "/fc2/Gemm"]
-CONV_NAMES = ["conv1", "head"]
+CONV_NAMES = ["conv1", "dwconv", "head"]
 Y_SCALE = 0.05  # output quantization step of the QDQ model
 
 
@@ -209,14 +209,14 @@ def test_inspect_lists_onnx_node_names(files, capsys):
     assert "on the CPU (0):" in result.out
 
 
-def test_inspect_shows_cpu_operators_with_reason(files, capsys):
+def test_inspect_lists_a_float_model_depthwise_included(files, capsys):
     result = _main(capsys, "inspect", files["cnn"])
     assert result.status == 0, result.err
     rows = [line.split() for line in result.out.splitlines() if line[:3].strip().isdigit()]
     assert [r[1] for r in rows] == CONV_NAMES
-    assert [r[3] for r in rows] == ["float", "float"]
-    assert "on the CPU (1):" in result.out
-    assert "dwconv (conv2d): grouped convolution (groups=4)" in result.out
+    assert [r[2] for r in rows] == ["conv2d", "conv2d", "dense"]
+    assert [r[3] for r in rows] == ["float", "float", "float"]
+    assert "on the CPU (0):" in result.out
 
 
 def test_inspect_dynamic_input_with_shape(files, capsys):
@@ -224,6 +224,35 @@ def test_inspect_dynamic_input_with_shape(files, capsys):
     assert result.status == 0, result.err
     assert "input x: [4, 16] float32" in result.out
     assert "[4, 16] -> [4, 32]" in result.out
+
+
+def test_inspect_lists_operators_the_compiler_failed_on(files, capsys, monkeypatch):
+    import tvm_cim.compiler.plan as plan_module
+
+    def broken(name, fn):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(plan_module, "read_region", broken)
+    result = _main(capsys, "inspect", files["qdq"])
+    assert result.status == 0, result.err
+    assert "offloaded operators (0, in offload order):" in result.out
+    for name in QDQ_NAMES:
+        assert f"{name} (dense): internal compiler error while reading" in result.out
+
+
+def test_compile_exits_3_naming_the_nodes_for_a_compiler_bug(files, capsys, monkeypatch, tmp_path):
+    import tvm_cim.compiler.plan as plan_module
+
+    def broken(region, arch):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(plan_module, "lower_region", broken)
+    result = _main(capsys, "compile", files["qdq"], "-o", tmp_path / "m.so")
+    assert result.status == 3
+    assert result.err == (
+        "tvm-cim: error: internal compiler error while lowering fc1, /fc2/Gemm: "
+        "IndexError: list index out of range\n"
+    )
 
 
 # ------------------------------------------------------------------------- compile
@@ -306,8 +335,7 @@ def test_compile_float_model_with_calibration(files, capsys, tmp_path):
     assert result.status == 0, result.err
     report = json.loads(report_path.read_text())
     assert [layer["name"] for layer in report["layers"]] == CONV_NAMES
-    assert [c["name"] for c in report["cpu_operators"]] == ["dwconv"]
-    assert "on CPU: dwconv (conv2d)" in result.out
+    assert report["cpu_operators"] == []
 
     out_dir = tmp_path / "out"
     result = _main(capsys, "run", so, "--input", f"img={files['img']}", "--output-dir", out_dir)

@@ -74,12 +74,16 @@ def residual_block(rng, batch=2, ch=4):
 
 
 def mixed_unsupported(rng, batch=2):
-    """A depthwise convolution, a matmul of two activations and a sigmoid next to a dense."""
-    wd = rng.standard_normal((4, 1, 3, 3)).astype("float32")
+    """An NHWC convolution, a matmul of two activations and a sigmoid next to a dense."""
+    wd = rng.standard_normal((3, 3, 4, 4)).astype("float32")
     wf = rng.standard_normal((64, 8)).astype("float32") / 8
 
     def body(bb, x, y):
-        h = bb.emit(R.nn.conv2d(x, c(wd), padding=1, groups=4))
+        h = bb.emit(
+            R.nn.conv2d(
+                x, c(wd), padding=1, data_layout="NHWC", kernel_layout="HWIO", out_layout="NHWC"
+            )
+        )
         h = bb.emit(R.sigmoid(h))
         f = bb.emit(R.reshape(h, (batch, 64)))
         d = bb.emit(R.matmul(f, c(wf)))

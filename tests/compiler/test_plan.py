@@ -91,7 +91,7 @@ def test_cpu_reasons_come_from_the_pattern_checks(rng):
     assert plan.names == ["dense_1"]
     reasons = {entry["name"]: entry["reason"] for entry in plan.cpu}
     assert reasons == {
-        "conv2d_0": "grouped convolution (groups=4) is not mapped",
+        "conv2d_0": "layout NHWC/HWIO is not NCHW/OIHW",
         "dense_2": "weights are not constants",
     }
 

@@ -21,14 +21,14 @@ from typing import Literal
 
 import numpy as np
 
-from tvm_cim.core.errors import CimError
+from tvm_cim.core.errors import CimError, InternalCompilerError
 
 EXIT_OK = 0
 #: A malformed command line (argparse's own status for it).
 EXIT_USAGE = 2
 #: Input the program refuses: a ``CimError`` (a bad model, program, arch or file).
 EXIT_INVALID = 2
-#: Anything else: a bug, reported as one line all the same.
+#: Anything else: a bug (``InternalCompilerError`` among them), one line all the same.
 EXIT_UNEXPECTED = 3
 #: The reader of the output went away (``cim-sim disasm p.bin | head``).
 EXIT_BROKEN_PIPE = 1
@@ -130,6 +130,8 @@ class Cli:
             return self.fail(str(exc), EXIT_USAGE)
         except CimError as exc:
             return self.fail(str(exc) or type(exc).__name__, EXIT_INVALID)
+        except InternalCompilerError as exc:  # names the operators: no "unexpected" prefix
+            return self.fail(str(exc), EXIT_UNEXPECTED)
         except Exception as exc:
             return self.fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
 

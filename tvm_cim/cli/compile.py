@@ -218,7 +218,9 @@ def inspect_model(args: argparse.Namespace) -> int:
     from tvm_cim.compiler.frontend import main_inputs
     from tvm_cim.compiler.plan import plan_for_cim
 
-    plan = plan_for_cim(mod, arch=arch, precision=args.precision, names=names)
+    plan = plan_for_cim(
+        mod, arch=arch, precision=args.precision, names=names, internal_errors="cpu"
+    )
     ops = [(gv.name_hint, op) for gv, region in plan.regions for op in region.ops]
     bits = plan.bits
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -27,11 +27,12 @@ from tvm_cim.codegen.region import lower_region
 from tvm_cim.compiler.report import CompileReport, cpu_operators, operator_reports
 from tvm_cim.compiler.runtime import RUNTIME_FUNCTION
 from tvm_cim.core.arch import CimArch
-from tvm_cim.core.errors import CimError
+from tvm_cim.core.errors import CimError, InternalCompilerError, UnsupportedOperator
 from tvm_cim.core.precision import Bits, Precision
 from tvm_cim.relay_passes.calibrate import calibrate
 from tvm_cim.relay_passes.extract import read_region
 from tvm_cim.relay_passes.partition import (
+    anchor_names,
     call_packed,
     offloaded_functions,
     partition,
@@ -61,8 +62,20 @@ def lower(region: Region, bits: Bitwidths, ranges: Ranges | None, arch: CimArch)
     """Quantize one region as read and lower it to its crossbar program.
 
     ``ranges`` None lowers for cost only (placeholder weights, same instruction stream).
+
+    Raises
+    ------
+    CimError
+        The region's operators ask for what the crossbars cannot do (widths, ranges).
+    InternalCompilerError
+        Anything else failed: a bug, reported with the region's operator names.
     """
-    return lower_region(quantize_region(region, bits, ranges), arch)
+    try:
+        return lower_region(quantize_region(region, bits, ranges), arch)
+    except CimError:
+        raise
+    except Exception as exc:
+        raise InternalCompilerError(exc, "lowering", [op.name for op in region.ops]) from exc
 
 
 @dataclass
@@ -98,10 +111,13 @@ class CimPlan:
     def names(self) -> list[str]:
         return [op.name for op in self.operators]
 
+    #: Operators the region reader refused, with its reason; they run on the CPU.
+    refused: dict[str, str] = field(default_factory=dict)
+
     @cached_property
     def cpu(self) -> list[dict]:
         """Dense and convolution operators left on the CPU, with the reason."""
-        return cpu_operators(self.module)
+        return cpu_operators(self.module, self.refused)
 
     def resolve(self, precision) -> Bitwidths:
         """Widths per operator of another precision config (see ``tvm_cim.core.precision``;
@@ -171,6 +187,7 @@ def plan_for_cim(
     arch: CimArch | str | None = None,
     precision=None,
     names: Sequence[str] | None = None,
+    internal_errors: str = "raise",
 ) -> CimPlan:
     """Partition ``mod`` for ``cim``, read its regions and resolve ``precision``, once.
 
@@ -187,26 +204,68 @@ def plan_for_cim(
         operators and the stated codes for quantized ones.
     names
         Operator names in binding order (``tvm_cim.compiler.frontend`` passes ONNX node names).
+    internal_errors
+        ``"raise"``: a failure of the region reader that is a bug raises an
+        ``InternalCompilerError``; ``"cpu"``: those operators stay on the CPU with the
+        error as their reason (``tvm-cim inspect`` lists every operator whatever happens).
+        A region the reader refuses with a ``CimError`` goes back to the CPU either way.
 
     Raises
     ------
     CimError
         A dynamic input shape, or a precision naming no offloaded operator or giving the
         wrong number of entries.
+    InternalCompilerError
+        Partitioning or (with ``internal_errors="raise"``) reading a region failed.
     """
+    if internal_errors not in ("raise", "cpu"):
+        raise ValueError(f"internal_errors must be 'raise' or 'cpu', got {internal_errors!r}")
     if params:
         mod = relax.transform.BindParams("main", params)(mod)
     arch = CimArch.load(arch)
     _check_static(mod)
-    partitioned = partition(mod, names)
-    regions = [(gv, read_region(gv.name_hint, fn)) for gv, fn in offloaded_functions(partitioned)]
+    partitioned, regions, refused = _partition_and_read(mod, names, internal_errors)
     bits = Precision.load(precision).resolve([op.name for _, r in regions for op in r.ops])
     arch_json = json.dumps(arch.to_dict())
     for gv, region in regions:
         region_bits = {op.name: _bits_json(bits[op.name]) for op in region.ops}
         fn = partitioned[gv].with_attr(BITS_ATTR, json.dumps(region_bits))
         partitioned[gv] = fn.with_attr(ARCH_ATTR, arch_json)
-    return CimPlan(partitioned, arch, regions, bits)
+    return CimPlan(partitioned, arch, regions, bits, refused)
+
+
+def _partition_and_read(mod, names, internal_errors: str):
+    """``(partitioned module, regions, refused)``: partition, read every region, and
+    partition again without the operators of a region the reader refuses (a form the
+    table matched but the codegen cannot take), until every region reads."""
+    refused: dict[str, str] = {}
+    while True:
+        try:
+            partitioned = partition(mod, names, refused)
+        except Exception as exc:
+            raise InternalCompilerError(exc, "partitioning") from exc
+        regions, failed = [], {}
+        for gv, fn in offloaded_functions(partitioned):
+            try:
+                regions.append((gv, read_region(gv.name_hint, fn)))
+                continue
+            except UnsupportedOperator as exc:
+                error: Exception = exc
+            except InternalCompilerError as exc:
+                if internal_errors == "raise":
+                    raise
+                error = exc
+            except Exception as exc:  # outside any one operator: a bug in the region
+                error = InternalCompilerError(exc, "reading", anchor_names(fn))
+                if internal_errors == "raise":
+                    raise error from exc
+            culprits = getattr(error, "operators", None) or anchor_names(fn)
+            if not culprits or set(culprits) <= set(refused):
+                raise error  # nothing left to send back to the CPU
+            failed.update(dict.fromkeys(culprits, str(error)))
+        if not failed:
+            return partitioned, regions, refused
+        refused.update(failed)
 
 
 def _bits_json(bits: Bits | None) -> list[int] | None:

@@ -124,8 +124,9 @@ def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorRep
     return reports
 
 
-def cpu_operators(mod) -> list[dict]:
-    """Dense and convolution operators left on the CPU, with the reason."""
+def cpu_operators(mod, refused: dict[str, str] | None = None) -> list[dict]:
+    """Dense and convolution operators left on the CPU, with the reason (``refused``: the
+    region reader's reason for the operators it sent back)."""
     from tvm_cim.relay_passes.explain import unsupported_reason
     from tvm_cim.relay_passes.partition import operator_name
     from tvm_cim.relay_passes.patterns import ANCHORS
@@ -137,11 +138,7 @@ def cpu_operators(mod) -> list[dict]:
             kind = ANCHORS.get(getattr(getattr(call, "op", None), "name", None))
             if kind is None:
                 continue
-            out.append(
-                {
-                    "name": operator_name(call) or binding.var.name,
-                    "kind": kind,
-                    "reason": unsupported_reason(call, block),
-                }
-            )
+            name = operator_name(call) or binding.var.name
+            reason = (refused or {}).get(name) or unsupported_reason(call, block)
+            out.append({"name": name, "kind": kind, "reason": reason})
     return out

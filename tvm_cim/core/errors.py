@@ -2,12 +2,22 @@
 
 Every error that bad input (an architecture description, a program, run-time
 tensors) can trigger derives from :class:`CimError`, so callers can catch one
-type. Internal bugs still raise the usual built-in exceptions.
+type. A failure of the compiler itself on input it accepted is an
+:class:`InternalCompilerError`, which names the model's operators it was working on
+and is deliberately not a ``CimError``: the command lines exit with their internal-error
+status for it. Other internal bugs raise the usual built-in exceptions.
 """
 
 from __future__ import annotations
 
-__all__ = ["CimError", "ArchError", "ProgramError", "InputError"]
+__all__ = [
+    "CimError",
+    "ArchError",
+    "ProgramError",
+    "InputError",
+    "UnsupportedOperator",
+    "InternalCompilerError",
+]
 
 
 class CimError(Exception):
@@ -57,3 +67,41 @@ class ProgramError(CimError):
 
 class InputError(CimError):
     """Run-time inputs are wrong: unknown names, shapes, dtypes or out-of-range values."""
+
+
+class UnsupportedOperator(CimError):
+    """Operators the pattern table matched are in a form the codegen cannot take.
+
+    Parameters
+    ----------
+    message
+        Why, naming the operator.
+    operators
+        Names of the operators (ONNX node names) concerned; they can run on the CPU.
+    """
+
+    def __init__(self, message: str, operators=()) -> None:
+        super().__init__(message)
+        self.operators = list(operators)
+
+
+class InternalCompilerError(RuntimeError):
+    """The compiler failed on operators it had accepted: a bug, not bad input.
+
+    Parameters
+    ----------
+    cause
+        The exception raised inside the compiler.
+    stage
+        What the compiler was doing ("reading", "lowering", "partitioning").
+    operators
+        Names of the operators (ONNX node names) it was working on.
+    """
+
+    def __init__(self, cause: BaseException, stage: str, operators=()) -> None:
+        self.operators = list(operators)
+        self.stage = stage
+        where = f" {', '.join(self.operators)}" if self.operators else ""
+        super().__init__(
+            f"internal compiler error while {stage}{where}: {type(cause).__name__}: {cause}"
+        )
