@@ -2,7 +2,8 @@
 
 Per model: compiles or not, Conv/Gemm/MatMul nodes on the crossbars out of all, argmax
 agreement and relative error of the crossbars' output against onnxruntime running the
-same file node by node (and TVM's llvm build of the file, the yardstick), whether every
+same file node by node (and TVM's llvm build of the file, the yardstick) and against the
+file's float64 evaluation by onnx's reference evaluator, whether every
 layer's widths in the compile report equal the producer's, and the compile time. The
 quantized models are small CNNs trained on digits here, measured on the whole digits test
 split; the nine model-zoo graphs of the ``onnx`` package compile cost-only at 224x224.
@@ -68,7 +69,8 @@ def main() -> None:
     rows = []
     header = (
         f"{'model':<26} {'producer':<18} {'ok':<3} {'crossbar':>9} {'agree':>6} "
-        f"{'llvm':>6} {'rel err':>8} {'llvm err':>8} {'widths':>6} {'compile s':>9}"
+        f"{'llvm':>6} {'rel err':>8} {'llvm err':>8} {'f64 err':>8} {'llvm f64':>8} "
+        f"{'widths':>6} {'compile s':>9}"
     )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +82,8 @@ def main() -> None:
                 f"{r.name:<26} {r.producer:<18} {'yes' if r.compiled else 'NO':<3} "
                 f"{f'{r.offloaded}/{r.nodes}':>9} {_fmt(r.agreement, '{:.3f}'):>6} "
                 f"{_fmt(r.llvm_agreement, '{:.3f}'):>6} {_fmt(r.rel_error):>8} "
-                f"{_fmt(r.llvm_rel_error):>8} {widths:>6} {r.compile_s:>9.2f}",
+                f"{_fmt(r.llvm_rel_error):>8} {_fmt(r.exact_error, '{:.1e}'):>8} "
+                f"{_fmt(r.llvm_exact_error, '{:.1e}'):>8} {widths:>6} {r.compile_s:>9.2f}",
                 flush=True,
             )
             if r.error:
@@ -99,6 +102,11 @@ def main() -> None:
         print(f"lowest argmax agreement with onnxruntime: {min(r.agreement for r in run):.4f}")
         worse = [r.name for r in run if r.rel_error > r.llvm_rel_error + FLOAT_NOISE]
         print(f"relative error above llvm's: {', '.join(worse) or 'none'}")
+        print(
+            "largest error against the file's float64 evaluation: "
+            f"crossbars {max(r.exact_error for r in run):.1e}, "
+            f"llvm {max(r.llvm_exact_error for r in run):.1e}"
+        )
     checked = [r for r in rows if r.widths_equal is not None]
     print(f"widths equal to the producer's: {sum(r.widths_equal for r in checked)}/{len(checked)}")
     zoo = [r for r in rows if r.producer == "onnx model zoo" and r.compiled]

@@ -67,7 +67,7 @@ class _ClipRewriter(relax.PyExprMutator):
             if bounds is not None:
                 x = self.visit_expr(lower[0])
                 clipped = relax.op.clip(x, *bounds)
-                self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, clipped))
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, clipped))
                 return
         super().visit_var_binding_(binding)
 
@@ -87,7 +87,7 @@ def _clip_bounds_of(lo, hi, dtype: str):
     return None
 
 
-def _emit_like(builder, var, expr):
+def emit_like(builder, var, expr):
     """Bind ``expr`` to a new variable of ``var``'s kind (dataflow or output) and name."""
     emit = builder.emit if isinstance(var, relax.DataflowVar) else builder.emit_output
     return emit(expr, var.name)
@@ -166,7 +166,7 @@ class _ReshapeMover(relax.PyExprMutator):
         for call in reversed(chain[1:]):
             out = self.builder_.emit(_rebuild(call, out))
         moved = _rebuild(chain[0], out)
-        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, moved))
+        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, moved))
 
 
 def _constant_tensor(expr) -> bool:
@@ -352,7 +352,7 @@ class _PairCopier(relax.PyExprMutator):
         call = relax.Call(
             value.op, [self._argument(a) for a in args], value.attrs, value.ty_args, value.span
         )
-        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, call))
+        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))
 
     def _reads_shared(self, arg) -> bool:
         if isinstance(arg, relax.Tuple):

@@ -16,7 +16,12 @@ from collections.abc import Callable, Collection, Sequence
 import tvm
 from tvm import relax
 
-from .canonicalize import clips_from_min_max, dedicated_qdq_pairs, reshapes_before_dequantize
+from .canonicalize import (
+    clips_from_min_max,
+    dedicated_qdq_pairs,
+    emit_like,
+    reshapes_before_dequantize,
+)
 from .fold import fold_constants
 from .patterns import ANCHORS, cim_patterns
 
@@ -123,15 +128,107 @@ def partition(
     """
     mod = clips_from_min_max(name_operators(mod, names))
     mod = fold_constants(dedicated_qdq_pairs(reshapes_before_dequantize(mod)))
+    order = _anchor_order(mod)
     mod = relax.transform.FuseOpsByPattern(
         _refusing(cim_patterns(), set(refused)), bind_constants=True, annotate_codegen=False
     )(mod)
-    mod = relax.transform.MergeCompositeFunctions()(mod)
+    mod = relax.transform.MergeCompositeFunctions()(_one_composite_per_call(mod, order))
     build = next(_build_ids)
     for gv, fn in offloaded_functions(mod):
         symbol = re.sub(r"\W", "_", str(fn.attrs["global_symbol"]))
         mod[gv] = fn.with_attr("global_symbol", f"{symbol}_b{build}")
     return mod
+
+
+#: Attribute naming the operator of a composite function, one function per call site.
+OPERATOR_ATTR = "cim.operator"
+
+
+def _anchor_order(mod: tvm.IRModule) -> list[str]:
+    """The operator names of ``main``'s anchor calls, in binding order."""
+    return [
+        operator_name(b.value) or b.var.name
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if getattr(getattr(b.value, "op", None), "name", None) in ANCHORS
+    ]
+
+
+def _is_composite(fn) -> bool:
+    return isinstance(fn, relax.Function) and fn.attrs is not None and "Composite" in fn.attrs
+
+
+@relax.expr_functor.mutator
+class _AnchorRenamer(relax.PyExprMutator):
+    """Gives the anchor call of a composite function the span of another operator name."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.span = tvm.ir.Span(tvm.ir.SourceName(OPERATOR_SPAN_PREFIX + name), 0, 0, 0, 0)
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if getattr(call.op, "name", None) in ANCHORS:
+            return relax.Call(call.op, call.args, call.attrs, call.ty_args, self.span)
+        return call
+
+
+def _one_composite_per_call(mod: tvm.IRModule, order: list[str]) -> tvm.IRModule:
+    """Give every call of a composite function a function of its own, named for its operator.
+
+    Fusion shares one function among structurally equal matches (layers with equal
+    weights, as tied weights or constant-filled test models have), which would make those
+    layers one operator: one name, one precision, counted once in the reports. A function
+    attribute with the operator's name keeps them apart through merging. The names come
+    from the spans, except for the calls of a shared function, whose span names only the
+    first: those take their operator's place in ``order``, which holds when the sequence
+    of anchors and composite calls in ``main`` lines up with it (checked on every
+    unshared one).
+    """
+    main = mod["main"]
+    sites = []  # (binding var, GlobalVar or None for an anchor left in main, span name)
+    for block in main.body.blocks:
+        for b in block.bindings:
+            op = getattr(b.value, "op", None)
+            if isinstance(op, tvm.ir.GlobalVar) and _is_composite(mod[op]):
+                sites.append((b.var, op, anchor_names(mod[op])[0]))
+            elif getattr(op, "name", None) in ANCHORS:
+                sites.append((b.var, None, operator_name(b.value) or b.var.name))
+    calls: dict = {}
+    for _, gv, _ in sites:
+        if gv is not None:
+            calls[gv] = calls.get(gv, 0) + 1
+    if all(count == 1 for count in calls.values()):
+        return mod
+    aligned = len(sites) == len(order) and all(
+        name == expected
+        for (_, gv, name), expected in zip(sites, order)
+        if gv is None or calls[gv] == 1
+    )
+    copies: dict = {}  # binding var -> the composite function of its own
+    for i, (var, gv, name) in enumerate(sites):
+        if gv is not None and calls[gv] > 1:
+            name = order[i] if aligned else name
+            fn = _AnchorRenamer(name).visit_expr(mod[gv]).with_attr(OPERATOR_ATTR, name)
+            copies[var] = (relax.utils.copy_with_new_vars(fn), f"{gv.name_hint}_{i}")
+
+    @relax.expr_functor.mutator
+    class _Redirect(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):
+            if binding.var not in copies:
+                super().visit_var_binding_(binding)
+                return
+            fn, name = copies[binding.var]
+            value = binding.value
+            args = [self.visit_expr(a) for a in value.args]
+            call = relax.Call(self.builder_.add_func(fn, name), args, value.attrs, value.ty_args)
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))
+
+    redirect = _Redirect(mod)
+    new_main = redirect.visit_expr(main)
+    out = redirect.builder_.get()
+    out[out.get_global_var("main")] = new_main
+    return relax.transform.DeadCodeElimination()(out)
 
 
 def _refusing(patterns: list, refused: set[str]) -> list:

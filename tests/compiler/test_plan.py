@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.compiler import models
-from tests.compiler.conftest import run_vm
+from tests.compiler.conftest import build_llvm, run_vm
 from tvm_cim import CimArch, CimError, compile_for_cim, cost_report, partition_for_cim
 from tvm_cim.compiler.plan import ARCH_ATTR, BITS_ATTR, plan_for_cim
 from tvm_cim.core.precision import Bits
@@ -110,3 +110,42 @@ def test_oversized_weight_stays_on_cpu_with_its_reason(rng):
     plan = plan_for_cim(bb.get())
     assert plan.names == []
     assert plan.cpu[0]["reason"] == f"weight matrix {k}x2 exceeds {MAX_COLUMNS} rows or columns"
+
+
+def _tied_layers(rng, between):
+    """Three dense layers sharing one weight; ``between`` is the op between them."""
+    from tests.compiler.models import _module, c, tensor
+
+    w = rng.standard_normal((16, 16)).astype("float32") / 4
+
+    def body(bb, x):
+        h = x
+        for _ in range(2):
+            h = bb.emit(between(bb.emit(relax.op.matmul(h, c(w)))))
+        return relax.op.matmul(h, c(w))
+
+    return _module([tensor("x", (2, 16))], body)
+
+
+@pytest.mark.parametrize("between", [relax.op.sigmoid, relax.op.nn.relu], ids=["cpu", "merged"])
+def test_layers_with_equal_weights_stay_separate_operators(rng, between):
+    """Fusion shares one function among equal matches; each layer keeps its own name,
+    precision and report row all the same, whether CPU operators separate them (sigmoid)
+    or they merge into one region (ReLU)."""
+    mod = _tied_layers(rng, between)
+    names = ["a", "b", "c"]
+    precision = {"b": {"w_bits": 4, "a_bits": 3}, "default": {"w_bits": 8, "a_bits": 8}}
+    plan = plan_for_cim(mod, names=names, precision=precision)
+    assert plan.names == names
+    report = plan.cost_report()
+    assert [(op.name, op.w_bits, op.a_bits) for op in report.operators] == [
+        ("a", 8, 8),
+        ("b", 4, 3),
+        ("c", 8, 8),
+    ]
+    x = rng.standard_normal((2, 16)).astype("float32")
+    calibration = [rng.standard_normal((2, 16)).astype("float32") for _ in range(4)]
+    ex, report = compile_for_cim(mod, names=names, calibration=calibration)  # W8A8
+    assert [op.name for op in report.operators] == names
+    got, ref = run_vm(ex, x), run_vm(build_llvm(mod), x)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()

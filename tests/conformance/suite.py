@@ -278,6 +278,8 @@ class Result:
     llvm_agreement: float | None = None
     rel_error: float | None = None
     llvm_rel_error: float | None = None
+    exact_error: float | None = None
+    llvm_exact_error: float | None = None
     widths_equal: bool | None = None
     compile_s: float = 0.0
     error: str = ""
@@ -311,6 +313,37 @@ def reference_session(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run(None, {"x": batch})[0]
+
+
+def exact_reference(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The file computed in float64 by onnx's own reference evaluator.
+
+    onnxruntime and TVM's llvm build compute a QDQ graph's float operators in float32,
+    and their sums round differently from the exact value; near a rounding boundary of
+    the next QuantizeLinear that moves a code. The crossbars accumulate integer codes
+    exactly, so this is the reference that tells which side is right. Float tensors
+    become float64, and the opset rises to 21, the oldest the evaluator implements
+    QuantizeLinear/DequantizeLinear for (their semantics are unchanged since 13).
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(init).astype(np.float64)
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    graph = model.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
+    evaluator = ReferenceEvaluator(model)
+    name = graph.input[0].name
+    return lambda batch: evaluator.run(None, {name: batch.astype(np.float64)})[0]
 
 
 def measure(
@@ -362,6 +395,9 @@ def measure(
     result.agreement, result.llvm_agreement = _agreement(cim, onnx_rt), _agreement(llvm, onnx_rt)
     result.rel_error = _relative_error(cim, onnx_rt)
     result.llvm_rel_error = _relative_error(llvm, onnx_rt)
+    exact = run_batches(exact_reference(reference or path), x)
+    result.exact_error = _relative_error(cim, exact)
+    result.llvm_exact_error = _relative_error(llvm, exact)
     return result
 
 

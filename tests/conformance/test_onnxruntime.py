@@ -3,8 +3,8 @@
 Per-channel or per-tensor weights, shared or dedicated QDQ pairs, asymmetric uint8 or
 symmetric int8 activations, on a residual CNN and on a MobileNet-like stack of
 depthwise, pointwise and grouped convolutions: every Conv/Gemm on the crossbars, each at
-the W8A8 the file states, the outputs equal to TVM's llvm build of the same file and to
-onnxruntime running it node by node.
+the W8A8 the file states, the outputs equal to the file's float64 evaluation and as close
+to onnxruntime (node by node) as TVM's llvm build is.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def test_onnxruntime_qdq(float_files, model, settings, tmp_path):
     assert result.cpu == []
     assert result.offloaded == result.nodes == len(nodes) > 0
     assert result.widths_equal
-    # Node by node, onnxruntime computes what the file says, and so do llvm and the crossbars.
-    assert result.rel_error == pytest.approx(result.llvm_rel_error, abs=1e-6)
-    assert result.rel_error < 1e-5
+    # The crossbars compute exactly what the file says (its float64 evaluation); onnxruntime
+    # and llvm sum in float32, which moves a code now and then.
+    assert result.exact_error < 1e-6
+    assert result.rel_error <= result.llvm_rel_error + result.llvm_exact_error + 1e-6
     assert result.agreement == 1.0
 
 
