@@ -6,7 +6,8 @@ same file node by node (and TVM's llvm build of the file, the yardstick) and aga
 file's float64 evaluation by onnx's reference evaluator, whether every
 layer's widths in the compile report equal the producer's, and the compile time. The
 quantized models are small CNNs trained on digits here, measured on the whole digits test
-split; the nine model-zoo graphs of the ``onnx`` package compile cost-only at 224x224.
+split; the zoo's models through ``torch.export`` and the nine model-zoo graphs of the
+``onnx`` package compile cost-only at their own sizes (224x224 for the ImageNet ones).
 
 Goals: every model compiles; at least 95 % of all conv/gemm nodes on the crossbars;
 agreement at least 99 % and a relative error no larger than llvm's; every width equal to
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conformance import suite  # noqa: E402
 
+#: Zoo models compiled cost-only through ``torch.export``, at their own input sizes.
+TORCH_MODELS = ["digits-cnn", "mnist1d-cnn", "resnet20", "resnet18", "vgg16", "mobilenetv2"]
 #: Relative errors this small are float32 rounding, not a difference of computation.
 FLOAT_NOISE = 1e-6
 
@@ -50,6 +53,8 @@ def _cases(folder: Path, samples: int, zoo: bool):
             yield suite.measure, (f"{model} {settings.tag}", "onnxruntime QDQ", path, x, widths)
     for name, producer, path, widths, reference in suite.brevitas_files(folder):
         yield suite.measure, (name, producer, path, x, widths, reference)
+    for name in TORCH_MODELS:
+        yield suite.measure_torch_export, (name,)
     if zoo:
         for path in suite.model_zoo_graphs():
             name = path.stem.removeprefix("light_")

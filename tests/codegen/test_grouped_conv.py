@@ -2,8 +2,8 @@
 
 The crossbar programs must compute exactly the integer convolution (numpy, TVM's llvm
 build), the static cost model must give the simulator's figures, the tile count must be
-the documented formula, and onnxruntime's QDQ depthwise-separable network must run
-with every convolution offloaded.
+the documented formula. onnxruntime's QDQ depthwise-separable network is in the
+conformance suite (``tests/conformance/test_onnxruntime.py``).
 """
 
 from __future__ import annotations
@@ -324,85 +324,3 @@ def test_im2col_params_of_a_set_take_its_channels():
     g = ConvGeometry(12, 5, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), groups=3)
     assert (g.params(4) == im2col_params(5, 5, 4, (3, 3), (1, 1), (1, 1, 1, 1))).all()
     assert (g.params() == im2col_params(5, 5, 12, (3, 3), (1, 1), (1, 1, 1, 1))).all()
-
-
-# ------------------------------------------------------------------ onnxruntime QDQ
-
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
-quantization = pytest.importorskip("onnxruntime.quantization")
-
-ORT_SHAPE = (1, 3, 8, 8)
-
-
-class _Separable(torch.nn.Module):
-    """conv -> depthwise -> pointwise -> grouped (stride 2) -> linear, ReLUs between."""
-
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.pw = nn.Conv2d(16, 16, 1)
-        self.gc = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        h = torch.relu(self.pw(torch.relu(self.dw(h))))
-        h = torch.relu(self.gc(h))
-        return self.fc(torch.flatten(h, 1))
-
-
-class _Samples(quantization.CalibrationDataReader):
-    def __init__(self, count: int, seed: int):
-        rng = np.random.default_rng(seed)
-        self.samples = iter(
-            [{"x": rng.standard_normal(ORT_SHAPE).astype(np.float32)} for _ in range(count)]
-        )
-
-    def get_next(self):
-        return next(self.samples, None)
-
-
-def test_onnxruntime_qdq_depthwise_separable_network(tmp_path):
-    from tvm_cim.compiler.frontend import load_onnx
-
-    torch.manual_seed(0)
-    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
-    torch.onnx.export(
-        _Separable().eval(),
-        torch.randn(ORT_SHAPE),
-        str(float_path),
-        input_names=["x"],
-        output_names=["y"],
-        dynamo=False,
-        opset_version=13,
-    )
-    quantization.quantize_static(
-        str(float_path),
-        str(qdq_path),
-        _Samples(16, seed=0),
-        quant_format=quantization.QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=quantization.QuantType.QUInt8,
-        weight_type=quantization.QuantType.QInt8,
-        extra_options={"DedicatedQDQPair": True},
-    )
-    mod, names = load_onnx(qdq_path)
-    ex, report = compile_for_cim(mod, names=names)
-    convs = ["/stem/Conv", "/dw/Conv", "/pw/Conv", "/gc/Conv"]
-    assert [op.name for op in report.operators] == [*convs, "/fc/Gemm"]
-    assert report.cpu == []
-
-    llvm = build_llvm(mod)
-    session = ort.InferenceSession(str(qdq_path))
-    xs = np.random.default_rng(1).standard_normal((32, *ORT_SHAPE)).astype(np.float32)
-    cim = np.concatenate([np.asarray(run_vm(ex, x)).reshape(1, -1) for x in xs])
-    ref = np.concatenate([np.asarray(run_vm(llvm, x)).reshape(1, -1) for x in xs])
-    onnx_rt = np.concatenate([session.run(None, {"x": x})[0] for x in xs])
-    np.testing.assert_array_equal(cim, ref)
-    agree = float(np.mean(cim.argmax(-1) == onnx_rt.argmax(-1)))
-    assert agree >= 0.9
-    # onnxruntime rounds its own way; close on average, as TVM's build is.
-    assert np.abs(cim - onnx_rt).mean() <= 0.1 * np.abs(onnx_rt).mean()

@@ -429,3 +429,31 @@ def measure_cost_only(name: str, producer: str, path: Path) -> Result:
     result.offloaded = sum(op.name in nodes for op in report.operators)
     result.cpu = report.cpu
     return result
+
+
+def measure_torch_export(name: str) -> Result:
+    """A zoo model through ``torch.export`` (random weights), cost-only: its ``Conv2d`` and
+    ``Linear`` layers on the crossbars out of all."""
+    import torch
+
+    import tvm_cim
+    from tvm_cim.compiler.frontend import load_torch
+    from tvm_cim.learn import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build(name).eval()
+    layers = zoo.quantizable_layers(model)
+    result = Result(name, "torch.export", compiled=False, nodes=len(layers))
+    start = time.perf_counter()
+    try:
+        mod, names = load_torch(model, torch.zeros((1, *zoo.input_shape(name))))
+        plan = tvm_cim.plan_for_cim(mod, names=names)
+        report = plan.cost_report()
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.compile_s = time.perf_counter() - start
+    result.compiled = True
+    result.offloaded = len(report.operators)
+    result.cpu = report.cpu
+    return result
