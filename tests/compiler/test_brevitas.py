@@ -321,6 +321,118 @@ def test_qonnx_nodes_without_a_qcdq_form_are_refused_by_name(tmp_path, op_type, 
         load_onnx(path)
 
 
+def _trunc_model(version: int, rounding: str, signed: int, out_bits: float):
+    """x -> 8-bit Quant -> Trunc -> y, at QONNX opset ``version`` (1: five inputs, no
+    clamp; 2: six inputs with the output scale, clamped to the output width)."""
+    domain = "qonnx.custom_op.general"
+    inits = [
+        _init("s", np.float32(0.05)),
+        _init("z", np.float32(0)),
+        _init("bits", np.float32(8)),
+        _init("out_s", np.float32(0.2)),
+        _init("out_bits", np.float32(out_bits)),
+    ]
+    trunc_inputs = ["xq", "s", "z", "bits", "out_s", "out_bits"]
+    if version == 1:
+        trunc_inputs = ["xq", "s", "z", "bits", "out_bits"]
+    nodes = [
+        helper.make_node(
+            "Quant",
+            ["x", "s", "z", "bits"],
+            ["xq"],
+            name="xq",
+            domain=domain,
+            signed=1,
+            narrow=0,
+            rounding_mode="ROUND",
+        ),
+        helper.make_node(
+            "Trunc",
+            trunc_inputs,
+            ["y"],
+            name="trunc",
+            domain=domain,
+            rounding_mode=rounding,
+            **({"signed": signed} if version == 2 else {}),
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "trunc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid(domain, version)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("rounding", ["FLOOR", "ROUND", "CEIL"])
+@pytest.mark.parametrize(("signed", "out_bits"), [(1, 4.0), (0, 3.0)])
+def test_qonnx_trunc_computes_what_qonnx_computes(tmp_path, version, rounding, signed, out_bits):
+    pytest.importorskip("qonnx")
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    path = tmp_path / "trunc.onnx"
+    onnx.save(_trunc_model(version, rounding, signed, out_bits), str(path))
+    x = (np.random.default_rng(version).standard_normal((2, 64)) * 4).astype(np.float32)
+    wrapper = ModelWrapper(str(path)).transform(InferShapes())
+    expected = execute_onnx(wrapper, {"x": x})["y"]
+    mod, _ = load_onnx(path)
+    got = run_vm(build_llvm(mod), x)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_brevitas_trunc_avg_pool_feeds_its_width_to_the_next_layer(tmp_path):
+    """``TruncAvgPool2d`` exports a Trunc; the convolution after it takes the Trunc's
+    output width as its input width, and the whole model computes what qonnx's own
+    executor and Brevitas compute."""
+    pytest.importorskip("qonnx")
+    import brevitas.nn as qnn
+    from brevitas.quant import Int32Bias
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q0 = qnn.QuantIdentity(bit_width=8, return_quant_tensor=True)
+            self.c1 = qnn.QuantConv2d(1, 8, 3, padding=1, weight_bit_width=4, bias_quant=Int32Bias)
+            self.r1 = qnn.QuantReLU(bit_width=4, return_quant_tensor=True)
+            self.pool = qnn.TruncAvgPool2d(2, stride=2, bit_width=4, return_quant_tensor=True)
+            self.c2 = qnn.QuantConv2d(8, 8, 3, padding=1, weight_bit_width=3, bias_quant=Int32Bias)
+
+        def forward(self, x):
+            return self.c2(self.pool(self.r1(self.c1(self.q0(x)))))
+
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    with torch.no_grad(), calibration_mode(model):
+        for _ in range(4):
+            model(torch.randn(8, 1, 8, 8))
+    path = tmp_path / "pooled.onnx"
+    export_qonnx(model, torch.randn(1, 1, 8, 8), export_path=str(path))
+    assert any(n.op_type == "Trunc" for n in onnx.load(str(path)).graph.node)
+
+    mod, names = load_onnx(path)
+    plan = tvm_cim.plan_for_cim(mod, names=names)
+    assert plan.cpu == []
+    assert [(op.w_bits, op.a_bits) for op in plan.cost_report().operators] == [(4, 8), (3, 4)]
+    ex, _ = tvm_cim.compile_for_cim(mod, names=names)
+    wrapper = cleanup_model(ModelWrapper(str(path)))
+    feed, out = wrapper.graph.input[0].name, wrapper.graph.output[0].name
+    for x in np.random.default_rng(0).standard_normal((8, 1, 1, 8, 8)).astype(np.float32):
+        expected = execute_onnx(wrapper, {feed: x})[out]
+        with torch.no_grad():
+            brevitas_out = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(expected, brevitas_out, atol=1e-6)
+        np.testing.assert_allclose(run_vm(ex, x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_qonnx_model_without_qonnx_installed(tmp_path, monkeypatch):
     import sys
 
