@@ -22,7 +22,7 @@ def _net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4),  # depthwise: stays float under QAT
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),  # depthwise: quantized like the others
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(4 * 6 * 6, 5),
@@ -55,12 +55,12 @@ def test_qdq_export_runs_as_the_fake_quantized_model(tmp_path):
     proto = onnx.load(str(qat.export_onnx(model, tmp_path / "qdq.onnx", x[:1])))
     onnx.checker.check_model(proto)
     names = _layer_nodes(proto)
-    assert names[0] == "0" and names[2] == "5"  # quantized layers by path
-    assert names[1] != "2"  # the float depthwise convolution keeps the exporter's name
+    assert names == ["0", "2", "5"]  # quantized layers by path, the depthwise one too
     ops = {n.op_type for n in proto.graph.node}
     assert {"Clip", "QuantizeLinear", "DequantizeLinear", "Relu", "Flatten"} <= ops
     codes = {t.name: t.data_type for t in proto.graph.initializer}
-    assert codes["0.weight_codes"] == codes["5.weight_codes"] == onnx.TensorProto.INT8
+    assert codes["0.weight_codes"] == codes["2.weight_codes"] == codes["5.weight_codes"]
+    assert codes["0.weight_codes"] == onnx.TensorProto.INT8
     # onnx's reference runtime implements DequantizeLinear from opset 19 on
     evaluator = ReferenceEvaluator(convert_version(proto, 19))
     with torch.no_grad():

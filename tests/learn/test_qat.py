@@ -62,11 +62,18 @@ def test_prepare_keeps_module_paths_and_bits():
     assert qat.precision_of(model)["0"] == {"w_bits": 2, "a_bits": 3}
 
 
-def test_depthwise_convolutions_stay_float():
+def test_depthwise_convolutions_are_quantized_with_their_groups():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1))
-    qat.prepare(model)
-    assert not isinstance(model[0], qat.QuantConv2d)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        float_out = model(x)
+    qat.prepare(model, {"0": {"w_bits": 8, "a_bits": 8}, "1": {"w_bits": 8, "a_bits": 8}})
+    assert isinstance(model[0], qat.QuantConv2d) and model[0].groups == 4
     assert isinstance(model[1], qat.QuantConv2d)
+    qat.calibrate(model, [x])
+    with torch.no_grad():
+        quantized_out = model.eval()(x)
+    assert torch.allclose(quantized_out, float_out, atol=0.05 * float_out.abs().max())
 
 
 @pytest.mark.parametrize(

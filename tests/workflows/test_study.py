@@ -90,10 +90,17 @@ def test_more_crossbars_overlap_writes_with_computation(tmp_path, capsys):
     assert "crossbars=4" in out
 
 
-def test_depthwise_layers_stay_on_the_cpu(tmp_path, capsys):
-    data, out = _report(tmp_path, capsys, "--model", "mobilenetv2")
-    assert all(op["kind"] in ("conv2d", "dense") for op in data["layers"])
-    assert "grouped convolution" in out
+def test_depthwise_layers_reach_the_crossbars_and_take_the_policy(tmp_path, capsys):
+    data, _ = _report(tmp_path, capsys, "--model", "mobilenetv2")
+    assert len(data["layers"]) == 53 and data["cpu_operators"] == []
+    # A CIM-AQ policy may list the 17 depthwise layers or leave them out (W8A8).
+    for count, depthwise_bits in ((53, (3, 5)), (36, (8, 8))):
+        policy = tmp_path / f"policy{count}.npy"
+        np.save(policy, np.array([[3, 5]] * count))
+        data, _ = _report(tmp_path, capsys, "--model", "mobilenetv2", "--precision", str(policy))
+        widths = {op["name"]: (op["w_bits"], op["a_bits"]) for op in data["layers"]}
+        assert widths["features.1.conv.0.0"] == depthwise_bits  # the first depthwise layer
+        assert widths["features.0.0"] == (3, 5)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """Mixed-precision quantization-aware training in PyTorch, per operator.
 
-``prepare(model)`` replaces every ``nn.Conv2d`` (except depthwise and grouped ones, which
-stay float and run on the CPU after compilation) and every ``nn.Linear`` by a quantized
-twin at the same module path, so precision configs name layers by their usual paths
+``prepare(model)`` replaces every ``nn.Conv2d`` (depthwise and grouped ones included: the
+crossbars run them by group sets) and every ``nn.Linear`` by a quantized twin at the same
+module path, so precision configs name layers by their usual paths
 (``layer1.0.conv1``, ``features.0``, ``classifier.6``).
 
 Each quantized layer fake-quantizes its input activation to ``a_bits`` and its weight to
@@ -165,9 +165,9 @@ def _export_activation(x, scale: float, qmin: int, qmax: int):
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order: the
-    dense ``Conv2d`` and ``Linear`` layers (depthwise convolutions stay float)."""
-    return quantizable_layers(model, include_depthwise=False)
+    """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order: every
+    ``Conv2d`` (grouped ones included) and ``Linear``."""
+    return quantizable_layers(model)
 
 
 def _resolve(model: nn.Module, precision) -> dict[str, Bits]:

@@ -3,8 +3,7 @@ compiled cost-only for an arch at a policy and at W8A8.
 
 Policies name layers by module path, or list them in the ``named_modules()`` order of the
 model's convolution and linear layers (CIM-AQ's layer index, ``.npy`` policies). A list
-may include the depthwise convolutions (their entries are ignored: they stay on the CPU)
-or leave them out.
+may include the depthwise convolutions or leave them out (they then run at W8A8).
 """
 
 from __future__ import annotations
@@ -17,16 +16,14 @@ from tvm_cim.core.precision import Precision
 
 
 def _layer_order(model) -> tuple[list[str], list[str]]:
-    """``(offloadable, all)`` convolution and linear paths in ``named_modules()`` order."""
-    from torch import nn
+    """``(all, without the grouped ones)``: convolution and linear paths in
+    ``named_modules()`` order."""
+    from tvm_cim.learn import zoo
 
-    from tvm_cim.learn import qat
-
-    every = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return qat.layer_names(model), every
+    return zoo.quantizable_layers(model), zoo.quantizable_layers(model, include_depthwise=False)
 
 
-def _named_precision(precision, offloadable: list[str], every: list[str], model_name: str):
+def _named_precision(precision, every: list[str], dense: list[str], model_name: str):
     """A precision with an ordered list turned into names (see the module docstring)."""
     if precision is None:
         return None
@@ -34,15 +31,14 @@ def _named_precision(precision, offloadable: list[str], every: list[str], model_
     if loaded.ordered is None:
         return loaded
     entries = loaded.ordered
-    if len(entries) == len(every) and len(every) != len(offloadable):
-        entries = [b for name, b in zip(every, entries) if name in offloadable]
-    if len(entries) != len(offloadable):
-        extra = f" ({len(every)} with the depthwise ones)" if len(every) != len(offloadable) else ""
-        raise CimError(
-            f"{loaded.source}: {len(loaded.ordered)} entries, but {model_name} has "
-            f"{len(offloadable)} convolution and linear layers{extra}"
-        )
-    return Precision(by_name=dict(zip(offloadable, entries)), source=loaded.source)
+    for names in (every, dense):
+        if len(entries) == len(names):
+            return Precision(by_name=dict(zip(names, entries)), source=loaded.source)
+    without = f" ({len(dense)} without the depthwise ones)" if len(dense) != len(every) else ""
+    raise CimError(
+        f"{loaded.source}: {len(entries)} entries, but {model_name} has "
+        f"{len(every)} convolution and linear layers{without}"
+    )
 
 
 def study_arch(arch="rram-4b", crossbars: int | None = None, adc_bits: int | None = None):
@@ -75,8 +71,8 @@ def latency_study(model_name: str, arch="rram-4b", precision=None) -> dict:
 
     arch = CimArch.load(arch)
     model = models.fold_batchnorm(models.build(model_name))
-    offloadable, every = _layer_order(model)
-    named = _named_precision(precision, offloadable, every, model_name)
+    every, dense = _layer_order(model)
+    named = _named_precision(precision, every, dense, model_name)
     example = torch.zeros(1, *models.input_shape(model_name))
     mod, names = load_torch(model, example)
     plan = plan_for_cim(mod, arch=arch, precision=named, names=names)
