@@ -12,6 +12,7 @@ which the search minimizes.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import atomic_path
 from tvm_cim.core.precision import MAX_BITS, Bits
 
 #: Feature names of an operator, in observation order.
@@ -167,8 +169,7 @@ class LatencyTable:
 
     def save(self, path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 latency_us=self.latency_us,
@@ -185,8 +186,8 @@ class LatencyTable:
                 operators = [OperatorInfo(**json.loads(str(s))) for s in blob["operators"]]
                 arch = CimArch.from_dict(json.loads(str(blob["arch"])))
                 return cls(operators, blob["latency_us"], arch)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CimError(f"{path}: not a latency table ({exc})") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise CimError(f"{path}: not a latency table ({type(exc).__name__}: {exc})") from None
 
 
 def _to_json(value) -> str:

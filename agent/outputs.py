@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tvm_cim.core.files import atomic_path, write_text
+
 from .log import EpisodeLog
 from .scoring import Outcome
 
@@ -17,8 +19,9 @@ def write_policy(names, policy, yaml_path: Path, npy_path: Path) -> None:
     """``{name: {w_bits, a_bits}}`` YAML, and CIM-AQ's ``[L, 2]`` int array in offload
     order; both are accepted wherever a precision config is."""
     mapping = {n: {"w_bits": b.w_bits, "a_bits": b.a_bits} for n, b in zip(names, policy)}
-    yaml_path.write_text(yaml.safe_dump(mapping, sort_keys=False))
-    np.save(npy_path, np.array([[b.w_bits, b.a_bits] for b in policy], dtype=np.int64))
+    write_text(yaml_path, yaml.safe_dump(mapping, sort_keys=False))
+    with atomic_path(npy_path) as tmp:
+        np.save(tmp, np.array([[b.w_bits, b.a_bits] for b in policy], dtype=np.int64))
 
 
 def _pyplot():
@@ -185,5 +188,5 @@ def write_outputs(result) -> None:
     bits_chart(result.names, result.best.policy, files["bits_png"], title)
     pareto_plot(files["log"].parent, files["pareto_png"])
     data = summary(result)
-    files["summary_json"].write_text(json.dumps(data, indent=2))
-    files["summary_md"].write_text(summary_markdown(data))
+    write_text(files["summary_json"], json.dumps(data, indent=2))
+    write_text(files["summary_md"], summary_markdown(data))

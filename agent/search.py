@@ -174,9 +174,13 @@ def base_model(settings: SearchSettings, dataset, log=print):
     folder = Path(settings.out) / f"base-{settings.model}-{settings.dataset}"
     w8a8_path = folder / "w8a8.pt"
     if w8a8_path.is_file():
-        model, _ = train.load_checkpoint(w8a8_path, settings.model)
-        log(f"reusing the base model {w8a8_path}")
-        return model
+        try:
+            model, _ = train.load_checkpoint(w8a8_path, settings.model)
+        except CimError as exc:  # a cache that does not load is rebuilt, not trusted
+            log(f"warning: training the base model again: {exc}")
+        else:
+            log(f"reusing the base model {w8a8_path}")
+            return model
     recipe = BASE_RECIPES.get(settings.model, _DEFAULT_RECIPE)
     model = None
     for stage in ("fp32", "w8a8"):
@@ -198,10 +202,14 @@ def latency_table(settings: SearchSettings, model, example, arch: CimArch, log=p
     """The model's latency table for ``arch``, computed once per output directory."""
     path = Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
     if path.is_file():
-        table = LatencyTable.load(path)
-        if table.arch == arch:
-            log(f"reusing the latency table {path}")
-            return table
+        try:
+            table = LatencyTable.load(path)
+        except CimError as exc:  # a cache that does not load is rebuilt, not trusted
+            log(f"warning: computing the latency table again: {exc}")
+        else:
+            if table.arch == arch:
+                log(f"reusing the latency table {path}")
+                return table
     table = LatencyTable.for_model(model, example, arch)
     table.save(path)
     return table

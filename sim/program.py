@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_cim.core import files
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import ArchError, ProgramError
 
@@ -173,7 +174,7 @@ class Program:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.to_bytes())
+        files.write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> Program:

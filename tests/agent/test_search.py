@@ -334,3 +334,22 @@ def test_cli_search_prints_the_summary(base_checkpoint, tmp_path, capsys):
     assert cli_main([*args, "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| best found |" in out and "dqn-s0.best.yaml" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04torn"], ids=["empty", "torn"])
+def test_a_latency_table_cache_that_does_not_load_is_rebuilt(mlp_table, tmp_path, content):
+    """A search killed while writing its cache must not block the resume."""
+    from types import SimpleNamespace
+
+    from tvm_cim.agent.search import arch_tag, latency_table
+
+    arch = mlp_table.arch
+    settings = SimpleNamespace(out=str(tmp_path), model="digits-mlp")
+    path = tmp_path / f"latency-digits-mlp-{arch_tag(arch)}.npz"
+    path.write_bytes(content)
+    said = []
+    model = models.build("digits-mlp").eval()
+    table = latency_table(settings, model, torch.zeros(1, 1, 8, 8), arch, said.append)
+    assert any("computing the latency table again" in line for line in said)
+    assert np.array_equal(table.latency_us, mlp_table.latency_us)
+    assert np.array_equal(LatencyTable.load(path).latency_us, mlp_table.latency_us)

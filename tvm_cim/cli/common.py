@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from tvm_cim.core.errors import CimError, InternalCompilerError
+from tvm_cim.core.files import atomic_path
 
 EXIT_OK = 0
 #: A malformed command line (argparse's own status for it).
@@ -233,7 +234,8 @@ def add_arch_argument(parser: argparse.ArgumentParser, role: ArchRole) -> None:
 
 
 def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> None:
-    """Run ``write(path)`` after creating the parent folders.
+    """Run ``write`` on a temporary file that replaces ``path`` once written (parent
+    folders created; a failed write leaves ``path`` as it was, and nothing beside it).
 
     Raises
     ------
@@ -242,8 +244,8 @@ def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> No
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as exc:
         raise FileError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from tvm_cim.core import files
 from tvm_cim.core.arch import CimArch
 from tvm_cim.sim.program import Program
 from tvm_cim.sim.timing import estimate, estimate_spans
@@ -66,8 +67,7 @@ class CompileReport:
         }
 
     def to_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        files.write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def table(self) -> str:
         """The report as a fixed-width text table."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from tvm_cim.core import files
 from tvm_cim.core.errors import ArchError
 
 __all__ = ["CimArch", "MAPPINGS"]
@@ -356,11 +357,11 @@ class CimArch:
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the native layout as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        files.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the native layout as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        files.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(

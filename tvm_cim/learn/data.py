@@ -33,13 +33,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import atomic_path
 
 __all__ = ["Dataset", "load", "names", "cache_dir", "MNIST1D_ARGS"]
 
@@ -267,18 +267,10 @@ def _mnist1d_arrays(args: dict) -> dict:
             pass
     arrays = _generate_mnist1d(args)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist1d-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays, args=np.array(json.dumps(args, sort_keys=True)))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays, args=np.array(json.dumps(args, sort_keys=True)))
     except OSError:
-        pass
+        pass  # an unwritable cache only costs regenerating next time
     return arrays
 
 

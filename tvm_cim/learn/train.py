@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tvm_cim.core import files
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import atomic_path
 from tvm_cim.learn import data as datasets
 from tvm_cim.learn import qat, zoo
 
@@ -219,17 +221,15 @@ def evaluate_policy(model: nn.Module, dataset: datasets.Dataset, precision, **op
 def save_checkpoint(model: nn.Module, result: StageResult, path) -> Path:
     """Weights, precision and metrics of a stage, for ``--from`` and for compiling."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model": result.model,
-            "dataset": result.dataset,
-            "stage": result.stage,
-            "precision": result.precision,
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
+    blob = {
+        "model": result.model,
+        "dataset": result.dataset,
+        "stage": result.stage,
+        "precision": result.precision,
+        "state_dict": model.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
     return path
 
 
@@ -258,5 +258,4 @@ def load_checkpoint(path, model_name: str | None = None) -> tuple[nn.Module, dic
 
 
 def write_metrics(result: StageResult, path) -> None:
-    with open(path, "w") as f:
-        json.dump(asdict(result), f, indent=2)
+    files.write_text(path, json.dumps(asdict(result), indent=2))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import write_text
 
 
 def result_rows(result) -> list[dict]:
@@ -86,7 +87,7 @@ def write_report(result, rows: list[dict], path: Path) -> Path:
         f"every episode: `{files['log'].name}`; search summary: `{files['summary_md'].name}`.",
         "",
     ]
-    path.write_text("\n".join(text))
+    write_text(path, "\n".join(text))
     return path
 
 
