@@ -29,6 +29,7 @@ from tvm_cim.core.precision import Bits
 from .config import AgentConfig
 from .env import CimQuantEnv
 from .latency import LatencyTable
+from .lock import hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
 from .space import Reward, SearchSpace
@@ -216,7 +217,22 @@ def latency_table(settings: SearchSettings, model, example, arch: CimArch, log=p
 
 
 def run_search(settings: SearchSettings, log=print) -> SearchResult:
-    """Run (or resume) one search and write its outputs; see the module docstring."""
+    """Run (or resume) one search and write its outputs; see the module docstring.
+
+    Raises
+    ------
+    CimError
+        Bad settings, or another search running in the same output directory.
+    """
+    _validate(settings)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with hold_directory(out):
+        return _search(settings, log)
+
+
+def _search(settings: SearchSettings, log) -> SearchResult:
+    """``run_search`` once the output directory is this process's."""
     import time
 
     import torch
@@ -224,10 +240,8 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     from tvm_cim.learn import data, qat
     from tvm_cim.learn import zoo as models
 
-    _validate(settings)
     began = time.perf_counter()
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     arch = CimArch.load(settings.arch)
     reward = dataclasses.replace(settings.reward, max_acc_drop=settings.max_acc_drop)
     space = settings.space

@@ -353,3 +353,45 @@ def test_a_latency_table_cache_that_does_not_load_is_rebuilt(mlp_table, tmp_path
     assert any("computing the latency table again" in line for line in said)
     assert np.array_equal(table.latency_us, mlp_table.latency_us)
     assert np.array_equal(LatencyTable.load(path).latency_us, mlp_table.latency_us)
+
+
+def test_one_search_per_output_directory(tmp_path):
+    """A second search on a held ``--out`` is refused naming the holder; once the first
+    ends (or dies: the kernel drops its lock), the directory is free again."""
+    import os
+
+    from tvm_cim.agent.lock import hold_directory
+
+    taken = f"in use by another search \\(pid {os.getpid()}\\)"
+    with hold_directory(tmp_path), pytest.raises(CimError, match=taken), hold_directory(tmp_path):
+        pass
+    with hold_directory(tmp_path):
+        pass
+
+
+def test_a_search_refuses_a_directory_another_one_holds(base_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from tvm_cim.agent.lock import hold_directory\n"
+            f"with hold_directory({str(tmp_path)!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        settings = _settings(tmp_path, base_checkpoint=base_checkpoint)
+        with pytest.raises(CimError, match=f"pid {holder.pid}"):
+            run_search(settings, log=lambda *a: None)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["search.lock"]  # nothing begun
+    finally:
+        holder.kill()
+        holder.wait()

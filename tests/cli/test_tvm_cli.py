@@ -565,3 +565,19 @@ def test_unwritable_report_exits_2(files, capsys, tmp_path):
     assert result.status == 2
     assert result.err.startswith(f"tvm-cim: error: cannot write report {tmp_path}: ")
     assert len(result.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("failing", ["--report", "--dump-programs"])
+def test_a_failed_compile_leaves_no_file_behind(files, capsys, tmp_path, failing):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    so, report = tmp_path / "m.so", tmp_path / "r.json"
+    args = ["compile", files["qdq"], "-o", so, "--report", report]
+    if failing == "--report":
+        args[-1] = blocker / "r.json"
+    else:
+        args += ["--dump-programs", blocker / "programs"]
+    result = _main(capsys, *args)
+    assert result.status == 2
+    assert result.err.startswith("tvm-cim: error: cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -97,3 +97,14 @@ def test_the_command_line_exits_3_for_an_internal_error(tmp_path, monkeypatch, c
     assert cli.main(["go"]) == EXIT_UNEXPECTED
     err = capsys.readouterr().err
     assert err == "tvm-cim: error: internal compiler error while lowering conv1: ValueError: bad\n"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_inputs_are_refused_naming_the_input(rng, bad):
+    from tvm_cim.core.errors import InputError
+
+    ex, _ = tvm_cim.compile_for_cim(_two_layer_qdq(rng, second_zero_point=0))
+    x = rng.standard_normal((4, 16)).astype("float32")
+    x[1, 3] = bad
+    with pytest.raises(InputError, match="input 'in0' holds NaN or infinite values"):
+        run_vm(ex, x)

@@ -120,6 +120,18 @@ class Cli:
         """Parse ``argv`` (``sys.argv[1:]`` when None), run the subcommand and return its
         exit status; errors become one line on stderr."""
         args = self.build_parser().parse_args(argv)
+        _created.clear()
+        try:
+            status = self._run(args)
+        except BaseException:
+            _remove_created()
+            raise
+        if status not in (EXIT_OK, EXIT_BROKEN_PIPE):
+            _remove_created()  # a command that fails leaves no file it wrote behind
+        _created.clear()
+        return status
+
+    def _run(self, args: argparse.Namespace) -> int:
         try:
             return args.handler(args)
         except BrokenPipeError:
@@ -145,14 +157,43 @@ class Cli:
 # ---------------------------------------------------------------------- argument types
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
+#: Largest count a command line takes (batch, epochs, episodes): far above any real run,
+#: far below where timing sums or memory estimates stop being exact.
+MAX_COUNT = 2**40
+
+
+def bounded_int(low: int, high: int = MAX_COUNT):
+    """An argparse type: an integer in ``low .. high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if value < low and high == MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if not low <= value <= high:
+            shown = value if abs(value) < 10**20 else f"{str(value)[:12]}... ({len(text)} digits)"
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {shown}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = bounded_int(1)
+#: Seeds: what every seeded library (NumPy, PyTorch, Optuna, SB3) takes.
+SEED = bounded_int(0, 2**32 - 1)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text[:40]}")
     return value
 
 
@@ -233,6 +274,16 @@ def add_arch_argument(parser: argparse.ArgumentParser, role: ArchRole) -> None:
 # ---------------------------------------------------------------------- files
 
 
+#: Files the running command created, removed again if it fails.
+_created: list[Path] = []
+
+
+def _remove_created() -> None:
+    for path in _created:
+        path.unlink(missing_ok=True)
+    _created.clear()
+
+
 def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> None:
     """Run ``write`` on a temporary file that replaces ``path`` once written (parent
     folders created; a failed write leaves ``path`` as it was, and nothing beside it).
@@ -243,11 +294,14 @@ def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> No
         ``cannot write <what> <path>: <reason>`` when the system refuses.
     """
     path = Path(path)
+    existed = path.exists()
     try:
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as exc:
         raise FileError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    if not existed:
+        _created.append(path)
 
 
 def write_text(path: str | Path, text: str, what: str) -> None:

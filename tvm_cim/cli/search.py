@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tvm_cim.cli.common import EXIT_OK, add_arch_argument
+from tvm_cim.cli.common import EXIT_OK, SEED, add_arch_argument
 from tvm_cim.core.errors import CimError
 
 
@@ -23,7 +23,7 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PTS",
         help="accuracy points a policy may lose against W8A8 (default 0.1)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--storage",

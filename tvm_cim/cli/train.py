@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tvm_cim.cli.common import SEED, positive_float, positive_int
 from tvm_cim.core.errors import CimError
 
 
@@ -19,9 +20,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--precision", metavar="CFG", help="per-layer bits (YAML, JSON or .npy)")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--from", dest="start", metavar="CKPT", help="start from this checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

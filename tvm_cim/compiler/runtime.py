@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from tvm_cim.core.errors import InputError
 from tvm_cim.core.quant import quantize
 from tvm_cim.sim.program import Program
 from tvm_cim.sim.simulator import PreparedProgram, Simulator
@@ -57,6 +58,10 @@ def program_inputs(program: Program, params: list[np.ndarray]) -> dict[str, np.n
         value = value.reshape(-1, desc.width)
         q = spec["quant"]
         if q is not None:
+            if not np.isfinite(value).all():  # quantize would turn NaN into INT64_MIN
+                raise InputError(
+                    f"{program.name}: input {desc.name!r} holds NaN or infinite values"
+                )
             value = quantize(value, q["scale"], q["zero_point"], q["bits"], q["signed"])
         inputs[desc.name] = value.astype(np.int64)
     return inputs

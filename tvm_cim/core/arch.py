@@ -109,6 +109,11 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 _JSON_SUFFIXES = (".json",)
 
 
+#: Largest latency of one operation, in microseconds (about 11.6 days): timing sums
+#: integer picoseconds, which must stay exact and finite.
+MAX_LATENCY_US = 1e12
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -237,8 +242,11 @@ class CimArch:
         value = getattr(self, field)
         if value is None and optional:
             return
-        if not _is_real(value) or not _finite(value) or value < 0:
+        bound = MAX_LATENCY_US if field in _LATENCY_KEYS else math.inf
+        if not (_is_real(value) and _finite(value) and 0 <= value <= bound):
             allowed = "None or a finite number >= 0" if optional else "a finite number >= 0"
+            if field in _LATENCY_KEYS:
+                allowed += f" and <= {MAX_LATENCY_US:g}"
             raise ArchError(f"CimArch.{field} must be {allowed}, got {value!r}", field=field)
         object.__setattr__(self, field, float(value))
 
@@ -401,8 +409,8 @@ class CimArch:
         text = _read_text(path)
         try:
             data = parse(text)
-        except parse_error as err:
-            raise ArchError(f"{path}: invalid {syntax}: {err}") from None
+        except (parse_error, ValueError, RecursionError) as err:  # huge numbers, deep nesting
+            raise ArchError(f"{path}: invalid {syntax}: {type(err).__name__}: {err}") from None
         if not isinstance(data, Mapping):
             raise ArchError(
                 f"{path}: an architecture file must hold a mapping, got {type(data).__name__}"
