@@ -183,8 +183,8 @@ class PreparedProgram:
         values += 2 * self.arch.crossbars * self.arch.cols * self.mvm_rows
         need = 8 * batch * values
         if need > MEMORY_LIMIT_BYTES:
-            gib = -(-need // 2**30)  # integers: a huge batch would overflow a float
-            shown = f"{gib} GiB" if gib < 10**6 else "more than a million GiB"
+            # A batch of hundreds of digits would overflow a float: say so in words.
+            shown = f"{need / 2**30:.1f} GiB" if need < 2**70 else "more than a million GiB"
             raise InputError(
                 f"a batch of {batch if batch < 10**12 else 'over 10**12'} needs {shown} of "
                 f"buffers, over the {MEMORY_LIMIT_BYTES // 2**30} GiB limit; run it in "

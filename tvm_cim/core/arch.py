@@ -109,9 +109,10 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 _JSON_SUFFIXES = (".json",)
 
 
-#: Largest latency of one operation, in microseconds (about 11.6 days): timing sums
-#: integer picoseconds, which must stay exact and finite.
-MAX_LATENCY_US = 1e12
+#: Largest latency of one operation, in microseconds (about 32 years): timing sums
+#: integer picoseconds (beyond int64 where needed), and their conversion back to
+#: microseconds must stay finite for any count a program can make.
+MAX_LATENCY_US = 1e15
 
 
 def _is_int(value: Any) -> bool:
