@@ -287,6 +287,7 @@ def _remove_created() -> None:
 def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> None:
     """Run ``write`` on a temporary file that replaces ``path`` once written (parent
     folders created; a failed write leaves ``path`` as it was, and nothing beside it).
+    A file this creates is removed again if the running command fails (``Cli.main``).
 
     Raises
     ------
