@@ -115,7 +115,7 @@ _RESHAPE_COMMUTES = ("relax.dequantize", "relax.clip", "relax.quantize")
 
 def _per_tensor(call) -> bool:
     """A ``clip``, or a ``(de)quantize`` with one scale and one zero point."""
-    if _op_name(call) == "relax.clip":
+    if op_name(call) == "relax.clip":
         return True
     return all(
         len(getattr(arg.ty, "shape", None) or ()) == 0 or all(int(d) == 1 for d in arg.ty.shape)
@@ -128,7 +128,7 @@ def _elementwise_chain(data, bindings) -> list:
     chain = []
     while isinstance(data, relax.Var) and data in bindings:
         value = bindings[data]
-        if _op_name(value) not in _RESHAPE_COMMUTES or not _per_tensor(value):
+        if op_name(value) not in _RESHAPE_COMMUTES or not _per_tensor(value):
             break
         chain.append(value)
         data = value.args[0]
@@ -137,7 +137,7 @@ def _elementwise_chain(data, bindings) -> list:
 
 def _rebuild(call, data):
     """``call`` on new ``data``; a per-tensor (de)quantize drops its channel axis."""
-    name = _op_name(call)
+    name = op_name(call)
     if name == "relax.clip":
         return relax.op.clip(data, call.args[1], call.args[2])
     make = relax.op.quantize if name == "relax.quantize" else relax.op.dequantize
@@ -156,10 +156,10 @@ class _ReshapeMover(relax.PyExprMutator):
     def visit_var_binding_(self, binding):
         value = binding.value
         chain = []
-        if _op_name(value) == "relax.reshape":
+        if op_name(value) == "relax.reshape":
             chain = _elementwise_chain(value.args[0], self.bindings)
         source = chain[-1].args[0] if chain else None
-        if not chain or _op_name(chain[0]) != "relax.dequantize" or _constant_tensor(source):
+        if not chain or op_name(chain[0]) != "relax.dequantize" or _constant_tensor(source):
             super().visit_var_binding_(binding)
             return
         out = self.builder_.emit(relax.op.reshape(self.visit_expr(source), value.args[1]))
@@ -215,11 +215,9 @@ def integer_code_range(lo: int, hi: int) -> tuple[int, bool, bool] | None:
 
     for bits in range(1, 9):
         for signed in (True, False):
-            qlo, qhi = quant_range(bits, signed)
-            if (lo, hi) == (qlo, qhi):
+            if (lo, hi) == quant_range(bits, signed):
                 return bits, signed, False
-            narrow = (qlo + 1, qhi) if signed else (qlo, qhi - 1)
-            if bits >= 2 and (lo, hi) == narrow:
+            if bits >= 2 and (lo, hi) == quant_range(bits, signed, narrow=True):
                 return bits, signed, True
     return None
 
@@ -274,7 +272,8 @@ def quantized_code_range(
 _DTYPE_CODES = {"int8": (8, True), "uint8": (8, False)}
 
 
-def _op_name(expr) -> str | None:
+def op_name(expr) -> str | None:
+    """The name of the Relax operator ``expr`` calls, else None."""
     return getattr(getattr(expr, "op", None), "name", None)
 
 
@@ -319,13 +318,13 @@ class _PairCopier(relax.PyExprMutator):
         self.shared = {
             var
             for var, value in bindings.items()
-            if _op_name(value) == "relax.dequantize" and readers.get(var, 0) > 1
+            if op_name(value) == "relax.dequantize" and readers.get(var, 0) > 1
         }
 
     def _copy(self, var, path: tuple = ()):
         """A fresh binding computing ``var`` (and the rest of its chain)."""
         value = self.bindings.get(var)
-        path = (*path, _op_name(value))
+        path = (*path, op_name(value))
         if not any(chain[: len(path)] == path for chain in self._CHAINS):
             return self.visit_expr(var)
         first = value.args[0]

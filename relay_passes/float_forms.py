@@ -19,11 +19,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .canonicalize import op_name
 from .patterns import FLOAT_DTYPES
-
-
-def _op_name(expr) -> str | None:
-    return getattr(getattr(expr, "op", None), "name", None)
 
 
 def _array(expr) -> np.ndarray | None:
@@ -75,7 +72,7 @@ class _FloatForms(relax.PyExprMutator):
             else:
                 self._emit(binding.var, field)
             return
-        op = _op_name(value)
+        op = op_name(value)
         if op == "relax.matmul" and self._fold_alpha(binding):
             return
         if op == "relax.nn.batch_norm" and self._fold_batch_norm(binding):
@@ -88,7 +85,7 @@ class _FloatForms(relax.PyExprMutator):
         x, w = call.args
         weight = _array(w)
         scaled = self.bindings.get(x)
-        if weight is None or weight.ndim != 2 or _op_name(scaled) != "relax.multiply":
+        if weight is None or weight.ndim != 2 or op_name(scaled) != "relax.multiply":
             return False
         for data, factor in (scaled.args, scaled.args[::-1]):
             alpha = _array(factor)
@@ -105,7 +102,7 @@ class _FloatForms(relax.PyExprMutator):
             return None
         value = self.bindings.get(var)
         bias = None
-        if _op_name(value) == "relax.add":
+        if op_name(value) == "relax.add":
             for conv_var, b in (value.args, value.args[::-1]):
                 bias = _array(b)
                 if bias is not None and isinstance(conv_var, relax.Var):
@@ -115,7 +112,7 @@ class _FloatForms(relax.PyExprMutator):
             if not self._sole_reader(conv_var, var):
                 return None
             value = self.bindings.get(conv_var)
-        if _op_name(value) != "relax.nn.conv2d" or _array(value.args[1]) is None:
+        if op_name(value) != "relax.nn.conv2d" or _array(value.args[1]) is None:
             return None
         if str(value.attrs.kernel_layout) != "OIHW" or str(value.attrs.out_layout) != "NCHW":
             return None

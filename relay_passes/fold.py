@@ -35,12 +35,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .canonicalize import op_name
 from .float_forms import fold_float_forms
 from .patterns import CODE_DTYPES
-
-
-def _op_name(expr) -> str | None:
-    return getattr(getattr(expr, "op", None), "name", None)
 
 
 def _is_constant(expr) -> bool:
@@ -72,9 +69,9 @@ class _KeptUses:
             self.uses.setdefault(owner, set()).add(index)
             return
         value = self.bindings.get(arg) if isinstance(arg, relax.Var) else None
-        if not isinstance(value, relax.Call) or _op_name(value) == "relax.quantize":
+        if not isinstance(value, relax.Call) or op_name(value) == "relax.quantize":
             return  # an activation, or codes a quantize of a constant folds to
-        if _op_name(value) == "relax.clip":
+        if op_name(value) == "relax.clip":
             self.keep(arg, 0)
         for i, inner in enumerate(value.args):
             if _is_constant(inner):
@@ -85,7 +82,7 @@ class _KeptUses:
         bindings = {b.var: b.value for block in fn.body.blocks for b in block.bindings}
         kept = cls(bindings)
         for var, value in bindings.items():
-            op = _op_name(value)
+            op = op_name(value)
             if op == "relax.dequantize":
                 for i in range(len(value.args)):
                     kept.keep(var, i)
@@ -132,7 +129,7 @@ def _static_shape(ty) -> list[int] | None:
 
 def _layout_value(call: relax.Call) -> np.ndarray | None:
     """The value of a layout operator on a constant, computed by numpy, else None."""
-    op = _op_name(call)
+    op = op_name(call)
     if op not in _LAYOUT_OPS or not _is_constant(call.args[0]):
         return None
     shape = _static_shape(call.ty)

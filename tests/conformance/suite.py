@@ -409,26 +409,32 @@ def model_zoo_graphs() -> list[Path]:
     return sorted(folder.glob("light_*.onnx"))
 
 
-def measure_cost_only(name: str, producer: str, path: Path) -> Result:
-    """Partition ``path`` and lower it for cost only; count what reaches the crossbars."""
+def _measure_cost_only(result: Result, load: Callable, layers: list[str]) -> Result:
+    """``result`` filled in from loading (``load() -> (mod, names)``), partitioning and a
+    cost-only lowering: how many of ``layers`` reach the crossbars, and the time it took."""
     import tvm_cim
-    from tvm_cim.compiler.frontend import load_onnx
 
-    nodes = crossbar_nodes(path)
-    result = Result(name, producer, compiled=False, nodes=len(nodes))
     start = time.perf_counter()
     try:
-        mod, names = load_onnx(path)
-        plan = tvm_cim.plan_for_cim(mod, names=names)
-        report = plan.cost_report()
-    except Exception as exc:
+        mod, names = load()
+        report = tvm_cim.plan_for_cim(mod, names=names).cost_report()
+    except Exception as exc:  # the table shows what failed instead of stopping
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     result.compile_s = time.perf_counter() - start
     result.compiled = True
-    result.offloaded = sum(op.name in nodes for op in report.operators)
+    result.offloaded = sum(op.name in layers for op in report.operators)
     result.cpu = report.cpu
     return result
+
+
+def measure_cost_only(name: str, producer: str, path: Path) -> Result:
+    """Partition ``path`` and lower it for cost only; count what reaches the crossbars."""
+    from tvm_cim.compiler.frontend import load_onnx
+
+    nodes = crossbar_nodes(path)
+    result = Result(name, producer, compiled=False, nodes=len(nodes))
+    return _measure_cost_only(result, lambda: load_onnx(path), nodes)
 
 
 def measure_torch_export(name: str) -> Result:
@@ -436,7 +442,6 @@ def measure_torch_export(name: str) -> Result:
     ``Linear`` layers on the crossbars out of all."""
     import torch
 
-    import tvm_cim
     from tvm_cim.compiler.frontend import load_torch
     from tvm_cim.learn import zoo
 
@@ -444,16 +449,5 @@ def measure_torch_export(name: str) -> Result:
     model = zoo.build(name).eval()
     layers = zoo.quantizable_layers(model)
     result = Result(name, "torch.export", compiled=False, nodes=len(layers))
-    start = time.perf_counter()
-    try:
-        mod, names = load_torch(model, torch.zeros((1, *zoo.input_shape(name))))
-        plan = tvm_cim.plan_for_cim(mod, names=names)
-        report = plan.cost_report()
-    except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    result.compile_s = time.perf_counter() - start
-    result.compiled = True
-    result.offloaded = len(report.operators)
-    result.cpu = report.cpu
-    return result
+    example = torch.zeros((1, *zoo.input_shape(name)))
+    return _measure_cost_only(result, lambda: load_torch(model, example), layers)

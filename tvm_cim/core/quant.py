@@ -25,11 +25,13 @@ from array_api_compat import array_namespace, is_array_api_obj, is_numpy_namespa
 MAX_SHIFT = 62
 
 
-def quant_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Smallest and largest integer of a ``bits``-wide (un)signed code."""
+def quant_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Smallest and largest integer of a ``bits``-wide (un)signed code; ``narrow`` drops
+    the most negative signed code (a range symmetric about zero) or the largest unsigned
+    one, as Brevitas and QONNX define narrow range."""
     if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
+        return -(1 << (bits - 1)) + int(narrow), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1 - int(narrow)
 
 
 def rounding_right_shift(x: np.ndarray, shift) -> np.ndarray:

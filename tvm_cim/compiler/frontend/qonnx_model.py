@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.quant import quant_range
 
 #: ONNX domains of QONNX's quantization operators (``Quant``, ``BipolarQuant``, ``Trunc``).
 QONNX_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas", "finn.custom_op.general")
@@ -61,13 +62,6 @@ def from_qonnx(model, path: Path):
 _ROUNDING_OPS = {"ROUND": "Round", "HALF_EVEN": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
 
 
-def _code_bounds(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
-    """The integer range of ``bits``-wide codes, as QONNX defines it."""
-    if signed:
-        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1 - int(narrow)
-
-
 class _Subgraph:
     """ONNX nodes and constants written in place of one node, with names prefixed by it."""
 
@@ -109,7 +103,7 @@ def _trunc_subgraph(wrapper, node) -> _Subgraph | None:
         out_scale, real_scale, out_zero = None, scale, zero_point
     signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
     bits = int(np.asarray(out_bits).reshape(-1)[0])
-    lo, hi = _code_bounds(bits, signed, narrow)
+    lo, hi = quant_range(bits, signed, narrow)
 
     g = _Subgraph(f"{node.name or node.output[0]}_as_onnx")
     codes = g.op("Div", [node.input[0], g.const("scale", scale)], "div")
