@@ -61,7 +61,8 @@ EXTENSIONS = cythonize(
     },
 )
 
-TVM_REQUIRES = ["apache-tvm==0.27.0.post1", "onnx>=1.16", "tqdm>=4.60"]
+# pyelftools reads a compiled library's ELF headers before ``tvm-cim run`` loads it.
+TVM_REQUIRES = ["apache-tvm==0.27.0.post1", "onnx>=1.16", "tqdm>=4.60", "pyelftools>=0.31"]
 TRAIN_REQUIRES = ["scikit-learn>=1.3", "mnist1d>=0.0.2"]
 SEARCH_REQUIRES = [
     "gymnasium>=1.0,<2",

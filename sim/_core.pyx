@@ -814,9 +814,45 @@ cdef _Plan _plan_for(prepared):
 
 #: Bytes of buffers, column sums and DAC chunks one row tile may take: small enough to
 #: stay in cache, while the tile is tall enough (_MIN_TILE vectors) for GEMMs to run
-#: efficiently. A tile holds whole items.
+#: efficiently. A tile holds whole items (``memory_bytes`` counts what it really takes).
 _TILE_BYTES = 2 << 20
 _MIN_TILE = 128
+
+
+def _tile_layout(_Plan plan, prepared, batch):
+    """``(float dtype, items per row tile, int64 values of each buffer per item)`` of a
+    functional run of ``batch`` items."""
+    dtype = np.float32 if plan.f32 else np.float64
+    per_item = [w * r for w, r in zip(prepared.buffers, prepared.buffer_rows)]
+    item_bytes = 8 * sum(per_item) + dtype().itemsize * plan.mvm_rows * (
+        len(plan.sums_xbs) * plan.max_cols + plan.max_in_rows
+    )
+    min_items = -(-_MIN_TILE // plan.max_rows)
+    tile = min(batch, max(min_items, _TILE_BYTES // item_bytes, 1))
+    return dtype, tile, per_item
+
+
+def memory_bytes(prepared, batch, functional):
+    """Bytes ``run`` allocates for ``batch`` items: the outputs, and for values the int64
+    inputs, the crossbars' float weights, one row tile of buffers, column sums and DAC
+    chunks, and a row of scratch. The same sizes ``run`` allocates, from the same plan."""
+    cdef _Plan plan = _plan_for(prepared)
+    if batch * plan.bound >= _INT64_LIMIT:  # run hands such a batch to the reference
+        return reference.memory_bytes(prepared, batch, functional)
+    total = reference.OVERHEAD_BYTES + sum(
+        batch * t.rows * t.width * np.dtype(t.dtype).itemsize for t in prepared.outputs
+    )
+    if not functional:
+        return total
+    dtype, tile, per_item = _tile_layout(plan, prepared, batch)
+    size = dtype().itemsize
+    vectors = tile * plan.mvm_rows
+    total += 8 * batch * sum(t.rows * t.width for t in prepared.inputs)
+    total += size * max(sum(plan.weight_sizes), 1)
+    total += 8 * max(tile * sum(per_item), 1)
+    total += size * max(len(plan.sums_xbs), 1) * vectors * plan.max_cols
+    total += size * vectors * plan.max_in_rows
+    return total + 8 * max(prepared.buffers, default=1)
 
 
 def run(prepared, arrays, batch, functional):
@@ -853,9 +889,8 @@ def run(prepared, arrays, batch, functional):
         with nogil:
             _schedule_all(m, &code[0, 0], code.shape[0], code.shape[1])
         if functional:
-            dtype = np.float32 if plan.f32 else np.float64
+            dtype, tile, per_item = _tile_layout(plan, prepared, nb)
             widths = prepared.buffers
-            per_item = [w * r for w, r in zip(widths, prepared.buffer_rows)]
             nsums = len(plan.sums_xbs)
             # this run's own: runs of one prepared program may overlap (without the GIL)
             weights = np.empty(max(sum(plan.weight_sizes), 1), dtype=dtype)
@@ -865,11 +900,6 @@ def run(prepared, arrays, batch, functional):
                 offset += plan.weight_sizes[i] * weights.itemsize
             for i in range(arch.crossbars):
                 m.image_on[i] = -1
-            item_bytes = 8 * sum(per_item) + dtype().itemsize * plan.mvm_rows * (
-                nsums * plan.max_cols + plan.max_in_rows
-            )
-            min_items = -(-_MIN_TILE // plan.max_rows)
-            tile = min(nb, max(min_items, _TILE_BYTES // item_bytes, 1))
             m.tile = tile
             m.buf_total = sum(per_item)
             tile_buffers = np.empty(max(tile * m.buf_total, 1), dtype=np.int64)

@@ -18,7 +18,9 @@ A program reads top to bottom as directives, then code::
         mvm xb=x0 src=b0 src_col=0 bit=0         ; omitted flag operands are 0
         halt
 
-Operands are ``name=value``; table indices take their kind's prefix (``b`` buffers,
+A name that holds spaces, ``=``, quotes, ``;`` or other characters that would not read
+back is written as a JSON string (``.input "my input" width=4 ...``). Operands are
+``name=value``; table indices take their kind's prefix (``b`` buffers,
 ``x`` crossbars, ``img`` images, ``c`` constants, ``t`` tensors). Tensors take optional
 ``batch=`` and ``rows=`` keys. ``;`` starts a comment (the JSON of ``.arch`` and
 ``.attrs`` writes it as ``\\u003b``). ``disassemble`` writes exactly what ``assemble``
@@ -47,9 +49,33 @@ def _one_line_json(value, sort_keys: bool = False) -> str:
     return json.dumps(value, sort_keys=sort_keys).replace(";", "\\u003b")
 
 
+#: Names written as they are; any other is written as a JSON string (spaces, ``=``,
+#: quotes, ``;``, control characters, an empty name).
+_PLAIN_NAME = re.compile(r'[^\s;="\\]+')
+#: Largest rows and cols of an image and of a constant: their fields in the file format.
+_IMAGE_LIMIT = 0xFFFF
+_CONST_LIMIT = 0xFFFFFFFF
+
+
+def _name(name: str) -> str:
+    """``name`` as the assembler reads it back exactly."""
+    plain = _PLAIN_NAME.fullmatch(name) and name.isprintable()
+    return name if plain else _one_line_json(name)
+
+
+def _program_name(name: str) -> str:
+    """The program's name as ``.program`` reads it back: the rest of the line, quoted
+    only where that would not hold it exactly."""
+    plain = name and name == name.strip() and name.isprintable() and ";" not in name
+    return name if plain and not name.startswith('"') else _one_line_json(name)
+
+
 def disassemble(program: Program) -> str:
     """Canonical assembly text of ``program``."""
-    lines = [f".program {program.name}", ".arch " + _one_line_json(program.arch.to_dict())]
+    lines = [
+        f".program {_program_name(program.name)}",
+        ".arch " + _one_line_json(program.arch.to_dict()),
+    ]
     if program.attrs:
         lines.append(".attrs " + _one_line_json(program.attrs, sort_keys=True))
     for directive, tensors in ((".input", program.inputs), (".output", program.outputs)):
@@ -57,7 +83,7 @@ def disassemble(program: Program) -> str:
             batch = "" if t.batch is None else f" batch={t.batch}"
             rows = "" if t.rows == 1 else f" rows={t.rows}"
             lines.append(
-                f"{directive} {t.name} width={t.width} dtype={t.dtype} bits={t.bits} "
+                f"{directive} {_name(t.name)} width={t.width} dtype={t.dtype} bits={t.bits} "
                 f"signed={int(t.signed)}{batch}{rows}"
             )
     missing = len(program.buffers) - len(program.buffer_rows)  # unverified programs
@@ -113,7 +139,10 @@ class _Assembler:
                 continue
             head, _, rest = line.strip().partition(" ")
             if head == ".program":
-                self.name = rest.strip() or self.name
+                name, tail = self._name(n, rest.strip())
+                if rest.strip().startswith('"') and tail.strip():
+                    self.fail(n, f"unexpected text after the program name: {tail[:40]!r}")
+                self.name = name if rest.strip().startswith('"') else rest.strip() or self.name
             elif head == ".arch":
                 self._arch(n, rest)
             elif head == ".attrs":
@@ -172,6 +201,19 @@ class _Assembler:
             out[key] = value
         return out
 
+    def _name(self, n: int, text: str) -> tuple[str, str]:
+        """The name that starts ``text`` (a word, or a JSON string) and the rest."""
+        if not text.startswith('"'):
+            name, _, rest = text.partition(" ")
+            return name, rest
+        try:
+            name, end = json.JSONDecoder().raw_decode(text)
+        except ValueError as exc:
+            self.fail(n, f"bad quoted name: {exc}")
+        if text[end : end + 1] not in ("", " ", "\t"):
+            self.fail(n, f"expected a space after the quoted name, found {text[end:][:20]!r}")
+        return name, text[end:]
+
     def _int(self, n: int, key: str, value: str, prefix: str = "") -> int:
         if prefix and value.startswith(prefix):
             value = value[len(prefix) :]
@@ -182,10 +224,11 @@ class _Assembler:
     def _declare(self, n: int, head: str, rest: str) -> None:
         if self.builder is None:
             self.fail(n, f"{head} before .arch")
-        words = rest.split()
-        if not words:
+        label, rest = self._name(n, rest.strip())
+        if not label:
             self.fail(n, f"{head} needs a name")
-        label, kw = words[0], self._keywords(n, words[1:])
+        words = rest.split()
+        kw = self._keywords(n, words)
         b = self.builder
         try:
             if head in (".input", ".output"):
@@ -208,19 +251,26 @@ class _Assembler:
                 )
             elif head == ".image":
                 self._label(n, label, "img", len(b.images))
-                rows = self._int(n, "rows", kw.pop("rows"))
-                cols = self._int(n, "cols", kw.pop("cols"))
+                rows = self._size(n, "rows", kw.pop("rows"), _IMAGE_LIMIT)
+                cols = self._size(n, "cols", kw.pop("cols"), _IMAGE_LIMIT)
                 diff = bool(self._int(n, "diff", kw.pop("diff", "0")))
                 b.image(self._hex_rows(n, rows, cols), differential_rows=diff)
             else:
                 self._label(n, label, "c", len(b.constants))
-                rows = self._int(n, "rows", kw.pop("rows"))
-                cols = self._int(n, "cols", kw.pop("cols"))
+                rows = self._size(n, "rows", kw.pop("rows"), _CONST_LIMIT)
+                cols = self._size(n, "cols", kw.pop("cols"), _CONST_LIMIT)
                 b.constant(self._int_rows(n, rows, cols))
         except KeyError as exc:
             self.fail(n, f"{head} is missing {exc.args[0]}=")
         if kw:
             self.fail(n, f"{head}: unknown key(s) {sorted(kw)}")
+
+    def _size(self, n: int, key: str, value: str, limit: int) -> int:
+        """A rows or cols count: within what the file format stores (data lines follow)."""
+        size = self._int(n, key, value)
+        if not 0 <= size <= limit:
+            self.fail(n, f"{key}={value[:24]} outside 0..{limit}")
+        return size
 
     def _label(self, n: int, label: str, prefix: str, expected: int) -> None:
         if label != f"{prefix}{expected}":
@@ -234,8 +284,13 @@ class _Assembler:
         return [(m, line.strip()) for m, line in out]
 
     def _hex_rows(self, n: int, rows: int, cols: int) -> np.ndarray:
+        lines = self._data_lines(n, rows)  # as many lines as rows exist: then allocate
+        if rows == 0 or cols == 0:
+            return np.zeros((rows, cols), dtype=np.uint8)
         cells = np.zeros((rows, cols), dtype=np.uint8)
-        for r, (m, line) in enumerate(self._data_lines(n, rows)):
+        for r, (m, line) in enumerate(lines):
+            if len(line) != 2 * cols:
+                self.fail(m, f"image row has {len(line) / 2:g} cells, expected {cols}")
             try:
                 raw = bytes.fromhex(line)
             except ValueError:
@@ -246,16 +301,19 @@ class _Assembler:
         return cells
 
     def _int_rows(self, n: int, rows: int, cols: int) -> np.ndarray:
-        values = np.zeros((rows, cols), dtype=np.int64)
-        for r, (m, line) in enumerate(self._data_lines(n, rows)):
+        lines = self._data_lines(n, rows)  # as many lines as rows exist
+        table = []
+        for m, line in lines:
             words = line.split()
-            if len(words) != cols:
+            if len(words) != cols:  # so the values, read first, come from the text
                 self.fail(m, f"constant row has {len(words)} values, expected {cols}")
-            try:
-                values[r] = [int(w) for w in words]
-            except (ValueError, OverflowError):
+            if not all(re.fullmatch(r"-?\d{1,19}", w) for w in words):
                 self.fail(m, "constant rows hold int64 integers")
-        return values
+            table.append(words)
+        try:
+            return np.array(table, dtype=np.int64).reshape(rows, cols)
+        except (ValueError, OverflowError):
+            self.fail(n, "constant rows hold int64 integers")
 
     def _instruction(self, n: int, line: str) -> None:
         words = line.split()

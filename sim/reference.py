@@ -12,6 +12,7 @@ import numpy as np
 
 from tvm_cim.core import quant
 
+from . import isa
 from .timing import Timeline
 
 
@@ -27,8 +28,9 @@ class _State:
         self.outputs = [
             np.zeros((batch * t.rows, t.width), dtype=t.dtype) for t in prepared.outputs
         ]
+        # a timing-only run computes no values: it needs no buffers
         self.buffers = [
-            np.zeros((batch * rows, w), dtype=np.int64)
+            np.zeros((batch * rows, w) if functional else (0, w), dtype=np.int64)
             for w, rows in zip(prepared.buffers, prepared.buffer_rows)
         ]
         self.weights = [None] * self.arch.crossbars  # the folded image each crossbar holds
@@ -131,6 +133,55 @@ def execute_im2col(s: _State, ops):
 EXECUTE = {
     name[len("execute_") :]: fn for name, fn in globals().items() if name.startswith("execute_")
 }
+
+
+# ------------------------------------------------------------------------ memory
+
+#: Bytes of the Python objects any run makes besides its arrays (lists, stats, views).
+OVERHEAD_BYTES = 64 << 10
+#: Bytes one decoded instruction (a tuple holding a dict of Python ints) takes.
+_DECODED_BYTES = 1024
+#: Temporaries of ``vectors x ncols`` int64 an instruction holds at once, at most: the
+#: rounding of ``quant.rounding_right_shift`` keeps its input, floor, remainder and a
+#: term alive (plus boolean masks), behind the sum or product that feeds it.
+_PLANES = {"adc": 5, "req": 6, "shadd": 1, "acc": 1, "store": 1, "load": 0, "halt": 0}
+
+
+def memory_bytes(prepared, batch: int, functional: bool) -> int:
+    """Most bytes ``run`` holds at once for ``batch`` items: its state (outputs, buffers,
+    each crossbar's float weights and held column sums, the im2col indices), plus the
+    largest set of temporaries one instruction makes (numpy allocates a fresh array for
+    each intermediate of an expression)."""
+    per_item = sum(t.rows * t.width * np.dtype(t.dtype).itemsize for t in prepared.outputs)
+    if not functional:
+        return batch * per_item + _DECODED_BYTES * len(prepared.code) + OVERHEAD_BYTES
+    walk = prepared.walk
+    per_item += 8 * sum(t.rows * t.width for t in prepared.inputs)  # converted to int64
+    per_item += 8 * sum(w * r for w, r in zip(prepared.buffers, prepared.buffer_rows))
+    per_item += 8 * sum(walk.held_per_item.values())
+    fixed = 8 * sum(walk.weights.values()) + 8 * sum(walk.im2col_index.values())
+    fixed += _DECODED_BYTES * len(prepared.code) + OVERHEAD_BYTES
+    return batch * per_item + fixed + max(_transients(prepared, batch), default=0)
+
+
+def _transients(prepared, batch: int):
+    """Per instruction, the bytes of the temporaries executing it allocates."""
+    for opcode, step in zip(prepared.code[:, 0].tolist(), prepared.walk.steps):
+        mnemonic = isa.BY_OPCODE[opcode].mnemonic
+        vectors = batch * step.rows
+        if mnemonic == "prog":
+            # cells as int64, their difference (or themselves) and its float64 copy
+            yield 16 * step.cells
+        elif mnemonic == "mvm":
+            # dac_chunk's shifts and masks (three planes), then chunk, its float64 copy
+            # and the product, while the previous column sums are still held
+            yield 8 * vectors * max(3 * step.k, 2 * step.k + step.cols)
+        elif mnemonic == "im2col":
+            # the padded source, np.take's buffered output and building the index
+            h, w, c = step.params[:3]
+            yield 8 * batch * (h * w + 1) * c + 8 * vectors * step.cols + 16 * step.index
+        else:
+            yield 8 * vectors * _PLANES[mnemonic] * step.cols
 
 
 def run(prepared, inputs: list[np.ndarray], batch: int, functional: bool):

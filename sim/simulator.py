@@ -8,12 +8,14 @@ does a build without the compiled extension.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from tvm_cim.core.arch import CimArch
+from tvm_cim.core.arrays import format_size, parse_size
 from tvm_cim.core.errors import InputError
 from tvm_cim.core.quant import quant_range
 
@@ -27,8 +29,24 @@ try:
 except ImportError:  # built without the extension: the reference still works
     _core = None
 
-#: Refuse runs whose buffers would need more memory than this.
+#: Refuse runs that would hold more memory than this (bytes), unless told otherwise.
 MEMORY_LIMIT_BYTES = 2 << 30
+#: The environment variable that sets the memory limit (``4G``, ``512M``, bytes).
+MEMORY_LIMIT_VARIABLE = "TVM_CIM_SIM_MEMORY_LIMIT"
+#: Refuse functional runs whose work (see ``PreparedProgram.work``) exceeds this: about
+#: a minute of the compiled core, and six times the largest region of VGG-16 at 224x224
+#: (1.7e11 at batch 1; ResNet-18's largest is 9e9).
+WORK_LIMIT = 10**12
+#: The environment variable that sets the work limit (a count, such as ``5e12``).
+WORK_LIMIT_VARIABLE = "TVM_CIM_SIM_WORK_LIMIT"
+#: Work is counted in cell-MACs, of which the compiled core does about 1.5e10 a second
+#: (BLAS); treating one vector of an instruction costs it as much as this many, and one
+#: column of a digital instruction (adc, shadd, acc, req, load, store, im2col) this many.
+VECTOR_OPS = 256
+COLUMN_OPS = 16
+#: How messages name the two settings.
+_MEMORY_SETTING = f"memory limit (--memory-limit, {MEMORY_LIMIT_VARIABLE})"
+_WORK_SETTING = f"work limit (--work-limit, {WORK_LIMIT_VARIABLE})"
 
 
 def available_backends() -> list[str]:
@@ -59,6 +77,114 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     copy = a[repeated].copy()
     copy.setflags(write=False)
     return np.broadcast_to(copy, a.shape) if 0 in a.strides else copy
+
+
+def _count_setting(text: str, what: str) -> int:
+    """``text`` (``1000``, ``5e12``) as a positive integer; ``what`` names the setting."""
+    try:
+        value = float(text) if re.fullmatch(r"\s*\d+(\.\d*)?[eE]\d{1,3}\s*", text) else int(text)
+    except (ValueError, OverflowError):
+        value = 0
+    if not 1 <= value < 2**63:
+        raise InputError(f"{what}: {text[:40]!r} is not a positive count (such as 5e12)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may cost: bytes of memory it holds, operations of work it does.
+
+    ``Limits.resolve()`` takes each limit given, else its environment variable
+    (``TVM_CIM_SIM_MEMORY_LIMIT``, ``TVM_CIM_SIM_WORK_LIMIT``), else the default
+    (2 GiB, ``WORK_LIMIT``).
+    """
+
+    memory: int = MEMORY_LIMIT_BYTES
+    work: int = WORK_LIMIT
+
+    @classmethod
+    def resolve(cls, memory: int | str | None = None, work: int | str | None = None) -> Limits:
+        memory = os.environ.get(MEMORY_LIMIT_VARIABLE, "").strip() if memory is None else memory
+        work = os.environ.get(WORK_LIMIT_VARIABLE, "").strip() if work is None else work
+        if isinstance(memory, str):
+            memory = parse_size(memory, _MEMORY_SETTING) if memory else MEMORY_LIMIT_BYTES
+        if isinstance(work, str):
+            work = _count_setting(work, _WORK_SETTING) if work else WORK_LIMIT
+        if memory < 1 or work < 1:
+            raise InputError(f"limits must be positive: memory {memory}, work {work}")
+        return cls(int(memory), int(work))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one instruction touches, per item, as the cost estimates need it.
+
+    ``rows``: vectors per item it treats (0 for one that is not per vector); ``cols``:
+    columns per vector (an mvm: its image's columns, an im2col: its taps); ``k``: inputs
+    an mvm drives; ``cells``: the cells of the image a prog writes or an mvm drives;
+    ``index``: values of an im2col's gather index; ``params``: an im2col's geometry.
+    """
+
+    rows: int = 0
+    cols: int = 0
+    k: int = 0
+    cells: int = 0
+    index: int = 0
+    params: tuple = ()
+
+
+@dataclass
+class Walk:
+    """One pass over a verified program's code, tracking the image on each crossbar."""
+
+    steps: list[Step]
+    #: per crossbar some prog writes: the most weights (in_rows x cols) it holds
+    weights: dict[int, int]
+    #: per crossbar some mvm drives: the most column sums per item it holds
+    held_per_item: dict[int, int]
+    #: per distinct im2col geometry: the values of its gather index
+    im2col_index: dict[tuple, int]
+
+    def work(self, batch: int) -> int:
+        """Operations of a functional run of ``batch`` items (see ``PreparedProgram.work``)."""
+        per_item = sum(
+            s.rows * (VECTOR_OPS + (s.cells if s.k else COLUMN_OPS * s.cols)) for s in self.steps
+        )
+        writes = sum(s.cells for s in self.steps if s.rows == 0)
+        return batch * (per_item + len(self.steps)) + writes
+
+
+def _walk(prepared: PreparedProgram) -> Walk:
+    """The ``Walk`` of ``prepared`` (verified: every index is in range)."""
+    images, rows_of = prepared.images, prepared.buffer_rows
+    image_on: dict[int, int] = {}
+    steps, weights, held, index = [], {}, {}, {}
+    for row in prepared.code.tolist():
+        spec = isa.BY_OPCODE[row[0]]
+        ops = dict(zip((f.name for f in spec.fields), row[1:]))
+        rows = rows_of[ops[spec.rows_from]] if spec.per_vector else 0
+        if spec.mnemonic == "prog":
+            img = images[ops["image"]]
+            image_on[ops["xb"]] = ops["image"]
+            size = img.in_rows * img.cols
+            weights[ops["xb"]] = max(weights.get(ops["xb"], 0), size)
+            step = Step(cells=img.physical_rows * img.cols)
+        elif spec.mnemonic == "mvm":
+            img = images[image_on[ops["xb"]]]
+            held[ops["xb"]] = max(held.get(ops["xb"], 0), rows * img.cols)
+            step = Step(rows, img.cols, img.in_rows, img.physical_rows * img.cols)
+        elif spec.mnemonic == "im2col":
+            params = tuple(int(v) for v in prepared.constants[ops["params"]][0])
+            g = dict(zip(isa.IM2COL_PARAMS, params))
+            taps = g["KH"] * g["KW"] * g["C"]
+            index[params] = g["OH"] * g["OW"] * taps
+            step = Step(rows, taps, index=index[params], params=params)
+        elif spec.mnemonic == "shadd" and ops["bcast"]:
+            step = Step(rows, 1)
+        else:
+            step = Step(rows, ops.get("ncols", 0))
+        steps.append(step)
+    return Walk(steps, weights, held, index)
 
 
 @dataclass
@@ -110,11 +236,19 @@ class PreparedProgram:
             decoded.append((spec.mnemonic, {f.name: v for f, v in zip(spec.fields, row[1:])}))
         return decoded
 
-    def check_inputs(self, inputs: dict[str, np.ndarray], batch: int | None) -> tuple:
+    def check_inputs(
+        self,
+        inputs: dict[str, np.ndarray],
+        batch: int | None,
+        limits: Limits | None = None,
+        backend: str | None = None,
+        functional: bool = True,
+    ) -> tuple:
         """Validate ``inputs``; return them in program order and the batch.
 
-        Each comes back as ``[batch * rows, width]`` int64. Shapes, the batch and the
-        memory it needs are checked before anything is converted or allocated.
+        Each comes back as ``[batch * rows, width]`` (int64 if ``functional``). Shapes,
+        the batch, and the memory (and, if ``functional``, the work) a run on ``backend``
+        needs within ``limits`` are checked before anything is converted or allocated.
         """
         names = [t.name for t in self.inputs]
         unknown = sorted(set(inputs) - set(names))
@@ -125,7 +259,8 @@ class PreparedProgram:
             raise InputError(f"missing input(s) {missing}; the program takes {names}")
         raw = [self._shaped(t, inputs[t.name]) for t in self.inputs]
         batch = self.resolve_batch({a.shape[0] // t.rows for t, a in zip(self.inputs, raw)}, batch)
-        return [self._in_range(t, a) for t, a in zip(self.inputs, raw)], batch
+        self.check_cost(batch, limits, backend, functional)
+        return [self._in_range(t, a, functional) for t, a in zip(self.inputs, raw)], batch
 
     def resolve_batch(self, batches: set[int], batch: int | None) -> int:
         """The one batch size the inputs, the caller and the program agree on."""
@@ -138,7 +273,6 @@ class PreparedProgram:
         batch = batches.pop() if batches else 1
         if batch < 1:
             raise InputError("the batch must hold at least one input vector")
-        self._check_memory(batch)
         return batch
 
     @staticmethod
@@ -165,7 +299,7 @@ class PreparedProgram:
         return a
 
     @staticmethod
-    def _in_range(t: TensorDesc, a: np.ndarray) -> np.ndarray:
+    def _in_range(t: TensorDesc, a: np.ndarray, convert: bool = True) -> np.ndarray:
         lo, hi = quant_range(t.bits, t.signed)
         # compare as Python ints, before any cast could wrap (uint64 inputs)
         if a.size and (int(a.min()) < lo or int(a.max()) > hi):
@@ -174,22 +308,79 @@ class PreparedProgram:
                 f"input {t.name!r}: values span {a.min()}..{a.max()}, outside {kind} "
                 f"{t.bits}-bit range {lo}..{hi}"
             )
-        return np.ascontiguousarray(a, dtype=np.int64)
+        # without values (timing only) nothing reads them: no int64 copy
+        return np.ascontiguousarray(a, dtype=np.int64) if convert else a
 
-    def _check_memory(self, batch: int) -> None:
-        # int64 values per item: buffers, tensors and the held column sums
-        values = sum(w * r for w, r in zip(self.buffers, self.buffer_rows))
-        values += sum(t.width * t.rows for t in self.inputs + self.outputs)
-        values += 2 * self.arch.crossbars * self.arch.cols * self.mvm_rows
-        need = 8 * batch * values
-        if need > MEMORY_LIMIT_BYTES:
-            # A batch of hundreds of digits would overflow a float: say so in words.
-            shown = f"{need / 2**30:.1f} GiB" if need < 2**70 else "more than a million GiB"
+    # ------------------------------------------------------------------ costs
+
+    @cached_property
+    def walk(self) -> Walk:
+        """What each instruction touches per item, for the memory and work estimates."""
+        return _walk(self)
+
+    def work(self, batch: int) -> int:
+        """Operations a functional run of ``batch`` items does: per item, each vector an
+        instruction treats counts one plus its columns (an mvm: the cell-MACs of its
+        image), plus one per instruction; each prog adds its cells once."""
+        return self.walk.work(batch)
+
+    def memory_bytes(self, batch: int, backend: str | None = None, functional: bool = True) -> int:
+        """Most bytes a run of ``batch`` items on ``backend`` holds at once: every array
+        and temporary the backend allocates (inputs converted to int64 included)."""
+        backend = backend or default_backend()
+        module = _core if backend == "cython" else reference
+        return module.memory_bytes(self, batch, functional)
+
+    def check_cost(
+        self,
+        batch: int,
+        limits: Limits | None = None,
+        backend: str | None = None,
+        functional: bool = True,
+    ) -> None:
+        """Refuse a run of ``batch`` items over ``limits`` (memory; work if
+        ``functional``), before anything is allocated."""
+        limits = limits or Limits.resolve()
+        self._check_memory(batch, backend, functional, limits.memory)
+        if functional:
+            self._check_work(batch, limits.work)
+
+    def _check_memory(
+        self,
+        batch: int,
+        backend: str | None = None,
+        functional: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        limit = Limits.resolve().memory if limit is None else limit
+        need = self.memory_bytes(batch, backend, functional)
+        if need > limit:
             raise InputError(
-                f"a batch of {batch if batch < 10**12 else 'over 10**12'} needs {shown} of "
-                f"buffers, over the {MEMORY_LIMIT_BYTES // 2**30} GiB limit; run it in "
-                "smaller batches"
+                f"a batch of {_batch_words(batch)} needs {format_size(need)} of memory on the "
+                f"{backend or default_backend()} backend, over the {format_size(limit)} limit; "
+                f"run smaller batches or raise it ({MEMORY_LIMIT_VARIABLE}, --memory-limit)"
             )
+
+    def _check_work(self, batch: int, limit: int) -> None:
+        work = self.work(batch)
+        if work > limit:
+            raise InputError(
+                f"a batch of {_batch_words(batch)} needs {_count_words(work)} operations, "
+                f"over the limit of {_count_words(limit)}; run smaller batches or raise it "
+                f"({WORK_LIMIT_VARIABLE}, --work-limit)"
+            )
+
+
+def _batch_words(batch: int) -> str:
+    return str(batch) if batch < 10**12 else "over 10**12"
+
+
+def _count_words(n: int) -> str:
+    """``n`` exactly when short, else in scientific notation (any size)."""
+    if n < 10**7:
+        return str(n)
+    digits = str(n)
+    return f"{digits[0]}.{digits[1:3]}e{len(digits) - 1}"
 
 
 class Simulator:
@@ -204,13 +395,28 @@ class Simulator:
     backend
         ``"cython"`` or ``"numpy"``; default ``"cython"`` unless ``TVM_CIM_PURE_PYTHON``
         is set or the extension is missing.
+
+    memory_limit, work_limit
+        Most bytes a run may hold and most operations a functional run may do (see
+        ``PreparedProgram.memory_bytes`` and ``work``); runs over them are refused with an
+        ``InputError`` before anything is allocated. None takes the environment
+        variables ``TVM_CIM_SIM_MEMORY_LIMIT`` (``4G``, ``512M``, bytes) and
+        ``TVM_CIM_SIM_WORK_LIMIT`` (``5e12``), else 2 GiB and ``WORK_LIMIT``.
     """
 
-    def __init__(self, arch: CimArch | None = None, backend: str | None = None):
+    def __init__(
+        self,
+        arch: CimArch | None = None,
+        backend: str | None = None,
+        *,
+        memory_limit: int | str | None = None,
+        work_limit: int | str | None = None,
+    ):
         self.arch = arch
         self.backend = backend or default_backend()
         if self.backend not in available_backends():
             raise ValueError(f"backend {self.backend!r} not available; have {available_backends()}")
+        self.limits = Limits.resolve(memory_limit, work_limit)
 
     def prepare(self, program: Program) -> PreparedProgram:
         """Verify ``program`` once for repeated runs."""
@@ -234,9 +440,14 @@ class Simulator:
         prepared = program if isinstance(program, PreparedProgram) else self.prepare(program)
         if inputs is None and not functional:
             batch = prepared.resolve_batch(set(), batch)
-            arrays = [np.zeros((batch * t.rows, t.width), np.int64) for t in prepared.inputs]
+            prepared.check_cost(batch, self.limits, self.backend, functional=False)
+            # never read without values: zeros that take no memory
+            zero = np.zeros((1, 1), np.int64)
+            arrays = [np.broadcast_to(zero, (batch * t.rows, t.width)) for t in prepared.inputs]
         else:
-            arrays, batch = prepared.check_inputs(inputs or {}, batch)
+            arrays, batch = prepared.check_inputs(
+                inputs or {}, batch, self.limits, self.backend, functional
+            )
         if self.backend == "cython":
             outputs, stats = _core.run(prepared, arrays, batch, functional)
         else:
@@ -244,4 +455,4 @@ class Simulator:
         return SimResult({t.name: o for t, o in zip(prepared.outputs, outputs)}, stats)
 
 
-__all__ = ["Simulator", "SimResult", "PreparedProgram", "available_backends", "isa"]
+__all__ = ["Limits", "Simulator", "SimResult", "PreparedProgram", "available_backends", "isa"]

@@ -64,7 +64,7 @@ def test_handler_status_is_returned(capsys):
         (ProgramError("no", index=4), 2, "demo: error: instruction 4: no"),
         (FileError("cannot read"), 2, "demo: error: cannot read"),
         (CimError(), 2, "demo: error: CimError"),
-        (RuntimeError("boom"), 3, "demo: error: unexpected RuntimeError: boom"),
+        (RuntimeError("boom"), 3, "demo: error: unexpected RuntimeError: boom" + common.BUG_HINT),
     ],
     ids=["usage", "cim-error", "subclass", "file-error", "empty-message", "unexpected"],
 )
@@ -82,7 +82,7 @@ def test_broken_pipe_stops_quietly(capsys, monkeypatch):
     monkeypatch.setattr(common.os, "dup2", lambda fd, fd2: duplicated.append((fd, fd2)))
     monkeypatch.setattr(common.sys.stdout, "fileno", lambda: 1, raising=False)
     assert _cli(_raising(BrokenPipeError())).main(["go"]) == EXIT_BROKEN_PIPE
-    assert duplicated == [(99, 1)]
+    assert (99, 1) in duplicated  # stdout pointed at /dev/null
     assert capsys.readouterr().err == ""
 
 
@@ -237,12 +237,12 @@ def test_load_npy(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{}], dtype=object), allow_pickle=True)
     cases = [
         ("x.npz", "input 'x': .*x.npz is an .npz archive, not an .npy file"),
-        ("junk.npy", "input 'x': .*junk.npy is not a readable .npy file"),
-        ("obj.npy", "input 'x': .*obj.npy is not a readable .npy file"),
+        ("junk.npy", "input 'x'.*junk.npy"),
+        ("obj.npy", "input 'x'.*obj.npy"),
         ("missing.npy", "cannot read input 'x' from .*missing.npy: "),
     ]
     for name, message in cases:
-        with pytest.raises(FileError, match=message):
+        with pytest.raises(CimError, match=message):
             common.load_npy("x", str(tmp_path / name))
 
 
@@ -263,3 +263,81 @@ def test_package_runs_tvm_cim():
     done = run("frobnicate")
     assert done.returncode == EXIT_USAGE
     assert done.stderr.startswith("tvm-cim: error: ") and len(done.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- quiet and short
+
+
+def test_an_overlong_message_is_shortened_unless_verbose(capsys):
+    message = "bad " + "x" * 1000
+    assert _cli(_raising(CimError(message))).main(["go"]) == 2
+    line = capsys.readouterr().err.rstrip("\n")
+    assert len(line) == common.MAX_ERROR_LINE
+    assert line.startswith("demo: error: bad xxx") and line.endswith(
+        "(shortened; --verbose shows all)"
+    )
+    assert _cli(_raising(CimError(message))).main(["go", "--verbose"]) == 2
+    assert capsys.readouterr().err == f"demo: error: {message}\n"
+
+
+def test_an_unexpected_error_keeps_its_first_line_and_the_hint(capsys):
+    exc = RuntimeError("what went wrong\n" + "IR text\n" * 500)
+    assert _cli(_raising(exc)).main(["go"]) == 3
+    err = capsys.readouterr().err
+    assert err == f"demo: error: unexpected RuntimeError: what went wrong{common.BUG_HINT}\n"
+    assert _cli(_raising(exc)).main(["--verbose", "go"]) == 3
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_third_party_warnings_are_silenced_unless_verbose(capsys):
+    import warnings
+
+    def warn(args):
+        warnings.warn("numpy says something", RuntimeWarning, stacklevel=1)
+        return EXIT_OK
+
+    for argv, expected in ((["go"], []), (["go", "--verbose"], ["numpy says something"])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _cli(warn).main(argv) == EXIT_OK
+        assert [str(w.message) for w in caught] == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_native_writes_to_stderr_are_silenced(capfd):
+    def native(args):
+        os.write(2, b"[12:00:00] src/relax/ir/block_builder.cc:67: Warning: ...\n")
+        raise CimError("the error")
+
+    assert _cli(native).main(["go"]) == 2
+    assert capfd.readouterr().err == "demo: error: the error\n"
+    assert _cli(native).main(["go", "--verbose"]) == 2
+    assert "Warning" in capfd.readouterr().err
+
+
+def test_a_failed_command_removes_the_folders_it_created(tmp_path):
+    def write_then_fail(args):
+        common.write_json(tmp_path / "a" / "b" / "c.json", {}, "report")
+        common.write_json(tmp_path / "kept.json", {}, "report")
+        raise CimError("later step failed")
+
+    (tmp_path / "kept.json").write_text("{}")
+    assert _cli(write_then_fail).main(["go"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
+
+
+def test_output_locations_are_checked_before_the_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    common.check_output_file(tmp_path / "new" / "deeper" / "r.json", "report")
+    common.check_output_folder(tmp_path / "new", "programs")
+    cases = [
+        (lambda: common.check_output_file(tmp_path, "report"), "it is a folder"),
+        (lambda: common.check_output_file(blocker / "r.json", "report"), "is not a folder"),
+        (lambda: common.check_output_folder(blocker, "programs"), "it is a file"),
+        (lambda: common.check_output_folder(blocker / "p", "programs"), "is not a folder"),
+    ]
+    for check, message in cases:
+        with pytest.raises(FileError, match=message):
+            check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import tvm_cim  # noqa: E402, F401  (registers the cim target)
+from tvm_cim.cli.common import BUG_HINT  # noqa: E402
 from tvm_cim.cli.compile import program_file_name  # noqa: E402
 from tvm_cim.cli.main import main  # noqa: E402
 from tvm_cim.compiler.flow import compile_for_cim  # noqa: E402
@@ -251,7 +252,7 @@ def test_compile_exits_3_naming_the_nodes_for_a_compiler_bug(files, capsys, monk
     assert result.status == 3
     assert result.err == (
         "tvm-cim: error: internal compiler error while lowering fc1, /fc2/Gemm: "
-        "IndexError: list index out of range\n"
+        f"IndexError: list index out of range{BUG_HINT}\n"
     )
 
 
@@ -412,8 +413,11 @@ def test_run_in_process_reports_latency(files, qdq_build, capsys):
 @pytest.mark.parametrize(
     "make_input, message",
     [
-        (lambda: np.ones((2, 16)), "dtype float32"),
-        (lambda: np.ones((3, 16), np.float32), "inputs do not match the model"),
+        (lambda: np.ones((2, 16)), "input 'x' (bad.npy): dtype float64, the model takes float32"),
+        (
+            lambda: np.ones((3, 16), np.float32),
+            "input 'x' (bad.npy): shape [3, 16], the model takes [2, 16]",
+        ),
     ],
     ids=["float64", "wrong-shape"],
 )
@@ -479,8 +483,8 @@ def test_errors_exit_2_with_one_line(case, files, capsys, tmp_path):
     elif case == "missing-library":
         args, message = ["run", tmp_path / "nope.so", "--input", "x=x.npy"], "does not exist"
     elif case == "not-a-library":
-        args = ["run", files["qdq"], "--input", f"x={files['x']}"]
-        message = "cannot load"
+        args = ["run", files["qdq"], "--no-digest", "--input", f"x={files['x']}"]
+        message = "is not a shared library (no ELF header)"
     else:
         args, message = ["inspect", files["qdq"], "--arch", "no-such-arch"], "no-such-arch"
     result = _main(capsys, *args)
@@ -521,7 +525,7 @@ def test_unexpected_errors_exit_3(files, capsys, monkeypatch):
     monkeypatch.setattr(tvm_cim.compiler.frontend, "load_onnx", broken)
     result = _main(capsys, "inspect", files["qdq"])
     assert result.status == 3
-    assert result.err.strip() == "tvm-cim: error: unexpected RuntimeError: boom"
+    assert result.err.strip() == f"tvm-cim: error: unexpected RuntimeError: boom{BUG_HINT}"
 
 
 def test_help_and_version(capsys):

@@ -88,7 +88,7 @@ def test_a_bug_while_reading_raises_or_goes_to_the_cpu(rng, monkeypatch):
 
 
 def test_the_command_line_exits_3_for_an_internal_error(tmp_path, monkeypatch, capsys):
-    from tvm_cim.cli.common import EXIT_UNEXPECTED, Cli, Command
+    from tvm_cim.cli.common import BUG_HINT, EXIT_UNEXPECTED, Cli, Command
 
     def handler(args):
         raise InternalCompilerError(ValueError("bad"), "lowering", ["conv1"])
@@ -96,7 +96,8 @@ def test_the_command_line_exits_3_for_an_internal_error(tmp_path, monkeypatch, c
     cli = Cli("tvm-cim", "test", (Command("go", "go", lambda p: None, handler),))
     assert cli.main(["go"]) == EXIT_UNEXPECTED
     err = capsys.readouterr().err
-    assert err == "tvm-cim: error: internal compiler error while lowering conv1: ValueError: bad\n"
+    expected = "tvm-cim: error: internal compiler error while lowering conv1: ValueError: bad"
+    assert err == expected + BUG_HINT + "\n"
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -5,16 +5,24 @@ A program is a :class:`Cli`: its name and its subcommands (a table of :class:`Co
 ``Cli.main`` parses the arguments, runs the subcommand and turns whatever it raises into
 one line on stderr and an exit status, the same for every program: 0 on success, 2 for a
 usage error or input the program refuses (any ``CimError``), 3 for an unexpected error.
-This module needs numpy only, so that ``cim-sim`` does.
+While a command runs, the warnings and log messages of the libraries it uses (TVM, PyTorch,
+NumPy, ...) are silenced, those TVM's C++ side prints included, so that an error stays one
+line; ``--verbose`` shows them. This module needs numpy only, so that ``cim-sim`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import io
 import json
+import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +31,7 @@ import numpy as np
 
 from tvm_cim.core.errors import CimError, InternalCompilerError
 from tvm_cim.core.files import atomic_path
+from tvm_cim.core.messages import first_line, one_line, shorten
 
 EXIT_OK = 0
 #: A malformed command line (argparse's own status for it).
@@ -34,6 +43,11 @@ EXIT_UNEXPECTED = 3
 #: The reader of the output went away (``cim-sim disasm p.bin | head``).
 EXIT_BROKEN_PIPE = 1
 
+#: Longest error line, ``<prog>: error: `` included; longer messages are shortened.
+MAX_ERROR_LINE = 200
+#: Appended to the errors that are faults of the program itself (exit status 3).
+BUG_HINT = " (a bug in tvm-cim: please report it, with the output of --verbose)"
+
 Handler = Callable[[argparse.Namespace], int]
 Arguments = Callable[[argparse.ArgumentParser], None]
 
@@ -44,11 +58,6 @@ class UsageError(Exception):
 
 class FileError(CimError):
     """A file named on the command line cannot be read or written."""
-
-
-def one_line(message: object) -> str:
-    """``message`` with its lines joined by single spaces (blank lines dropped)."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,14 +114,19 @@ class Cli:
             raise ValueError(f"{self.prog}: subcommand(s) {', '.join(repeated)} given twice")
 
     def build_parser(self) -> argparse.ArgumentParser:
-        """The program's argument parser, one subparser per command."""
+        """The program's argument parser, one subparser per command.
+
+        ``--verbose`` is taken before or after the subcommand's name.
+        """
         parser = OneLineParser(prog=self.prog, description=self.description)
         if self.version is not None:
             parser.add_argument("--version", action="version", version=self.version)
+        _add_verbose(parser, default=False)
         sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
         for cmd in self.commands:
             p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
             cmd.arguments(p)
+            _add_verbose(p, default=argparse.SUPPRESS)  # keeps the program-level value
             p.set_defaults(handler=cmd.handler)
         return parser
 
@@ -120,9 +134,11 @@ class Cli:
         """Parse ``argv`` (``sys.argv[1:]`` when None), run the subcommand and return its
         exit status; errors become one line on stderr."""
         args = self.build_parser().parse_args(argv)
+        verbose = bool(getattr(args, "verbose", False))
         _created.clear()
         try:
-            status = self._run(args)
+            with _third_party_quiet(self.prog, verbose):
+                status = self._run(args, verbose)
         except BaseException:
             _remove_created()
             raise
@@ -131,7 +147,7 @@ class Cli:
         _created.clear()
         return status
 
-    def _run(self, args: argparse.Namespace) -> int:
+    def _run(self, args: argparse.Namespace, verbose: bool = False) -> int:
         try:
             return args.handler(args)
         except BrokenPipeError:
@@ -140,18 +156,113 @@ class Cli:
             os.dup2(devnull, sys.stdout.fileno())
             return EXIT_BROKEN_PIPE
         except UsageError as exc:
-            return self.fail(str(exc), EXIT_USAGE)
+            return self.fail(str(exc), EXIT_USAGE, verbose=verbose)
         except CimError as exc:
-            return self.fail(str(exc) or type(exc).__name__, EXIT_INVALID)
+            return self.fail(str(exc) or type(exc).__name__, EXIT_INVALID, verbose=verbose)
         except InternalCompilerError as exc:  # names the operators: no "unexpected" prefix
-            return self.fail(str(exc), EXIT_UNEXPECTED)
+            if verbose:
+                traceback.print_exc()
+            return self.fail(str(exc), EXIT_UNEXPECTED, hint=BUG_HINT, verbose=verbose)
         except Exception as exc:
-            return self.fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+            if verbose:
+                traceback.print_exc()
+            detail = one_line(exc) if verbose else first_line(exc)
+            message = f"unexpected {type(exc).__name__}: {detail}".rstrip(": ")
+            return self.fail(message, EXIT_UNEXPECTED, hint=BUG_HINT, verbose=verbose)
 
-    def fail(self, message: str, status: int) -> int:
-        """Print ``<prog>: error: <message>`` as one line on stderr; return ``status``."""
-        print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
+    def fail(self, message: str, status: int, *, hint: str = "", verbose: bool = False) -> int:
+        """Print ``<prog>: error: <message><hint>`` as one line on stderr; return ``status``.
+
+        The line is kept to ``MAX_ERROR_LINE`` characters (the message shortened, the hint
+        kept) unless ``verbose``.
+        """
+        head = f"{self.prog}: error: "
+        text = one_line(message)
+        if not verbose:
+            text = shorten(text, MAX_ERROR_LINE - len(head) - len(hint))
+        print(f"{head}{text}{hint}", file=sys.stderr)
         return status
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="show the warnings and log messages of the libraries used (TVM, PyTorch, "
+        "NumPy, ...), errors in full, and the traceback of an unexpected error",
+    )
+
+
+# ---------------------------------------------------------------------- third-party output
+
+
+#: Modules whose warnings a command still shows (as one line each): the project's own.
+_OWN_MODULES = r"tvm_cim(\..*)?$"
+
+
+@contextlib.contextmanager
+def _third_party_quiet(prog: str, verbose: bool) -> Iterator[None]:
+    """Silence third-party warnings and log messages while a command runs, unless
+    ``verbose``; the project's own warnings print as ``<prog>: warning: <message>``."""
+    if verbose:
+        yield
+        return
+    previous_disable = logging.root.manager.disable
+    with warnings.catch_warnings(), _native_stderr_silenced():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", category=UserWarning, module=_OWN_MODULES)
+        warnings.showwarning = _one_line_warning(prog)
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous_disable)
+
+
+def _one_line_warning(prog: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = shorten(one_line(message), MAX_ERROR_LINE - len(prog) - 11)
+        print(f"{prog}: warning: {text}", file=file or sys.stderr)
+
+    return show
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null while the block runs, so that what native code
+    writes there (TVM's C++ ``Warning:`` lines) stays out of the error output; Python's
+    ``sys.stderr`` keeps writing where it did."""
+    try:
+        python_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a capture without a fd
+        python_fd = None
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all
+        yield
+        return
+    stream = sys.stderr
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    if python_fd == 2:
+        sys.stderr = io.TextIOWrapper(
+            os.fdopen(os.dup(saved), "wb", buffering=0),
+            encoding=getattr(stream, "encoding", None) or "utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+        )
+    try:
+        yield
+    finally:
+        gc.collect()  # native objects freed now print their farewells into /dev/null
+        if sys.stderr is not stream:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = stream
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------------- argument types
@@ -274,14 +385,85 @@ def add_arch_argument(parser: argparse.ArgumentParser, role: ArchRole) -> None:
 # ---------------------------------------------------------------------- files
 
 
-#: Files the running command created, removed again if it fails.
+#: Files and folders the running command created, removed again if it fails.
 _created: list[Path] = []
 
 
 def _remove_created() -> None:
-    for path in _created:
-        path.unlink(missing_ok=True)
+    """Remove the files the command created, then the folders it created, deepest
+    first, where they are empty."""
+    for path in reversed(_created):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
     _created.clear()
+
+
+def claim_output(path: str | Path) -> Path:
+    """Note that the running command is about to create ``path`` (and its missing parent
+    folders), so that a failing command removes them again; what exists already is kept."""
+    path = Path(path)
+    missing = []
+    for folder in path.parents:
+        if folder.exists():
+            break
+        missing.append(folder)
+    _created.extend(reversed(missing))
+    if not path.exists():
+        _created.append(path)
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    return Path(".")
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """Check, before the work, that ``path`` can be written as a file.
+
+    Raises
+    ------
+    FileError
+        ``cannot write <what> <path>: <reason>`` (a folder, under a file, no permission).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileError(f"cannot write {what} {path}: it is a folder")
+    _check_folder_reachable(path.parent, path, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise FileError(f"cannot write {what} {path}: permission denied")
+    return path
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """Check, before the work, that files can be written into the folder ``path``
+    (existing or to be created).
+
+    Raises
+    ------
+    FileError
+        ``cannot write <what> to <path>: <reason>``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileError(f"cannot write {what} to {path}: it is a file, not a folder")
+    _check_folder_reachable(path, path, what)
+    return path
+
+
+def _check_folder_reachable(folder: Path, target: Path, what: str) -> None:
+    """The nearest existing ancestor of ``folder`` (``folder`` included) is a writable
+    folder, so that ``folder`` exists or can be created."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise FileError(f"cannot write {what} {target}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileError(f"cannot write {what} {target}: no permission to write in {existing}")
 
 
 def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> None:
@@ -295,14 +477,12 @@ def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> No
         ``cannot write <what> <path>: <reason>`` when the system refuses.
     """
     path = Path(path)
-    existed = path.exists()
+    claim_output(path)
     try:
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as exc:
         raise FileError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    if not existed:
-        _created.append(path)
 
 
 def write_text(path: str | Path, text: str, what: str) -> None:
@@ -321,24 +501,20 @@ def write_npy(path: str | Path, array: np.ndarray, what: str) -> None:
 
 
 def load_npy(name: str, path: str) -> np.ndarray:
-    """Read input ``name`` from the ``.npy`` file ``path`` (no pickles).
+    """Read input ``name`` from the ``.npy`` file ``path``, its header checked first.
+
+    Plain numbers in this machine's byte order only (no pickles, objects, complex or
+    strings), at most ``tvm_cim.core.arrays.array_limit()`` bytes.
 
     Raises
     ------
-    FileError
-        The file cannot be read, is an ``.npz`` archive or is not ``.npy`` data.
+    CimError
+        The file cannot be read, is an ``.npz`` archive, is not ``.npy`` data, or
+        declares a dtype or size it may not have.
     """
-    try:
-        with open(path, "rb") as f:
-            data = np.load(f, allow_pickle=False)
-            if not isinstance(data, np.ndarray):
-                data.close()
-                raise FileError(f"input {name!r}: {path} is an .npz archive, not an .npy file")
-            return data
-    except OSError as exc:
-        raise FileError(f"cannot read input {name!r} from {path}: {exc.strerror or exc}") from None
-    except (ValueError, EOFError) as exc:
-        raise FileError(f"input {name!r}: {path} is not a readable .npy file ({exc})") from None
+    from tvm_cim.core.arrays import read_npy
+
+    return read_npy(path, f"input {name!r}")
 
 
 def format_shape(shape: Sequence[int]) -> str:

@@ -1,14 +1,18 @@
 """``tvm-cim compile`` and ``tvm-cim inspect``: the commands that read an ONNX model.
 
 ``compile`` partitions the model, lowers its dense and convolution operators to crossbar
-programs, prints the per-operator report and exports the executable as a shared library;
-``inspect`` lists the operators the crossbars take and those left on the CPU. Operator
-names are the ONNX node names. TVM is imported only when a command runs.
+programs, prints the per-operator report and exports the executable as a shared library
+with its digest file beside it (see ``tvm_cim.compiler.library``); ``inspect`` lists the
+operators the crossbars take and those left on the CPU. Operator names are the ONNX node
+names. Output locations are checked before the model is read; a compile that fails
+leaves none of its files. TVM is imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import zlib
 from pathlib import Path
@@ -17,12 +21,15 @@ from tvm_cim.cli.common import (
     EXIT_OK,
     UsageError,
     add_arch_argument,
+    check_output_file,
+    check_output_folder,
     format_shape,
     write_file,
     write_json,
 )
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.messages import tvm_message
 
 #: Suffix of the program files ``compile --dump-programs`` writes.
 PROGRAM_SUFFIX = ".cimprog"
@@ -90,10 +97,42 @@ def _add_arch_precision(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: How the frontend's refusal of a model begins; its cause is TVM's own exception.
+_FRONTEND_REFUSAL = "the TVM ONNX frontend cannot import"
+
+
 def _load_model(args: argparse.Namespace):
+    """The model as a Relax module and its operator names; when TVM's frontend refuses it,
+    the error names the ONNX node and says why in one short line."""
     from tvm_cim.compiler.frontend import load_onnx
 
-    return load_onnx(args.model, _shapes(args.input_shapes))
+    verbose = getattr(args, "verbose", False)
+    # The frontend prints the failing operator's inputs (IR text) to stdout.
+    printed = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    try:
+        with printed:
+            return load_onnx(args.model, _shapes(args.input_shapes))
+    except CimError as exc:
+        cause = exc.__cause__
+        if verbose or cause is None or _FRONTEND_REFUSAL not in str(exc):
+            raise
+        node = _failing_node(cause)
+        where = f"node {node.name!r} ({node.op_type})" if node is not None else "the model"
+        reason = f"{type(cause).__name__}: {tvm_message(cause, limit=400)}"
+        raise CimError(f"{args.model}: {_FRONTEND_REFUSAL} {where} ({reason})") from None
+
+
+def _failing_node(exc: BaseException):
+    """The ONNX node TVM's frontend was converting when it raised ``exc``, or None: the
+    innermost frame of its traceback with a ``node`` that has an ``op_type``."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if hasattr(node, "op_type") and hasattr(node, "name"):
+            found = node
+        tb = tb.tb_next
+    return found
 
 
 def _check_file(path: str | None, what: str) -> None:
@@ -136,19 +175,39 @@ def compile_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that cannot be written or that overlap."""
+    from tvm_cim.compiler.library import digest_path
+
+    if args.output:
+        check_output_file(args.output, "library")
+        check_output_file(digest_path(args.output), "library digest")
+    if args.report:
+        check_output_file(args.report, "report")
+        if args.output and Path(args.report).resolve() in (
+            Path(args.output).resolve(),
+            digest_path(args.output).resolve(),
+        ):
+            raise UsageError(f"--report {args.report} would overwrite the library or its digest")
+    if args.dump_programs:
+        check_output_folder(args.dump_programs, "programs")
+
+
 def compile_model(args: argparse.Namespace) -> int:
-    """``tvm-cim compile``: report, library, JSON report and program files."""
-    _check_file(args.precision, "precision file")
-    _check_file(args.calibration, "calibration data")
-    arch = CimArch.load(args.arch or None)
+    """``tvm-cim compile``: report, library and its digest, JSON report and program files."""
     if args.cost_only and args.dump_programs:
         raise CimError("--dump-programs needs weight images; drop --cost-only")
     if not args.cost_only and not args.output:
         raise CimError("-o/--output is required unless --cost-only")
+    _check_outputs(args)
+    _check_file(args.precision, "precision file")
+    _check_file(args.calibration, "calibration data")
+    arch = CimArch.load(args.arch or None)
     mod, names = _load_model(args)
 
     from tvm_cim.compiler.flow import compile_for_cim, cost_report
     from tvm_cim.compiler.frontend import calibration_from_npz, main_inputs
+    from tvm_cim.compiler.library import digest_path, digest_record
 
     if args.cost_only:
         report = cost_report(mod, arch=arch, precision=args.precision, names=names)
@@ -170,18 +229,23 @@ def compile_model(args: argparse.Namespace) -> int:
             raise CimError(f"{exc}; pass --calibration FILE.npz") from None
         raise
     print(report.table())
+    if not report.programs:
+        print("note: no operator of the model runs on the crossbars; it all runs on the CPU")
 
     output = Path(args.output)
+    inputs = [
+        {"name": name, "shape": [int(d) for d in shape], "dtype": str(dtype)}
+        for name, shape, dtype in main_inputs(mod)
+    ]
     write_file(output, lambda p: executable.export_library(str(p)), "library")
-    print(f"wrote {output}")
+    record = digest_record(output.read_bytes(), inputs)
+    write_json(digest_path(output), record, "library digest")
+    print(f"wrote {output} (and its digest {digest_path(output).name})")
     if args.report:
         data = report.to_dict()
         data["model"] = str(args.model)
         data["library"] = str(output)
-        data["inputs"] = [
-            {"name": name, "shape": list(shape), "dtype": dtype}
-            for name, shape, dtype in main_inputs(mod)
-        ]
+        data["inputs"] = inputs
         write_json(args.report, data, "report")
         print(f"wrote {args.report}")
     if args.dump_programs:

@@ -8,6 +8,7 @@ Subcommands::
     tvm-cim inspect MODEL.onnx [--input-shape NAME:D0,D1,... ...] [--arch PRESET|FILE]
                 [--precision CFG]
     tvm-cim run OUT.so --input NAME=FILE.npy ... [--output-dir DIR] [--stats FILE.json]
+                [--no-digest]
 
 ``compile`` partitions the model, lowers its dense and convolution operators to crossbar
 programs, prints the per-operator report and exports the executable as a shared library
@@ -17,8 +18,11 @@ simulator for each crossbar region. Operator names are the ONNX node names. ``tr
 
 Exit status: 0 on success, 2 for a usage error or bad input (a missing or malformed file,
 a model or configuration the compiler refuses: any ``CimError``), 3 for an unexpected
-error. Errors are reported as one line, ``tvm-cim: error: <message>``, on stderr. TVM is
-imported only by the subcommands that need it.
+error (with a hint to report it). Errors are reported as one line of at most 200
+characters, ``tvm-cim: error: <message>``, on stderr; the warnings of TVM, PyTorch and NumPy
+are silenced, and ``--verbose`` shows them, the full message and an unexpected error's
+traceback. A command that fails removes the files it created. TVM is imported only by the
+subcommands that need it.
 """
 
 from __future__ import annotations

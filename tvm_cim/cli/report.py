@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tvm_cim.cli.common import EXIT_OK, add_arch_argument, write_json
+from tvm_cim.cli.common import EXIT_OK, add_arch_argument, check_output_file, write_json
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,8 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 
 def report(args: argparse.Namespace) -> int:
     """``tvm-cim report``: print the study's table and write it as JSON with ``--json``."""
+    if args.json:
+        check_output_file(args.json, "study")  # before the study, not after it
     from tvm_cim.workflows.study import latency_study, study_arch, study_table
 
     arch = study_arch(args.arch, args.crossbars, args.adc_bits)

@@ -4,6 +4,7 @@ Subcommands::
 
     cim-sim run PROGRAM --input NAME=FILE.npy ... [--output-dir DIR] [--stats FILE.json]
                 [--timing-only] [--batch N] [--arch PRESET|FILE] [--backend cython|numpy]
+                [--memory-limit SIZE] [--work-limit N]
     cim-sim asm FILE.s -o PROGRAM
     cim-sim disasm PROGRAM [-o FILE.s]
     cim-sim verify PROGRAM [--arch PRESET|FILE]
@@ -43,7 +44,14 @@ from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import InputError, ProgramError
 from tvm_cim.sim.asm import assemble, disassemble
 from tvm_cim.sim.program import Program, TensorDesc
-from tvm_cim.sim.simulator import Simulator, available_backends, default_backend
+from tvm_cim.sim.simulator import (
+    MEMORY_LIMIT_VARIABLE,
+    WORK_LIMIT,
+    WORK_LIMIT_VARIABLE,
+    Simulator,
+    available_backends,
+    default_backend,
+)
 from tvm_cim.sim.timing import SimStats, estimate
 from tvm_cim.sim.verifier import verify
 
@@ -128,6 +136,25 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help=f"simulator backend (default: {default_backend()})",
     )
+    p.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help=f"refuse a run that would hold more memory (4G, 512M, bytes; default: "
+        f"${MEMORY_LIMIT_VARIABLE}, else 2G)",
+    )
+    p.add_argument(
+        "--work-limit",
+        metavar="N",
+        help=f"refuse a run of more operations (cell-MACs and vector steps, such as 5e12; "
+        f"default: ${WORK_LIMIT_VARIABLE}, else {WORK_LIMIT:.0e})",
+    )
+
+
+def _limit(text: str | None) -> str | None:
+    """An option's limit, refused as a usage error when it is empty."""
+    if text is not None and not text.strip():
+        raise UsageError("a limit cannot be empty")
+    return text
 
 
 def _output_files(directory: str | None, outputs: list[TensorDesc]) -> dict[str, Path]:
@@ -154,7 +181,9 @@ def _run(args: argparse.Namespace) -> int:
     program = Program.load(args.program)
     arch = _arch(args)
     inputs = {name: load_npy(name, path) for name, path in input_paths(args.inputs).items()}
-    simulator = Simulator(arch, backend)
+    simulator = Simulator(
+        arch, backend, memory_limit=_limit(args.memory_limit), work_limit=_limit(args.work_limit)
+    )
     prepared = simulator.prepare(program)
     files = _output_files(args.output_dir, prepared.outputs)
     if args.timing_only and not inputs:

@@ -1,11 +1,22 @@
-"""``tvm-cim train``: the training stages from the command line."""
+"""``tvm-cim train``: the training stages from the command line.
+
+The output folder and the files the stage starts from are checked before training; a
+stage that fails leaves none of the files it wrote.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tvm_cim.cli.common import SEED, positive_float, positive_int
+from tvm_cim.cli.common import (
+    SEED,
+    check_output_file,
+    check_output_folder,
+    claim_output,
+    positive_float,
+    positive_int,
+)
 from tvm_cim.core.errors import CimError
 
 
@@ -28,14 +39,35 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _outputs(out: Path, stage: str) -> dict[str, Path]:
+    """The files a stage writes into ``out``."""
+    onnx = out / ("fp32.onnx" if stage == "fp32" else f"{stage}.onnx")
+    return {
+        "checkpoint": out / f"{stage}.pt",
+        "metrics": out / f"{stage}.metrics.json",
+        "onnx": onnx,
+    }
+
+
 def train(args: argparse.Namespace) -> int:
-    import torch
-
-    from tvm_cim.learn import data, qat, train, zoo
-
+    """``tvm-cim train``: train one stage, write its checkpoint, metrics and ONNX file."""
     if args.epochs < 0:
         raise CimError(f"--epochs must be >= 0, got {args.epochs}")
     stage = args.stage or ("mixed" if args.precision else "w8a8" if args.start else "fp32")
+    out = check_output_folder(args.out, "training outputs")
+    outputs = _outputs(out, stage)
+    for what, path in outputs.items():
+        check_output_file(path, what)
+    if args.precision is not None and not Path(args.precision).is_file():
+        raise CimError(f"precision file {args.precision} does not exist")
+
+    import torch
+
+    from tvm_cim.core.precision import Precision
+    from tvm_cim.learn import data, qat, train, zoo
+
+    if args.precision is not None:
+        Precision.load(args.precision)  # a bad file fails now, not after training
     start = None
     if args.start:
         start, _ = train.load_checkpoint(args.start, args.model)
@@ -51,10 +83,11 @@ def train(args: argparse.Namespace) -> int:
         start=start,
         progress=not args.no_progress,
     )
-    out = Path(args.out)
+    for path in outputs.values():
+        claim_output(path)  # removed again if a later step fails
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = train.save_checkpoint(model, result, out / f"{stage}.pt")
-    train.write_metrics(result, out / f"{stage}.metrics.json")
+    checkpoint = train.save_checkpoint(model, result, outputs["checkpoint"])
+    train.write_metrics(result, outputs["metrics"])
     print(
         f"{args.model} on {args.dataset}, stage {stage}: val {result.val_accuracy:.2f} %, "
         f"test {result.test_accuracy:.2f} % ({result.seconds:.1f} s)"
@@ -62,8 +95,8 @@ def train(args: argparse.Namespace) -> int:
     print(f"wrote {checkpoint}")
     example = torch.from_numpy(data.load(args.dataset, seed=args.seed).test[0][:1])
     if stage == "fp32":  # a float graph: compiling it needs --calibration
-        onnx_path = zoo.export_onnx(model, out / "fp32.onnx", tuple(example.shape[1:]))
+        onnx_path = zoo.export_onnx(model, outputs["onnx"], tuple(example.shape[1:]))
     else:
-        onnx_path = qat.export_onnx(model, out / f"{stage}.onnx", example)
+        onnx_path = qat.export_onnx(model, outputs["onnx"], example)
     print(f"wrote {onnx_path} (compile it with: tvm-cim compile {onnx_path} -o model.so)")
     return 0

@@ -410,8 +410,13 @@ class CimArch:
         text = _read_text(path)
         try:
             data = parse(text)
-        except (parse_error, ValueError, RecursionError) as err:  # huge numbers, deep nesting
-            raise ArchError(f"{path}: invalid {syntax}: {type(err).__name__}: {err}") from None
+        except RecursionError:
+            raise ArchError(f"{path}: invalid {syntax}: nested too deeply") from None
+        except (parse_error, ValueError) as err:
+            reason = f"{type(err).__name__}: {err}"
+            if "integer string conversion" in str(err):  # Python's own digit limit
+                reason = "an integer too large to read"
+            raise ArchError(f"{path}: invalid {syntax}: {reason}") from None
         if not isinstance(data, Mapping):
             raise ArchError(
                 f"{path}: an architecture file must hold a mapping, got {type(data).__name__}"

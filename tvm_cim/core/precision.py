@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tvm_cim.core.arrays import read_npy
 from tvm_cim.core.errors import CimError
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -98,10 +99,8 @@ class Precision:
         if not path.is_file():
             raise CimError(f"precision file {path} does not exist")
         if path.suffix == ".npy":
-            try:
-                array = np.load(path, allow_pickle=False)
-            except (ValueError, OSError) as exc:
-                raise CimError(f"{path}: not a readable .npy policy ({exc})") from None
+            # integers only: a policy is a few bit widths, never floats or pickles
+            array = read_npy(path, "precision policy", kinds="iu", native=False)
             return cls._from_array(array, str(path))
         try:
             text = path.read_text()

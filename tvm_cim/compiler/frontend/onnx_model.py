@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.messages import tvm_message
 
 from .module import count_anchors
 from .qonnx_model import from_qonnx
@@ -269,8 +270,7 @@ def load_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None
             sanitize_input_names=False,
         )
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+        detail = f"{type(exc).__name__}: {tvm_message(exc)}"
         raise CimError(f"{path}: the TVM ONNX frontend cannot import the model ({detail})") from exc
     if count_anchors(mod) != len(names):
         return mod, None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tvm_cim.core.arrays import read_arrays
 from tvm_cim.core.errors import CimError
 
 from .module import main_inputs
@@ -30,17 +31,9 @@ def _samples(name: str, array: np.ndarray, shape: tuple, dtype: str, source: str
 
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray] | np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            data = np.load(f, allow_pickle=False)
-            if isinstance(data, np.ndarray):
-                return data
-            with data:
-                return {key: data[key] for key in data.files}
-    except OSError as exc:
-        raise CimError(f"cannot read calibration data {path}: {exc.strerror or exc}") from None
-    except (ValueError, EOFError) as exc:
-        raise CimError(f"{path}: not a readable .npz/.npy file ({exc})") from None
+    """The arrays of one file, every header and declared size checked before any data is
+    read or decompressed (``tvm_cim.core.arrays``)."""
+    return read_arrays(path, "calibration data", native=False)
 
 
 def _from_file(path: Path, inputs: list) -> list[np.ndarray]:
