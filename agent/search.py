@@ -3,6 +3,10 @@ outputs, and the closing loop on the simulator.
 
 ``run_search(settings)``:
 
+0. checks every setting before any work, writing nothing: the numbers, the output
+   directory, arch, constraints, dataset, base checkpoint, the episode log a resume
+   continues (or one that forbids a new search) and the Optuna storage; then takes the
+   output directory's lock;
 1. trains the base model (FP32, then W8A8 QAT) or reuses it from the output directory;
 2. computes the latency table for the arch (cost-only compiles) or reuses it;
 3. scores the uniform points W8A8, W6A6 and W4A4, then runs the strategy for the episode
@@ -29,13 +33,14 @@ from tvm_cim.core.precision import Bits
 from .config import AgentConfig
 from .env import CimQuantEnv
 from .latency import LatencyTable
-from .lock import hold_directory
+from .lock import folder_problem, hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
 from .space import Reward, SearchSpace
 from .strategies import (
     STRATEGIES,
     EpisodeRecorder,
+    check_storage,
     open_study,
     run_ddpg,
     run_dqn,
@@ -149,10 +154,66 @@ def _validate(settings: SearchSettings) -> None:
         raise CimError(f"episodes must be at least 1, got {settings.episodes}")
     if settings.finetune_steps < 0:
         raise CimError(f"finetune steps must be >= 0, got {settings.finetune_steps}")
+    if settings.final_epochs < 0:
+        raise CimError(f"final epochs must be >= 0, got {settings.final_epochs}")
     if settings.model not in models.names():
         raise CimError(f"unknown model {settings.model!r}; the zoo has {', '.join(models.names())}")
     if settings.storage and settings.strategy != "tpe":
         raise CimError("--storage applies to --strategy tpe only")
+    problem = folder_problem(Path(settings.out))
+    if problem:
+        raise CimError(f"cannot write the output directory: {problem}")
+
+
+@dataclass
+class _Checked:
+    """What checking a search's settings loaded on the way: nothing written yet."""
+
+    arch: CimArch
+    reward: Reward
+    dataset: object
+    start: object | None  # the base model of ``--from``
+    header: dict  # the log header, less what the latency table adds
+    study: tuple[str, str] | None  # TPE: (storage URL, study name)
+
+
+def _check(settings: SearchSettings) -> _Checked:
+    """Check every setting before the work it guards (see the module docstring)."""
+    from tvm_cim.learn import data, train
+    from tvm_cim.learn import zoo as models
+
+    _validate(settings)
+    out = Path(settings.out)
+    arch = CimArch.load(settings.arch)
+    reward = dataclasses.replace(settings.reward, max_acc_drop=settings.max_acc_drop)
+    settings.space.weight_choices(arch.cell_bits)  # refuse an empty space before any training
+    dataset = data.load(settings.dataset)
+    if tuple(dataset.input_shape) != tuple(models.input_shape(settings.model)):
+        raise CimError(
+            f"{settings.model} takes input shape {models.input_shape(settings.model)}, but "
+            f"{settings.dataset} has input shape {tuple(dataset.input_shape)}"
+        )
+    start = None
+    if settings.base_checkpoint is not None:
+        start, _ = train.load_checkpoint(settings.base_checkpoint, settings.model)
+    header = {
+        "model": settings.model,
+        "dataset": settings.dataset,
+        "arch": arch.to_dict(),
+        "strategy": settings.strategy,
+        "seed": settings.seed,
+        "space": settings.space.to_dict(),
+        "reward": reward.to_dict(),
+        "evaluation": {"finetune_steps": settings.finetune_steps, "split": "val"},
+    }
+    EpisodeLog.check(_paths(out, settings.tag)["log"], header, settings.resume)
+    study = None
+    if settings.strategy == "tpe":
+        storage = settings.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+        name = f"{settings.model}-{settings.dataset}-{arch_tag(arch)}-{settings.tag}"
+        check_storage(storage)
+        study = (storage, name)
+    return _Checked(arch, reward, dataset, start, header, study)
 
 
 def arch_tag(arch: CimArch) -> str:
@@ -172,7 +233,7 @@ def base_model(settings: SearchSettings, dataset, log=print):
     if settings.base_checkpoint is not None:
         model, _ = train.load_checkpoint(settings.base_checkpoint, settings.model)
         return model
-    folder = Path(settings.out) / f"base-{settings.model}-{settings.dataset}"
+    folder = _base_folder(settings)
     w8a8_path = folder / "w8a8.pt"
     if w8a8_path.is_file():
         try:
@@ -201,7 +262,7 @@ def base_model(settings: SearchSettings, dataset, log=print):
 
 def latency_table(settings: SearchSettings, model, example, arch: CimArch, log=print):
     """The model's latency table for ``arch``, computed once per output directory."""
-    path = Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
+    path = _table_path(settings, arch)
     if path.is_file():
         try:
             table = LatencyTable.load(path)
@@ -222,37 +283,69 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     Raises
     ------
     CimError
-        Bad settings, or another search running in the same output directory.
+        Bad settings (found before anything is written), or another search running in
+        the same output directory.
     """
-    _validate(settings)
+    checked = _check(settings)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     with hold_directory(out):
-        return _search(settings, log)
+        _remove_temporaries(_written_files(settings, checked.arch))
+        return _search(settings, checked, log)
 
 
-def _search(settings: SearchSettings, log) -> SearchResult:
-    """``run_search`` once the output directory is this process's."""
+def _written_files(settings: SearchSettings, arch: CimArch) -> list[Path]:
+    """The files a search writes into its output directory."""
+    base = _base_folder(settings)
+    stages = [
+        base / f"{stage}{ext}" for stage in ("fp32", "w8a8") for ext in (".pt", ".metrics.json")
+    ]
+    return [
+        *_paths(Path(settings.out), settings.tag).values(),
+        _table_path(settings, arch),
+        *stages,
+    ]
+
+
+def _base_folder(settings: SearchSettings) -> Path:
+    return Path(settings.out) / f"base-{settings.model}-{settings.dataset}"
+
+
+def _table_path(settings: SearchSettings, arch: CimArch) -> Path:
+    return Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
+
+
+def _remove_temporaries(files: list[Path]) -> None:
+    """Remove the temporary files a killed search left beside ``files``: those of
+    ``tvm_cim.core.files.atomic_path``, named ``.<name>.<random><suffix>``. The caller
+    holds the directory's lock, so no live search is writing them."""
+    import glob
+
+    for path in files:
+        pattern = f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}"
+        for tmp in path.parent.glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
+    """``run_search`` once the settings are checked and the output directory is this
+    process's."""
     import time
 
     import torch
 
-    from tvm_cim.learn import data, qat
-    from tvm_cim.learn import zoo as models
+    from tvm_cim.learn import qat
 
     began = time.perf_counter()
     out = Path(settings.out)
-    arch = CimArch.load(settings.arch)
-    reward = dataclasses.replace(settings.reward, max_acc_drop=settings.max_acc_drop)
-    space = settings.space
-    space.weight_choices(arch.cell_bits)  # refuse an empty space before any training
-    dataset = data.load(settings.dataset)
-    if tuple(dataset.input_shape) != tuple(models.input_shape(settings.model)):
-        raise CimError(
-            f"{settings.model} takes input shape {models.input_shape(settings.model)}, but "
-            f"{settings.dataset} has input shape {tuple(dataset.input_shape)}"
+    arch, space, dataset = checked.arch, settings.space, checked.dataset
+    study = None
+    if checked.study is not None:  # before training: a study that forbids this search
+        storage, name = checked.study
+        study = open_study(
+            storage, name, settings.seed, settings.episodes, settings.resume, settings.agents.tpe
         )
-    model = base_model(settings, dataset, log)
+    model = checked.start if checked.start is not None else base_model(settings, dataset, log)
     example = torch.from_numpy(dataset.test[0][:1])
     table = latency_table(settings, model, example, arch, log)
     if table.names != qat.layer_names(model):
@@ -262,23 +355,12 @@ def _search(settings: SearchSettings, log) -> SearchResult:
         )
     space.searched(len(table.operators))
     evaluation = QatAccuracy(model, dataset, settings.finetune_steps)
-    scorer = PolicyScorer(table, evaluation, reward)
+    scorer = PolicyScorer(table, evaluation, checked.reward)
     env = CimQuantEnv(scorer, space)
 
-    header = {
-        "model": settings.model,
-        "dataset": settings.dataset,
-        "arch": arch.to_dict(),
-        "strategy": settings.strategy,
-        "seed": settings.seed,
-        "space": space.to_dict(),
-        "reward": reward.to_dict(),
-        "evaluation": {"finetune_steps": settings.finetune_steps, "split": "val"},
-        "operators": table.names,
-        "episodes": settings.episodes,
-    }
+    header = dict(checked.header, operators=table.names, episodes=settings.episodes)
     paths = _paths(out, settings.tag)
-    episode_log = EpisodeLog(paths["log"], header, resume=settings.resume)
+    episode_log = EpisodeLog(paths["log"], header, resume=settings.resume, warn=log)
     if settings.resume and episode_log.episodes:
         log(f"reusing {len(episode_log.episodes)} logged episodes from {paths['log']}")
     for outcome in [*episode_log.references.values(), *episode_log.episodes]:
@@ -296,15 +378,6 @@ def _search(settings: SearchSettings, log) -> SearchResult:
         elif settings.strategy == "ddpg":
             run_ddpg(env, recorder, settings.episodes, settings.seed, settings.agents.ddpg)
         else:
-            storage = settings.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-            study = open_study(
-                storage,
-                f"{settings.model}-{settings.dataset}-{arch_tag(arch)}-{settings.tag}",
-                settings.seed,
-                settings.episodes,
-                settings.resume,
-                settings.agents.tpe,
-            )
             run_tpe(env, recorder, settings.episodes, study)
     if progress is not None:
         progress.close()

@@ -4,24 +4,53 @@ Each strategy plays ``episodes`` complete policies and hands every one to an
 ``EpisodeRecorder``, which logs it (or, in a resumed search, checks it against the log).
 DQN, DDPG and random search play ``CimQuantEnv``; TPE suggests the same widths directly
 from an Optuna study.
+
+Resume replays: a resumed search reruns its strategy from the start with the same seed,
+and the recorder hands back the logged outcome of every episode the log holds (the
+accuracy is not measured again, and measuring or skipping it leaves every global random
+state as it was), so DQN, DDPG and random search draw the same numbers and learn from
+the same rewards as an uninterrupted run.
+
+TPE keeps its record in the Optuna study, and its sampler's random state is not stored
+there, so a resumed TPE search rebuilds it:
+
+- trials a killed run left RUNNING are marked FAIL. Optuna 4's ``TPESampler`` reads
+  only COMPLETE (and PRUNED) trials, both to count its ``n_startup_trials`` and to model
+  the results, and its search space is the intersection over the same trials (RUNNING
+  ones only with ``constant_liar``, which is off), so a FAIL trial changes nothing it
+  suggests;
+- a sampler with the settings the study was created with (``SAMPLER_ATTR``) is asked
+  again for every complete trial, in order, on an in-memory twin of the study that is
+  told the stored values; each suggestion must equal the stored parameters (else a
+  ``CimError``), and the replayed random state becomes the study's sampler's;
+- the next trial then suggests what the killed run was evaluating (checked against the
+  FAIL trial's parameters), and every later one what the uninterrupted run suggested.
+
+This is exact for one process per study, which the output directory's lock ensures.
+Workers sharing a study (a PostgreSQL storage) suggest in an order no replay can
+reproduce; they would each keep their own seed, and fail only stale trials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.noise import ActionNoise
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.messages import first_line
 from tvm_cim.core.precision import Bits
 
 from .config import DDPGConfig, DQNConfig, TPEConfig
 from .env import CimQuantEnv, ContinuousActions
+from .lock import folder_problem
 from .log import EpisodeLog
 from .scoring import Outcome
 
@@ -211,31 +240,123 @@ def run_ddpg(
 
 # ---------------------------------------------------------------------------- TPE
 
+#: Study user attribute holding the sampler settings the study was created with.
+SAMPLER_ATTR = "tvm_cim.sampler"
 
-def open_study(storage: str, name: str, seed: int, episodes: int, resume: bool, config=None):
-    """The Optuna study of a TPE search, created or (``resume``) loaded from ``storage``."""
+
+def _new_sampler(settings: dict):
+    """A ``TPESampler`` from the settings a study records (see ``SAMPLER_ATTR``)."""
     import optuna
 
-    config = config or TPEConfig()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # ``multivariate`` is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=max(1, math.ceil(config.startup_fraction * episodes)),
-            multivariate=config.multivariate,
+        return optuna.samplers.TPESampler(
+            seed=settings["seed"],
+            n_startup_trials=settings["n_startup_trials"],
+            multivariate=settings["multivariate"],
         )
+
+
+def _first_line(exc: Exception) -> str:
+    """The driver's own message of a SQLAlchemy error, without SQLAlchemy's footer."""
+    return first_line(getattr(exc, "orig", None) or exc) or type(exc).__name__
+
+
+def _sqlite_file(url) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):  # a URI filename: left to SQLite
+        return None
+    return Path(database)
+
+
+def check_storage(storage: str) -> None:
+    """Refuse, before any work and writing nothing, a storage the study cannot live in: an
+    unknown dialect or a missing driver, a database that does not answer, a SQLite file
+    that is not a database or whose folder cannot be made.
+
+    Raises
+    ------
+    CimError
+        ``cannot open the Optuna study: <reason> (storage <storage>)``.
+    """
+    import sqlite3
+
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    def refuse(reason: str):
+        return CimError(f"cannot open the Optuna study: {reason} (storage {storage})")
+
     try:
+        url = make_url(storage)
+        url.get_dialect()
+    except Exception as exc:  # SQLAlchemy raises several types for a URL it cannot use
+        raise refuse(_first_line(exc)) from None
+    if url.get_backend_name() == "sqlite":
+        path = _sqlite_file(url)
+        if path is None:
+            return
+        if not path.exists():
+            problem = folder_problem(path.parent)
+            if problem:
+                raise refuse(problem)
+            return
+        try:  # read-write without create: rolls back what a killed writer left, as Optuna would
+            with contextlib.closing(
+                sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+            ) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise refuse(str(exc)) from None
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:  # a missing driver, a refused connection, bad credentials
+        raise refuse(_first_line(exc)) from None
+
+
+def open_study(storage: str, name: str, seed: int, episodes: int, resume: bool, config=None):
+    """The Optuna study of a TPE search, created or (``resume``) loaded from ``storage``.
+
+    A new study records its sampler settings (``SAMPLER_ATTR``); a loaded one keeps those
+    it was created with, so a resumed search with a larger budget samples as it began.
+    """
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    config = config or TPEConfig()
+    wanted = {
+        "seed": seed,
+        "n_startup_trials": max(1, math.ceil(config.startup_fraction * episodes)),
+        "multivariate": config.multivariate,
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        path = _sqlite_file(make_url(storage))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             storage=storage,
             study_name=name,
-            sampler=sampler,
+            sampler=_new_sampler(wanted),
             direction="maximize",
             load_if_exists=True,
         )
-        finished = _complete_trials(study)
+        if SAMPLER_ATTR not in study.user_attrs:
+            study.set_user_attr(SAMPLER_ATTR, wanted)
+        finished = _trials(study, "COMPLETE")
     except Exception as exc:  # SQLAlchemy and Optuna raise many types for a bad storage
-        raise CimError(f"cannot open the Optuna study {name!r} at {storage}: {exc}") from None
+        raise CimError(
+            f"cannot open the Optuna study {name!r} at {storage}: {_first_line(exc)}"
+        ) from None
     if finished and not resume:
         raise CimError(
             f"the Optuna study {name!r} at {storage} already holds {len(finished)} trials; "
@@ -244,22 +365,97 @@ def open_study(storage: str, name: str, seed: int, episodes: int, resume: bool, 
     return study
 
 
-def _complete_trials(study):
+def _trials(study, *states: str) -> list:
+    """The study's trials in ``states`` (TrialState names), in trial-number order."""
     import optuna
 
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    wanted = tuple(optuna.trial.TrialState[s] for s in states)
+    return study.get_trials(deepcopy=False, states=wanted)
+
+
+def _fail_dead_trials(study) -> dict:
+    """Mark FAIL the trials a killed run left RUNNING; return the parameters of the last
+    unfinished trial after the last complete one (what the killed run was evaluating), or
+    an empty dict.
+
+    The caller holds the search's directory lock, so no live process owns a RUNNING
+    trial. Workers sharing one study would instead fail the trials whose heartbeat
+    stopped (Optuna's ``heartbeat_interval`` and ``fail_stale_trials``).
+    """
+    import optuna
+
+    for trial in _trials(study, "RUNNING"):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    pending: dict = {}
+    for trial in _trials(study, "COMPLETE", "FAIL"):
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        pending = {} if complete else dict(trial.params)
+    return pending
+
+
+def _random_states(sampler) -> tuple:
+    """The generators of a ``TPESampler`` (its own and its start-up random sampler's):
+    with the study's trials, everything its next suggestion depends on."""
+    try:
+        return sampler._rng.rng, sampler._random_sampler._rng.rng
+    except AttributeError:
+        raise CimError(
+            "cannot resume a TPE search with this Optuna version (the sampler's random "
+            "state moved); start a new search or install optuna 4"
+        ) from None
+
+
+def _replayed_sampler(study, done: list, suggest: Callable):
+    """A sampler in the state the uninterrupted search's was in after the trials ``done``.
+
+    A fresh sampler with the study's settings is asked again, on an in-memory twin of the
+    study, for each trial in order, and told the stored value; every suggestion must
+    equal the stored parameters. Its random state then moves to a new sampler for
+    ``study`` (a sampler caches its search space per study).
+    """
+    import optuna
+
+    settings = study.user_attrs[SAMPLER_ATTR]
+    twin = optuna.create_study(sampler=_new_sampler(settings), direction="maximize")
+    for trial in done:
+        asked = twin.ask()
+        params = suggest(asked)
+        for key, value in params.items():
+            if trial.params.get(key) != value:
+                raise CimError(
+                    f"the Optuna study {study.study_name!r} diverges from its sampler at trial "
+                    f"{trial.number} ({key} is {trial.params.get(key)!r}, the replay suggests "
+                    f"{value!r}); it was written by a different version or setting"
+                )
+        twin.tell(asked, trial.value)
+    sampler = _new_sampler(settings)
+    for mine, replayed in zip(_random_states(sampler), _random_states(twin.sampler)):
+        mine.set_state(replayed.get_state())
+    return sampler
 
 
 def run_tpe(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, study) -> None:
     """Optuna TPE: each trial suggests every searched width; the objective is the reward.
 
-    The study is the record of a TPE search: trials it already holds are replayed into
-    the log (those the log lacks are added) and only the rest of the budget is run.
+    The study is the record of a TPE search. On resume, trials a killed run left RUNNING
+    are marked FAIL, the sampler is replayed over the complete trials (see
+    ``_replayed_sampler``), those trials are replayed into the log (the ones the log
+    lacks are added), and the rest of the budget is asked for: the first new trial
+    suggests what the killed run was evaluating, and the log ends as an uninterrupted
+    run's would.
     """
     import optuna
 
     scorer = env.scorer
     names = scorer.table.names
+    space = [
+        (f"{names[op]}.{kind}", choices)
+        for op in env.searched
+        for kind, choices in (("w_bits", env.w_choices), ("a_bits", env.a_choices))
+    ]
+
+    def suggest(trial) -> dict:
+        return {key: trial.suggest_categorical(key, choices) for key, choices in space}
 
     def outcome_of(params: dict) -> Outcome:
         policy = list(env.bits_template())
@@ -267,23 +463,32 @@ def run_tpe(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, study) -
             policy[op] = Bits(params[f"{names[op]}.w_bits"], params[f"{names[op]}.a_bits"])
         return scorer.score(tuple(policy))
 
-    for trial in _complete_trials(study):
-        if recorder.count >= episodes:
-            break
+    interrupted = _fail_dead_trials(study)
+    done = _trials(study, "COMPLETE")
+    if len(done) > episodes:
+        done, interrupted = done[:episodes], {}
+    study.sampler = _replayed_sampler(study, done, suggest)
+    for trial in done:
         recorder.record(outcome_of(trial.params))
+    while recorder.count < episodes:
+        trial = study.ask()
+        try:
+            params = suggest(trial)
+            _check_reasked(study, interrupted, params)
+            interrupted = {}
+            outcome = outcome_of(params)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        study.tell(trial, outcome.reward)
+        recorder.record(outcome)
 
-    def objective(trial: optuna.Trial) -> float:
-        params = {}
-        for op in env.searched:
-            for kind, choices in (("w_bits", env.w_choices), ("a_bits", env.a_choices)):
-                key = f"{names[op]}.{kind}"
-                params[key] = trial.suggest_categorical(key, choices)
-        return outcome_of(params).reward
 
-    def after_trial(study, trial) -> None:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            recorder.record(outcome_of(trial.params))
-
-    remaining = episodes - recorder.count
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, callbacks=[after_trial])
+def _check_reasked(study, interrupted: dict, params: dict) -> None:
+    """The trial asked after a killed one must suggest what the killed one held."""
+    for key, value in interrupted.items():
+        if params.get(key) != value:
+            raise CimError(
+                f"the Optuna study {study.study_name!r}: the trial re-asked after an "
+                f"interrupted one suggests {key}={params.get(key)!r}, not {value!r}"
+            )
