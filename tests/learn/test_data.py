@@ -138,10 +138,9 @@ def test_mnist1d_cache_is_reused(use_cache, monkeypatch):
     assert len(data.load("mnist1d").test[1]) == 1000
 
 
-def test_mnist1d_cache_key_and_corrupt_file(sklearn, tmp_path, monkeypatch):
-    monkeypatch.setenv("TVM_CIM_CACHE", str(tmp_path))
+def _stand_in_generator(calls: list):
+    """A fast replacement of the MNIST-1D generator: random signals, balanced labels."""
     rng = np.random.default_rng(0)
-    calls = []
 
     def fake(args):
         calls.append(args)
@@ -151,7 +150,13 @@ def test_mnist1d_cache_key_and_corrupt_file(sklearn, tmp_path, monkeypatch):
         x = rng.standard_normal((n, args["final_seq_length"]))
         return {"x": x[:split], "y": y[:split], "x_test": x[split:], "y_test": y[split:]}
 
-    monkeypatch.setattr(data, "_generate_mnist1d", fake)
+    return fake
+
+
+def test_mnist1d_cache_key_and_corrupt_file(sklearn, tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_CIM_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(data, "_generate_mnist1d", _stand_in_generator(calls))
     path = tmp_path / f"mnist1d-{data._mnist1d_key(data.MNIST1D_ARGS)}.npz"
     path.write_bytes(b"not an npz file")
     ds = data.load("mnist1d")
@@ -177,6 +182,65 @@ def test_mnist1d_generation_leaves_global_rng_alone(tmp_path, monkeypatch):
     random.seed(123)
     data._generate_mnist1d(args)
     assert (np.random.random(), random.random()) == expected
+
+
+# -------------------------------------------------------------------- mnist1d-80k
+
+
+def test_mnist1d_80k_args_differ_only_in_size():
+    args = data.MNIST1D_80K_ARGS
+    assert {k for k in args if args[k] != data.MNIST1D_ARGS[k]} == {"num_samples", "train_split"}
+    generated_train = int(args["num_samples"] * args["train_split"])
+    assert generated_train == 70_000
+    assert (generated_train - data.MNIST1D_80K_VAL, args["num_samples"] - generated_train) == (
+        60_000,
+        10_000,
+    )
+
+
+def test_mnist1d_80k_splits_and_cache(sklearn, tmp_path, monkeypatch):
+    """The full-size splits, with a stand-in generator so that no 80,000 signals are made."""
+    monkeypatch.setenv("TVM_CIM_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(data, "_generate_mnist1d", _stand_in_generator(calls))
+    ds = data.load("mnist1d-80k", seed=0)
+    assert calls == [data.MNIST1D_80K_ARGS]
+    assert ds.name == "mnist1d-80k" and ds.num_classes == 10 and ds.input_shape == (1, 1, 40)
+    _check_splits(ds, (60_000, 10_000, 10_000))
+    assert np.bincount(ds.val[1]).tolist() == [1000] * 10
+    assert abs(float(ds.train[0].mean())) < 1e-4
+    assert float(ds.train[0].std()) == pytest.approx(1.0, abs=1e-4)
+    train, val, test = (_rows(s[0]) for s in (ds.train, ds.val, ds.test))
+    assert not train & val and not train & test and not val & test
+    key = data._mnist1d_key(data.MNIST1D_80K_ARGS)
+    assert [p.name for p in tmp_path.glob("mnist1d-*.npz")] == [f"mnist1d-{key}.npz"]
+    assert key != data._mnist1d_key(data.MNIST1D_ARGS)
+    again, other = data.load("mnist1d-80k", seed=0), data.load("mnist1d-80k", seed=1)
+    assert len(calls) == 1
+    _assert_same(ds, again)
+    assert not np.array_equal(ds.val[1], other.val[1])
+    np.testing.assert_array_equal(ds.test[1], other.test[1])
+
+
+def test_mnist1d_at_scale_with_the_real_generator(sklearn, tmp_path, monkeypatch):
+    """The scaled-up arguments, shrunk to 800 samples, through the real generator."""
+    pytest.importorskip("mnist1d")
+    args = dict(data.MNIST1D_80K_ARGS, num_samples=800)
+
+    def build(cache: Path) -> data.Dataset:
+        monkeypatch.setenv("TVM_CIM_CACHE", str(cache))
+        return data._mnist1d(3, name="mnist1d-800", args=args, val=100)
+
+    ds = build(tmp_path / "a")
+    assert ds.name == "mnist1d-800" and ds.input_shape == (1, 1, 40)
+    _check_splits(ds, (600, 100, 100))
+    assert np.bincount(ds.val[1], minlength=10).min() >= 9
+    assert np.bincount(np.concatenate([ds.train[1], ds.val[1], ds.test[1]])).tolist() == [80] * 10
+    assert float(ds.train[0].std()) == pytest.approx(1.0, abs=1e-4)
+    assert len(list((tmp_path / "a").glob("mnist1d-*.npz"))) == 1
+    # Generated afresh elsewhere and read back from the cache: the same arrays.
+    _assert_same(ds, build(tmp_path / "b"))
+    _assert_same(ds, build(tmp_path / "a"))
 
 
 # ---------------------------------------------------------------------- synthetic
@@ -207,12 +271,14 @@ def test_synthetic_is_learnable():
 
 
 def test_names():
-    assert data.names() == ["digits", "mnist1d", "synthetic"]
+    assert data.names() == ["digits", "mnist1d", "mnist1d-80k", "synthetic"]
     assert data.load(" Synthetic ").name == "synthetic"
 
 
 def test_unknown_name_lists_known_datasets():
-    with pytest.raises(CimError, match="unknown dataset 'nope'.*digits, mnist1d, synthetic"):
+    with pytest.raises(
+        CimError, match="unknown dataset 'nope'.*digits, mnist1d, mnist1d-80k, synthetic"
+    ):
         data.load("nope")
 
 
