@@ -85,6 +85,7 @@ def test_names_and_shapes():
         "digits-mlp",
         "digits-cnn",
         "mnist1d-cnn",
+        "mnist1d-resnet",
         "resnet20",
         "resnet18",
         "vgg16",
@@ -92,6 +93,7 @@ def test_names_and_shapes():
     ]
     assert zoo.input_shape("digits-cnn") == (1, 8, 8)
     assert zoo.input_shape("mnist1d-cnn") == (1, 1, 40)
+    assert zoo.input_shape("mnist1d-resnet") == (1, 1, 40)
     assert zoo.input_shape("resnet20") == (3, 32, 32)
     assert zoo.input_shape("resnet18") == (3, 224, 224)
 
@@ -105,6 +107,8 @@ def test_unknown_model_and_bad_kwargs():
         zoo.build("digits-mlp", depth=3)
     with pytest.raises(CimError, match="shortcut"):
         zoo.build("resnet20", shortcut="C")
+    with pytest.raises(CimError, match="mnist1d-resnet: need three stage widths"):
+        zoo.build("mnist1d-resnet", channels=(16, 32))
 
 
 @pytest.mark.parametrize("name", zoo.names())
@@ -204,6 +208,35 @@ def test_small_models_layers():
     assert all(m.get_submodule(f"conv{i}").kernel_size[0] == 1 for i in (1, 2, 3))
 
 
+def test_mnist1d_resnet_layers():
+    model = built("mnist1d-resnet")
+    blocks = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    expected = ["conv1"]
+    for block in blocks:
+        expected += [f"{block}.conv1", f"{block}.conv2"]
+        if block in ("layer2.0", "layer3.0"):
+            expected.append(f"{block}.downsample.0")
+    assert zoo.quantizable_layers(model) == expected + ["fc"]
+    assert len(expected) + 1 == 22
+    assert sum(p.numel() for p in model.parameters()) == 93_946
+    for path in expected:  # signals of height 1: every kernel and stride keeps it 1
+        conv = model.get_submodule(path)
+        assert conv.kernel_size[0] == 1 and conv.stride[0] == 1 and conv.padding[0] == 0
+    assert model.get_submodule("conv1").kernel_size == (1, 5)
+    assert model.get_submodule("layer2.0.conv1").kernel_size == (1, 3)
+    for stage, width in (("layer2", 32), ("layer3", 64)):
+        projection = model.get_submodule(f"{stage}.0.downsample.0")
+        assert projection.kernel_size == (1, 1) and projection.stride == (1, 2)
+        assert projection.out_channels == width
+        assert isinstance(model.get_submodule(f"{stage}.0.downsample.1"), nn.BatchNorm2d)
+    identities = [b for b in blocks if model.get_submodule(b).downsample is None]
+    assert len(identities) == 7 and "layer1.0" in identities
+    assert model.get_submodule("fc").in_features == 64
+
+    shallow = zoo.build("mnist1d-resnet", channels=(8, 16, 32), blocks=1)
+    assert len(zoo.quantizable_layers(shallow)) == 10
+
+
 # ------------------------------------------------------------ batch-norm folding
 
 
@@ -214,6 +247,7 @@ def test_small_models_layers():
         ("resnet20-B", (3, 32, 32)),
         ("mobilenetv2", (3, 64, 64)),
         ("mnist1d-cnn", (1, 1, 40)),
+        ("mnist1d-resnet", (1, 1, 40)),
         ("vgg16-bn", (3, 32, 32)),
     ],
 )
@@ -295,7 +329,9 @@ def test_fold_batchnorm_leaves_shared_convolutions_alone():
 # --------------------------------------------------------------------------- ONNX
 
 
-@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn", "mnist1d-cnn", "resnet20"])
+@pytest.mark.parametrize(
+    "name", ["digits-mlp", "digits-cnn", "mnist1d-cnn", "mnist1d-resnet", "resnet20"]
+)
 def test_export_onnx_small_models(name, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator

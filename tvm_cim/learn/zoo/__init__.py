@@ -9,24 +9,28 @@ torchvision's names (``conv1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, `
 ``features.0``, ``classifier.6``; ``features.1.conv.0.0``, ``classifier.1``) and are written
 here by hand, so torchvision is not needed.
 
-=============== =================== ================================================
-name            input shape         model
-=============== =================== ================================================
-``digits-mlp``  ``(1, 8, 8)``       MLP 64-128-64-10 for scikit-learn's digits
-``digits-cnn``  ``(1, 8, 8)``       two 3x3 convolutions, two linear layers
-``mnist1d-cnn`` ``(1, 1, 40)``      three ``(1, k)`` convolutions with BN, a linear layer
-``resnet20``    ``(3, 32, 32)``     CIFAR ResNet-20 (He et al., option A shortcuts)
-``resnet18``    ``(3, 224, 224)``   ImageNet ResNet-18 (torchvision layout)
-``vgg16``       ``(3, 224, 224)``   ImageNet VGG-16 (torchvision layout)
-``mobilenetv2`` ``(3, 224, 224)``   ImageNet MobileNetV2 (torchvision layout)
-=============== =================== ================================================
+================== =================== ================================================
+name               input shape         model
+================== =================== ================================================
+``digits-mlp``     ``(1, 8, 8)``       MLP 64-128-64-10 for scikit-learn's digits
+``digits-cnn``     ``(1, 8, 8)``       two 3x3 convolutions, two linear layers
+``mnist1d-cnn``    ``(1, 1, 40)``      three ``(1, k)`` convolutions with BN, a linear layer
+``mnist1d-resnet`` ``(1, 1, 40)``      1-D ResNet: 21 ``(1, k)`` convolutions, a linear layer
+``resnet20``       ``(3, 32, 32)``     CIFAR ResNet-20 (He et al., option A shortcuts)
+``resnet18``       ``(3, 224, 224)``   ImageNet ResNet-18 (torchvision layout)
+``vgg16``          ``(3, 224, 224)``   ImageNet VGG-16 (torchvision layout)
+``mobilenetv2``    ``(3, 224, 224)``   ImageNet MobileNetV2 (torchvision layout)
+================== =================== ================================================
 
-One-dimensional signals are handled as images of height 1: ``mnist1d-cnn`` takes
-``(N, 1, 1, 40)`` inputs and its convolutions are ``nn.Conv2d`` with ``(1, k)`` kernels, so
-its exported graph holds 2-D convolutions that the crossbar compiler maps like any other.
+One-dimensional signals are handled as images of height 1: ``mnist1d-cnn`` and
+``mnist1d-resnet`` take ``(N, 1, 1, 40)`` inputs and their convolutions are ``nn.Conv2d``
+with ``(1, k)`` kernels, so their exported graphs hold 2-D convolutions that the crossbar
+compiler maps like any other. ``mnist1d-resnet`` is the deep one: 22 crossbar layers in
+three stages of residual blocks (identity shortcuts, and 1x1 projections where a stage
+halves the signal), named as ``resnet20``'s (``layer2.0.downsample.0``).
 ``tvm_cim.learn.data.load("mnist1d")`` yields samples of that same shape ``(1, 1, 40)``.
 
-The families live in ``small``, ``resnet``, ``vgg`` and ``mobilenet``; ``layers`` says which
+The families live in ``small``, ``resnet``, ``resnet1d``, ``vgg`` and ``mobilenet``; ``layers`` says which
 layers the crossbars take, ``batchnorm`` folds batch norm into convolutions, and
 ``export_onnx`` writes float graphs through ``tvm_cim.learn.onnx_export``.
 
@@ -48,6 +52,7 @@ from tvm_cim.learn.zoo.batchnorm import fold_batchnorm
 from tvm_cim.learn.zoo.layers import depthwise_layers, quantizable_layers
 from tvm_cim.learn.zoo.mobilenet import MobileNetV2
 from tvm_cim.learn.zoo.resnet import ResNet18, ResNet20
+from tvm_cim.learn.zoo.resnet1d import Mnist1dResNet
 from tvm_cim.learn.zoo.small import DigitsCNN, DigitsMLP, Mnist1dCNN
 from tvm_cim.learn.zoo.vgg import VGG16
 
@@ -62,6 +67,7 @@ __all__ = [
     "DigitsMLP",
     "DigitsCNN",
     "Mnist1dCNN",
+    "Mnist1dResNet",
     "ResNet20",
     "ResNet18",
     "VGG16",
@@ -79,6 +85,7 @@ _REGISTRY: dict[str, _Entry] = {
     "digits-mlp": _Entry(DigitsMLP, (1, 8, 8)),
     "digits-cnn": _Entry(DigitsCNN, (1, 8, 8)),
     "mnist1d-cnn": _Entry(Mnist1dCNN, (1, 1, 40)),
+    "mnist1d-resnet": _Entry(Mnist1dResNet, (1, 1, 40)),
     "resnet20": _Entry(ResNet20, (3, 32, 32)),
     "resnet18": _Entry(ResNet18, (3, 224, 224)),
     "vgg16": _Entry(VGG16, (3, 224, 224)),

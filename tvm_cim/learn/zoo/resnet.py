@@ -12,8 +12,12 @@ from tvm_cim.learn.zoo.initialization import torchvision_init
 __all__ = ["BasicBlock", "ZeroPadShortcut", "ResNet20", "ResNet18"]
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+def _same_conv(
+    cin: int, cout: int, stride: int | tuple[int, int] = 1, kernel_size: int | tuple = 3
+) -> nn.Conv2d:
+    """A convolution without bias whose padding keeps the size at stride 1 (odd kernels)."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    return nn.Conv2d(cin, cout, (kh, kw), stride=stride, padding=(kh // 2, kw // 2), bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -27,18 +31,25 @@ class BasicBlock(nn.Module):
         Stride of ``conv1`` (and of the shortcut).
     downsample
         Shortcut applied to the input, or ``None`` for the identity.
+    kernel_size
+        Kernel of both convolutions, e.g. ``(1, 3)`` for signals of height 1.
     """
 
     expansion = 1
 
     def __init__(
-        self, cin: int, cout: int, stride: int = 1, downsample: nn.Module | None = None
+        self,
+        cin: int,
+        cout: int,
+        stride: int | tuple[int, int] = 1,
+        downsample: nn.Module | None = None,
+        kernel_size: int | tuple[int, int] = 3,
     ) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(cin, cout, stride)
+        self.conv1 = _same_conv(cin, cout, stride, kernel_size)
         self.bn1 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(cout, cout)
+        self.conv2 = _same_conv(cout, cout, kernel_size=kernel_size)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = downsample
         self.stride = stride
@@ -73,24 +84,27 @@ class ZeroPadShortcut(nn.Module):
 
 
 class _ResNet(nn.Module):
-    """Stages of basic blocks; ``inplanes`` is the channel count the next stage starts from."""
+    """Stages of basic blocks; ``inplanes`` is the channel count the next stage starts from
+    and ``kernel_size`` the kernel of the blocks' convolutions."""
 
     inplanes: int
+    kernel_size: int | tuple[int, int] = 3
 
-    def _shortcut(self, planes: int, stride: int) -> nn.Module:
+    def _shortcut(self, planes: int, stride: int | tuple[int, int]) -> nn.Module:
         """Shortcut of a block that changes shape: a 1x1 convolution with batch norm."""
         return nn.Sequential(
             nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False),
             nn.BatchNorm2d(planes),
         )
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, planes: int, blocks: int, stride: int | tuple[int, int]) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes:
+        if stride not in (1, (1, 1)) or self.inplanes != planes:
             downsample = self._shortcut(planes, stride)
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        k = self.kernel_size
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, kernel_size=k)]
         self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        layers += [BasicBlock(planes, planes, kernel_size=k) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
 
@@ -123,7 +137,7 @@ class ResNet20(_ResNet):
         if shortcut not in ("A", "B"):
             raise CimError(f"resnet20: shortcut must be 'A' or 'B', got {shortcut!r}")
         self.shortcut = shortcut
-        self.conv1 = _conv3x3(3, 16)
+        self.conv1 = _same_conv(3, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         self.inplanes = 16
