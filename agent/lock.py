@@ -18,23 +18,6 @@ from tvm_cim.core.errors import CimError
 LOCK_NAME = "search.lock"
 
 
-def folder_problem(folder: Path) -> str:
-    """Why a search could not write into ``folder`` (created if missing), or ``""``.
-
-    An existing folder must be a writable directory; a missing one, creatable: its
-    nearest existing ancestor a writable directory. Nothing is created.
-    """
-    folder = Path(folder).absolute()
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return ""
-
-
 @contextmanager
 def hold_directory(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s search lock while the block runs.

@@ -28,12 +28,13 @@ from pathlib import Path
 
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import folder_problem, remove_temporaries
 from tvm_cim.core.precision import Bits
 
 from .config import AgentConfig
 from .env import CimQuantEnv
 from .latency import LatencyTable
-from .lock import folder_problem, hold_directory
+from .lock import hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
 from .space import Reward, SearchSpace
@@ -290,7 +291,8 @@ def run_search(settings: SearchSettings, log=print) -> SearchResult:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     with hold_directory(out):
-        _remove_temporaries(_written_files(settings, checked.arch))
+        for path in _written_files(settings, checked.arch):  # the lock: no live writer
+            remove_temporaries(path)
         return _search(settings, checked, log)
 
 
@@ -313,18 +315,6 @@ def _base_folder(settings: SearchSettings) -> Path:
 
 def _table_path(settings: SearchSettings, arch: CimArch) -> Path:
     return Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
-
-
-def _remove_temporaries(files: list[Path]) -> None:
-    """Remove the temporary files a killed search left beside ``files``: those of
-    ``tvm_cim.core.files.atomic_path``, named ``.<name>.<random><suffix>``. The caller
-    holds the directory's lock, so no live search is writing them."""
-    import glob
-
-    for path in files:
-        pattern = f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}"
-        for tmp in path.parent.glob(pattern):
-            tmp.unlink(missing_ok=True)
 
 
 def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:

@@ -45,12 +45,12 @@ import numpy as np
 from stable_baselines3.common.noise import ActionNoise
 
 from tvm_cim.core.errors import CimError
+from tvm_cim.core.files import folder_problem
 from tvm_cim.core.messages import first_line
 from tvm_cim.core.precision import Bits
 
 from .config import DDPGConfig, DQNConfig, TPEConfig
 from .env import CimQuantEnv, ContinuousActions
-from .lock import folder_problem
 from .log import EpisodeLog
 from .scoring import Outcome
 

@@ -279,7 +279,7 @@ def _cli(tmp_path, capsys, *extra, strategy="tpe", out=None):
     [
         ("foo://bar", "Can't load plugin"),
         ("not a url", "Could not parse"),
-        ("sqlite:///{tmp}/a-file/study.db", "a-file is not a directory"),
+        ("sqlite:///{tmp}/a-file/study.db", "a-file is not a folder"),
         ("sqlite:///{tmp}/junk.db", "file is not a database"),
     ],
     ids=["dialect", "url", "folder", "not-a-database"],
@@ -297,7 +297,7 @@ def test_a_bad_storage_fails_before_any_work(tmp_path, capsys, storage, message)
 def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     status, lines = _cli(tmp_path, capsys, out=tmp_path / "a-file" / "out", strategy="random")
-    assert status == 2 and len(lines) == 1 and "a-file is not a directory" in lines[0]
+    assert status == 2 and len(lines) == 1 and "a-file is not a folder" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 

@@ -61,3 +61,23 @@ def test_a_checkpoint_interrupted_while_saving_keeps_the_previous_one(tmp_path, 
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
     train.load_checkpoint(path, "digits-mlp")
+
+
+def test_folder_problem_names_the_blocking_path(tmp_path):
+    from tvm_cim.core.files import folder_problem
+
+    assert folder_problem(tmp_path / "new" / "deeper") == ""
+    (tmp_path / "a-file").write_text("")
+    assert folder_problem(tmp_path / "a-file" / "sub") == f"{tmp_path / 'a-file'} is not a folder"
+
+
+def test_remove_temporaries_takes_only_the_writers_leftovers(tmp_path):
+    from tvm_cim.core.files import remove_temporaries
+
+    target = tmp_path / "table.npz"
+    left = tmp_path / ".table.npz.k3j9x.npz"
+    kept = [tmp_path / "table.npz", tmp_path / ".other.npz.k3j9x.npz", tmp_path / "x.npz"]
+    for path in [left, *kept]:
+        path.write_bytes(b"")
+    remove_temporaries(target)
+    assert not left.exists() and all(p.exists() for p in kept)

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from tvm_cim.core.errors import CimError, InternalCompilerError
-from tvm_cim.core.files import atomic_path
+from tvm_cim.core.files import atomic_path, folder_problem
 from tvm_cim.core.messages import first_line, one_line, shorten
 
 EXIT_OK = 0
@@ -416,13 +416,6 @@ def claim_output(path: str | Path) -> Path:
     return path
 
 
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if candidate.exists() or candidate.is_symlink():
-            return candidate
-    return Path(".")
-
-
 def check_output_file(path: str | Path, what: str) -> Path:
     """Check, before the work, that ``path`` can be written as a file.
 
@@ -457,13 +450,10 @@ def check_output_folder(path: str | Path, what: str) -> Path:
 
 
 def _check_folder_reachable(folder: Path, target: Path, what: str) -> None:
-    """The nearest existing ancestor of ``folder`` (``folder`` included) is a writable
-    folder, so that ``folder`` exists or can be created."""
-    existing = _nearest_existing(folder)
-    if not existing.is_dir():
-        raise FileError(f"cannot write {what} {target}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FileError(f"cannot write {what} {target}: no permission to write in {existing}")
+    """``folder`` exists or can be created, and files can be written in it."""
+    problem = folder_problem(folder)
+    if problem:
+        raise FileError(f"cannot write {what} {target}: {problem}")
 
 
 def write_file(path: str | Path, write: Callable[[Path], None], what: str) -> None:

@@ -8,6 +8,7 @@ the temporary file is removed and the target is untouched.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,35 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_temporaries(path: str | Path) -> None:
+    """Remove the temporary files that writers of ``path`` killed mid-write left beside it
+    (``atomic_path`` names them ``.<name>.<random><suffix>``). Only for a caller that
+    knows no live process is writing ``path``."""
+    path = Path(path)
+    pattern = glob.escape(_temporary_prefix(path)) + "*" + glob.escape(path.suffix)
+    for tmp in path.parent.glob(pattern):
+        tmp.unlink(missing_ok=True)
+
+
+def folder_problem(folder: str | Path) -> str:
+    """Why files could not be written into ``folder`` (created if missing), or ``""``.
+
+    The nearest existing folder on its path (``folder`` itself included) must be a folder
+    this process may write in. Nothing is created.
+    """
+    folder = Path(folder).absolute()
+    existing = next(f for f in (folder, *folder.parents) if f.exists() or f.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return ""
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; on success it replaces ``path``.
@@ -40,7 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=path.suffix)
     os.close(fd)
     tmp = Path(name)
     try:
