@@ -29,7 +29,6 @@ from tvm_cim.cli.common import (
 )
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
-from tvm_cim.core.messages import tvm_message
 
 #: Suffix of the program files ``compile --dump-programs`` writes.
 PROGRAM_SUFFIX = ".cimprog"
@@ -97,42 +96,15 @@ def _add_arch_precision(p: argparse.ArgumentParser) -> None:
     )
 
 
-#: How the frontend's refusal of a model begins; its cause is TVM's own exception.
-_FRONTEND_REFUSAL = "the TVM ONNX frontend cannot import"
-
-
 def _load_model(args: argparse.Namespace):
-    """The model as a Relax module and its operator names; when TVM's frontend refuses it,
-    the error names the ONNX node and says why in one short line."""
+    """The model as a Relax module and its operator names."""
     from tvm_cim.compiler.frontend import load_onnx
 
-    verbose = getattr(args, "verbose", False)
-    # The frontend prints the failing operator's inputs (IR text) to stdout.
-    printed = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    try:
-        with printed:
-            return load_onnx(args.model, _shapes(args.input_shapes))
-    except CimError as exc:
-        cause = exc.__cause__
-        if verbose or cause is None or _FRONTEND_REFUSAL not in str(exc):
-            raise
-        node = _failing_node(cause)
-        where = f"node {node.name!r} ({node.op_type})" if node is not None else "the model"
-        reason = f"{type(cause).__name__}: {tvm_message(cause, limit=400)}"
-        raise CimError(f"{args.model}: {_FRONTEND_REFUSAL} {where} ({reason})") from None
-
-
-def _failing_node(exc: BaseException):
-    """The ONNX node TVM's frontend was converting when it raised ``exc``, or None: the
-    innermost frame of its traceback with a ``node`` that has an ``op_type``."""
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        node = tb.tb_frame.f_locals.get("node")
-        if hasattr(node, "op_type") and hasattr(node, "name"):
-            found = node
-        tb = tb.tb_next
-    return found
+    # TVM's frontend prints the failing operator's inputs (IR text) to stdout.
+    quiet = not getattr(args, "verbose", False)
+    printed = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+    with printed:
+        return load_onnx(args.model, _shapes(args.input_shapes))
 
 
 def _check_file(path: str | None, what: str) -> None:

@@ -41,11 +41,10 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _outputs(out: Path, stage: str) -> dict[str, Path]:
     """The files a stage writes into ``out``."""
-    onnx = out / ("fp32.onnx" if stage == "fp32" else f"{stage}.onnx")
     return {
         "checkpoint": out / f"{stage}.pt",
         "metrics": out / f"{stage}.metrics.json",
-        "onnx": onnx,
+        "onnx": out / f"{stage}.onnx",
     }
 
 

@@ -220,6 +220,19 @@ def onnx_operator_names(model) -> list[str]:
     return names
 
 
+def _failing_node(exc: BaseException):
+    """The ONNX node TVM's frontend was converting when it raised ``exc``, or None: the
+    innermost frame of its traceback with a ``node`` that has an ``op_type``."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if hasattr(node, "op_type") and hasattr(node, "name"):
+            found = node
+        tb = tb.tb_next
+    return found
+
+
 def load_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple:
     """Import an ONNX model for the ``cim`` target.
 
@@ -270,8 +283,10 @@ def load_onnx(path: str | Path, input_shapes: Mapping[str, Sequence[int]] | None
             sanitize_input_names=False,
         )
     except Exception as exc:
+        node = _failing_node(exc)
+        where = f"node {node.name!r} ({node.op_type})" if node is not None else "the model"
         detail = f"{type(exc).__name__}: {tvm_message(exc)}"
-        raise CimError(f"{path}: the TVM ONNX frontend cannot import the model ({detail})") from exc
+        raise CimError(f"{path}: the TVM ONNX frontend cannot import {where} ({detail})") from exc
     if count_anchors(mod) != len(names):
         return mod, None
     return mod, names
