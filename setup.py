@@ -74,6 +74,7 @@ SEARCH_REQUIRES = [
 QONNX_REQUIRES = ["qonnx==1.0.0"]
 DEV_REQUIRES = [
     "pytest>=8",
+    "pytest-xdist>=3.5",  # `make test` spreads the suite over the machine's cores
     "hypothesis>=6",
     "ruff>=0.6",
     "import-linter>=2.1",

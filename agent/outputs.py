@@ -121,6 +121,7 @@ def summary(result) -> dict:
         "w8a8_latency_us": reference,
         "best": row(result.best),
         "uniform": {name: row(o) for name, o in result.references.items()},
+        "confirmation": result.confirmation,
         "verification": result.verification,
     }
 
@@ -163,7 +164,7 @@ def summary_markdown(data: dict) -> str:
             name: v["finetuned"] for name, v in data["verification"].items() if "finetuned" in v
         }
         if tuned:
-            epochs = next(iter(tuned.values()))["epochs"]
+            epochs = data["confirmation"]["final"]["epochs"]
             lines += [
                 "",
                 f"After {epochs} more QAT epochs at the same widths (the best policy's model is "
@@ -177,8 +178,42 @@ def summary_markdown(data: dict) -> str:
                     f"| {name} | {v['pytorch_test_accuracy']:.2f} | "
                     f"{v['simulated_test_accuracy']:.2f} | {100 * v['test_argmax_agreement']:.2f} % |"
                 )
+    lines += confirmation_markdown(data["confirmation"])
     lines += ["", "![Pareto](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def confirmation_rows(confirmation: dict) -> list[tuple[str, dict]]:
+    """``(label, comparison)`` for the searched models and, if any, the finetuned ones."""
+    rows = [("as searched", confirmation["searched"])]
+    if "final" in confirmation:
+        final = confirmation["final"]
+        kept = ", ".join(f"{k} {v}" for k, v in final["kept_epoch"].items())
+        rows.append((f"after {final['epochs']} QAT epochs (kept epoch: {kept})", final))
+    return rows
+
+
+def confirmation_markdown(confirmation: dict) -> list[str]:
+    """The test-split confirmation as Markdown lines."""
+    searched = confirmation["searched"]
+    level = f"{100 * searched['confidence']:g} %"
+    lines = [
+        "",
+        f"Confirmed on the test split ({searched['n']} samples the search never saw): the best "
+        "policy against W8A8 on the same samples. The drop holds when the interval's upper "
+        f"end is at most the allowed {searched['max_drop']:g} points.",
+        "",
+        f"| models | W8A8 test % | best test % | drop (points) | {level} CI | McNemar p | "
+        "verdict |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for label, c in confirmation_rows(confirmation):
+        lines.append(
+            f"| {label} | {c['reference_accuracy']:.2f} | {c['candidate_accuracy']:.2f} | "
+            f"{c['drop']:+.2f} | {c['low']:+.2f} .. {c['high']:+.2f} | {c['p_value']:.3g} | "
+            f"{c['verdict']} |"
+        )
+    return lines
 
 
 def write_outputs(result) -> None:

@@ -129,16 +129,22 @@ class QatAccuracy:
     """Evaluate a policy as the training stages do: recalibrate ``model`` at the policy,
     finetune ``finetune_steps`` batches, measure validation accuracy.
 
-    Deterministic for ``config.seed``.
+    With a ``teacher`` (normally ``model`` itself, the W8A8 base) the finetune distils it
+    at ``temperature`` (``tvm_cim.learn.train.policy_model``). Deterministic for
+    ``config.seed``.
     """
 
-    def __init__(self, model, dataset, finetune_steps: int = 20, config=None):
+    def __init__(
+        self, model, dataset, finetune_steps: int = 20, config=None, teacher=None, temperature=None
+    ):
         from tvm_cim.learn import train
 
         self.model = model
         self.dataset = dataset
         self.finetune_steps = finetune_steps
         self.config = config or train.TrainConfig()
+        self.teacher = teacher
+        self.temperature = train.DISTILL_TEMPERATURE if temperature is None else temperature
 
     def candidate(self, precision: Mapping[str, Bits]):
         """The finetuned model whose accuracy ``__call__`` measures."""
@@ -150,9 +156,30 @@ class QatAccuracy:
             {name: b.to_dict() for name, b in precision.items()},
             finetune_steps=self.finetune_steps,
             config=self.config,
+            teacher=self.teacher,
+            temperature=self.temperature,
         )
 
     def __call__(self, precision: Mapping[str, Bits]) -> float:
         from tvm_cim.learn import train
 
         return train.accuracy(self.candidate(precision), self.dataset.val)
+
+
+#: QAT recipe of the final finetune a found policy gets before deployment: epochs are a
+#: setting (``--final-epochs``), the step size and batch are these.
+FINAL_LR, FINAL_BATCH = 2e-4, 32
+
+
+def final_finetune(candidate, dataset, epochs: int):
+    """A copy of ``candidate`` finetuned for ``epochs`` QAT epochs at its widths, kept at
+    the epoch (or the start) with the best validation accuracy, so it is never worse on
+    the selection split than ``candidate``; returns ``(model, history)``."""
+    import copy
+
+    from tvm_cim.learn import train
+
+    tuned = copy.deepcopy(candidate)
+    config = train.TrainConfig(epochs=epochs, lr=FINAL_LR, batch_size=FINAL_BATCH, seed=0)
+    history = train.fit(tuned, dataset, config, keep_best=True)
+    return tuned.eval(), history

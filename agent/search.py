@@ -13,9 +13,12 @@ outputs, and the closing loop on the simulator.
    budget, logging every episode (``--resume`` replays the log and continues);
 4. writes the best policy (YAML and CIM-AQ's ``.npy``), the bit-width chart, the Pareto
    plot of every search in the directory and a summary;
-5. closes the loop: the best policy's model (recalibrated and finetuned exactly as the
-   search evaluated it) and the W8A8 model are compiled for ``cim`` and run on the
-   simulator over the validation and test splits.
+5. confirms on the test split, which the search never saw: the best policy's model
+   (recalibrated and finetuned exactly as the search evaluated it) against the W8A8
+   model on the same samples, with a 95 % interval of the drop, before and after the
+   final finetune (``confirm.py``);
+6. closes the loop: both models are compiled for ``cim`` and run on the simulator over
+   the validation and test splits, the finetuned ones over the test split.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tvm_cim.core.files import folder_problem, remove_temporaries
 from tvm_cim.core.precision import Bits
 
 from .config import AgentConfig
+from .confirm import BEST, REFERENCE, confirm
 from .env import CimQuantEnv
 from .latency import LatencyTable
 from .lock import hold_directory
@@ -58,6 +62,7 @@ BASE_RECIPES = {
     "digits-cnn": {"fp32": (30, 3e-3, 32), "w8a8": (8, 2e-4, 32)},
     "digits-mlp": {"fp32": (30, 3e-3, 32), "w8a8": (8, 2e-4, 32)},
     "mnist1d-cnn": {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)},
+    "mnist1d-resnet": {"fp32": (10, 3e-3, 128), "w8a8": (2, 2e-4, 128)},  # 60,000 samples
 }
 _DEFAULT_RECIPE = {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)}
 
@@ -94,8 +99,9 @@ class SearchSettings:
     verify
         Compile the best policy and W8A8 for ``cim`` and simulate them.
     final_epochs
-        QAT epochs that finetune the best policy (and W8A8) after the search, before they
-        are compiled and simulated a second time (0: none).
+        QAT epochs that finetune the best policy (and W8A8) after the search, keeping the
+        epoch with the best selection accuracy, before they are confirmed, compiled and
+        simulated a second time (0: none).
     progress
         Show a progress bar.
     base_checkpoint
@@ -138,6 +144,7 @@ class SearchResult:
     evaluations: int  # accuracy measurements made by this run (a resumed one reuses the log)
     seconds: float
     reference_latency_us: float
+    confirmation: dict  # the best policy against W8A8 on the test split (``confirm.py``)
     verification: dict | None
     files: dict[str, Path]
 
@@ -364,9 +371,18 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
         if settings.strategy == "random":
             run_random(env, recorder, settings.episodes, settings.seed)
         elif settings.strategy == "dqn":
-            run_dqn(env, recorder, settings.episodes, settings.seed, settings.agents.dqn)
+            run_dqn(
+                env, recorder, settings.episodes, settings.seed, settings.agents.dqn, paths["agent"]
+            )
         elif settings.strategy == "ddpg":
-            run_ddpg(env, recorder, settings.episodes, settings.seed, settings.agents.ddpg)
+            run_ddpg(
+                env,
+                recorder,
+                settings.episodes,
+                settings.seed,
+                settings.agents.ddpg,
+                paths["agent"],
+            )
         else:
             run_tpe(env, recorder, settings.episodes, study)
     if progress is not None:
@@ -374,16 +390,19 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
 
     episodes = episode_log.episodes[: settings.episodes]
     best = max(episodes, key=lambda o: o.reward)
+    reference = episode_log.references["W8A8"]
+    confirmation = confirm(
+        best, reference, evaluation, table.names, settings.max_acc_drop, settings.final_epochs
+    )
     verification = None
     if settings.verify:
         verification = verify(
-            {"best": best, "W8A8": episode_log.references["W8A8"]},
-            evaluation,
-            table.names,
+            confirmation,
+            {BEST: best, REFERENCE: reference},
+            dataset,
             arch,
             example,
-            settings.final_epochs,
-            export={"best": paths["policy_onnx"]},
+            export={BEST: paths["policy_onnx"]},
         )
     result = SearchResult(
         settings=settings,
@@ -394,6 +413,7 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
         evaluations=scorer.evaluations,
         seconds=time.perf_counter() - began,
         reference_latency_us=scorer.reference_latency_us,
+        confirmation=confirmation.figures,
         verification=verification,
         files=paths,
     )
@@ -406,6 +426,7 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
 def _paths(out: Path, tag: str) -> dict[str, Path]:
     return {
         "log": out / f"{tag}.episodes.jsonl",
+        "agent": out / f"{tag}.agent.zip",  # DQN and DDPG: the agent checkpoint
         "policy_yaml": out / f"{tag}.best.yaml",
         "policy_npy": out / f"{tag}.best.npy",
         "policy_onnx": out / f"{tag}.best.onnx",

@@ -5,11 +5,14 @@ Each strategy plays ``episodes`` complete policies and hands every one to an
 DQN, DDPG and random search play ``CimQuantEnv``; TPE suggests the same widths directly
 from an Optuna study.
 
-Resume replays: a resumed search reruns its strategy from the start with the same seed,
-and the recorder hands back the logged outcome of every episode the log holds (the
-accuracy is not measured again, and measuring or skipping it leaves every global random
-state as it was), so DQN, DDPG and random search draw the same numbers and learn from
-the same rewards as an uninterrupted run.
+Resume: a resumed random search reruns from the start with the same seed, and the
+recorder hands back the logged outcome of every episode the log holds (the accuracy is
+not measured again, and measuring or skipping it leaves every global random state as it
+was), so it draws the same numbers as an uninterrupted run. DQN and DDPG continue from
+their agent checkpoint (``checkpoint.py``), written at every episode boundary: the
+episodes after it are replayed the same way, and a larger budget extends the agent.
+Without a usable checkpoint they replay from the start, as random search does, which
+holds for the budget the log began with.
 
 TPE keeps its record in the Optuna study, and its sampler's random state is not stored
 there, so a resumed TPE search rebuilds it:
@@ -34,6 +37,7 @@ reproduce; they would each keep their own seed, and fail only stale trials.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -49,6 +53,7 @@ from tvm_cim.core.files import folder_problem
 from tvm_cim.core.messages import first_line
 from tvm_cim.core.precision import Bits
 
+from . import checkpoint
 from .config import DDPGConfig, DQNConfig, TPEConfig
 from .env import CimQuantEnv, ContinuousActions
 from .log import EpisodeLog
@@ -145,27 +150,44 @@ def run_random(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, seed:
             _, _, terminated, _, _ = wrapped.step(int(rng.integers(env.action_space.n)))
 
 
-def _learn(algorithm, wrapped, env: CimQuantEnv, episodes: int, seed: int, config, **settings):
+def _learn(
+    algorithm, wrapped, env: CimQuantEnv, episodes: int, seed: int, config, agent, **settings
+):
     """Train an SB3 off-policy ``algorithm`` for exactly ``episodes`` episodes, with the
     settings DQN and DDPG share: every transition kept, a random warm-up of
-    ``config.warmup_fraction`` of the budget, one update round per step."""
+    ``config.warmup_fraction`` of the budget, one update round per step; checkpointed at
+    ``agent`` (``checkpoint.py``: a resume continues it, a larger budget extends it)."""
     total = episodes * env.decisions
     warmup_episodes = max(1, math.ceil(config.warmup_fraction * episodes))
-    model = algorithm(
-        "MlpPolicy",
-        wrapped,
-        learning_rate=config.learning_rate,
-        buffer_size=max(total, 1),
-        learning_starts=warmup_episodes * env.decisions,
-        batch_size=config.batch_size,
-        gamma=config.gamma,
-        train_freq=1,
-        policy_kwargs={"net_arch": list(config.net_arch)},
-        seed=seed,
-        device="cpu",
-        **settings,
-    )
-    model.learn(total_timesteps=total)
+    noise = settings.get("action_noise")
+
+    def create():
+        return algorithm(
+            "MlpPolicy",
+            wrapped,
+            learning_rate=config.learning_rate,
+            buffer_size=max(total, 1),
+            learning_starts=warmup_episodes * env.decisions,
+            batch_size=config.batch_size,
+            gamma=config.gamma,
+            train_freq=1,
+            policy_kwargs={"net_arch": list(config.net_arch)},
+            seed=seed,
+            device="cpu",
+            **settings,
+        )
+
+    def load(file):
+        custom = {} if noise is None else {"action_noise": noise}
+        return algorithm.load(file, env=wrapped, device="cpu", custom_objects=custom)
+
+    identity = {
+        "algorithm": algorithm.__name__,
+        "seed": seed,
+        "settings": dataclasses.asdict(config),
+        "decisions": env.decisions,
+    }
+    checkpoint.learn(create, load, wrapped.recorder, episodes, env.decisions, agent, identity)
 
 
 def run_dqn(
@@ -174,8 +196,10 @@ def run_dqn(
     episodes: int,
     seed: int,
     config: DQNConfig | None = None,
+    agent: Path | None = None,
 ) -> None:
-    """Stable-Baselines3 ``DQN`` for ``episodes`` episodes (deterministic for ``seed``)."""
+    """Stable-Baselines3 ``DQN`` for ``episodes`` episodes (deterministic for ``seed``),
+    checkpointed at ``agent`` (None: no checkpoint; a resume replays from the start)."""
     from stable_baselines3 import DQN
 
     config = config or DQNConfig()
@@ -188,6 +212,7 @@ def run_dqn(
         episodes,
         seed,
         config,
+        agent,
         gradient_steps=config.gradient_steps,
         target_update_interval=config.target_update_interval,
         exploration_fraction=config.exploration_fraction,
@@ -216,8 +241,10 @@ def run_ddpg(
     episodes: int,
     seed: int,
     config: DDPGConfig | None = None,
+    agent: Path | None = None,
 ) -> None:
-    """Stable-Baselines3 ``DDPG`` on the continuous action, as in HAQ and CIM-AQ."""
+    """Stable-Baselines3 ``DDPG`` on the continuous action, as in HAQ and CIM-AQ,
+    checkpointed at ``agent`` (as for ``run_dqn``)."""
     from stable_baselines3 import DDPG
 
     config = config or DDPGConfig()
@@ -232,6 +259,7 @@ def run_ddpg(
         episodes,
         seed,
         config,
+        agent,
         tau=config.tau,
         gradient_steps=1,
         action_noise=noise,

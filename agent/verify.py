@@ -2,14 +2,12 @@
 
 For each policy the model the search measured (recalibrated and finetuned exactly as in
 the search) is compiled and simulated on the validation and test splits, so its simulated
-validation accuracy is comparable with the searched one. Then a copy is finetuned for a
-few QAT epochs, as a policy is before deployment, and compiled and simulated again.
+validation accuracy is comparable with the searched one; the model after the final
+finetune (``confirm.py``), the one deployed, is compiled and simulated on the test split.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,8 @@ import numpy as np
 from tvm_cim.core.errors import CimError
 from tvm_cim.core.precision import Bits
 
-from .scoring import Outcome, QatAccuracy
+from .confirm import Confirmation
+from .scoring import Outcome
 
 
 def simulate(model, policy, dataset, arch, example, splits=("val", "test")) -> dict:
@@ -51,35 +50,31 @@ def simulate(model, policy, dataset, arch, example, splits=("val", "test")) -> d
 
 
 def verify(
+    confirmation: Confirmation,
     outcomes: dict[str, Outcome],
-    evaluation: QatAccuracy,
-    names: Sequence[str],
+    dataset,
     arch,
     example,
-    finetune_epochs: int = 0,
     export: dict[str, Path] | None = None,
 ) -> dict:
-    """``{label: figures}`` for each outcome; ``export`` names ONNX files to write the
-    finetuned models of some labels to (``tvm-cim compile`` takes them as they are)."""
-    from tvm_cim.learn import qat, train
+    """``{label: figures}`` for each of ``outcomes``, simulating the confirmation's models
+    (and its finetuned ones, on the test split); ``export`` names ONNX files to write the
+    deployed model of some labels to (the finetuned one if there is one; ``tvm-cim
+    compile`` takes them as they are)."""
+    from tvm_cim.learn import qat
 
     results = {}
     for label, outcome in outcomes.items():
-        model = evaluation.candidate(dict(zip(names, outcome.policy, strict=True)))
+        model = confirmation.models[label]
         entry = {
             "searched_val_accuracy": outcome.accuracy,
             "searched_latency_us": outcome.latency_us,
         }
-        entry.update(simulate(model, outcome.policy, evaluation.dataset, arch, example))
-        if finetune_epochs:
-            tuned = copy.deepcopy(model)
-            config = train.TrainConfig(epochs=finetune_epochs, lr=2e-4, batch_size=32, seed=0)
-            train.fit(tuned, evaluation.dataset, config)
-            entry["finetuned"] = simulate(
-                tuned, outcome.policy, evaluation.dataset, arch, example, splits=("test",)
-            )
-            entry["finetuned"]["epochs"] = finetune_epochs
-            if export and label in export:
-                qat.export_onnx(tuned.eval(), export[label], example)
+        entry.update(simulate(model, outcome.policy, dataset, arch, example))
+        tuned = confirmation.finetuned.get(label)
+        if tuned is not None:
+            entry["finetuned"] = simulate(tuned, outcome.policy, dataset, arch, example, ("test",))
+        if export and label in export:
+            qat.export_onnx((tuned if tuned is not None else model).eval(), export[label], example)
         results[label] = entry
     return results

@@ -3,8 +3,9 @@ any work; one search per output directory.
 
 The kill tests run real ``tvm-cim search`` processes (``killed_search.py``), SIGKILL
 each at a point drawn from a seeded generator (mid-evaluation, mid-line, at an episode
-boundary, while a cache file or the study is written, or from outside at a random
-moment), resume until the search ends, and compare the log with an uninterrupted run.
+boundary, while a cache file, the study or the agent checkpoint is written, or from
+outside at a random moment), resume until the search ends, and compare the log with an
+uninterrupted run.
 """
 
 import json
@@ -111,9 +112,14 @@ def _plan(strategy: str) -> list[str]:
             f"commit:{rng.randint(5, 25)}",
             f"eval:{rng.randint(1, 2)}",
         ]
-    if strategy == "dqn":
-        return [f"eval:{rng.randint(4, 7)}", f"line:{rng.randint(1, 3)}", "outside:1"]
-    return [f"eval:{rng.randint(1, 4)}", f"logged:{rng.randint(1, 3)}"]
+    if strategy == "dqn":  # the resumed process is killed writing its agent checkpoint
+        return [
+            f"eval:{rng.randint(4, 7)}",
+            "write:dqn-s0.agent.zip",
+            f"line:{rng.randint(1, 3)}",
+            "outside:1",
+        ]
+    return [f"eval:{rng.randint(1, 4)}", f"logged:{rng.randint(1, 3)}", "write:ddpg-s0.agent.zip"]
 
 
 @pytest.fixture(scope="module")

@@ -227,6 +227,29 @@ def test_search_writes_its_outputs_and_closes_the_loop(base_checkpoint, tmp_path
         tuned = v["finetuned"]
         assert abs(tuned["simulated_test_accuracy"] - tuned["pytorch_test_accuracy"]) <= 0.1
     assert "| best found |" in files["summary_md"].read_text()
+
+    # Confirmed on the test split, the same figures as the verification's PyTorch runs;
+    # the final finetune never ends worse on the selection split.
+    searched, final = summary["confirmation"]["searched"], summary["confirmation"]["final"]
+    assert searched["n"] == final["n"] == 400  # the synthetic test split
+    assert searched["val_accuracy"]["best"] == pytest.approx(result.best.accuracy)
+    for c, figures in ((searched, result.verification), (final, None)):
+        assert c["low"] <= c["drop"] <= c["high"]
+        assert c["drop"] == pytest.approx(c["reference_accuracy"] - c["candidate_accuracy"])
+        assert c["verdict"] in ("holds", "inconclusive", "exceeded")
+        if figures is not None:
+            assert c["candidate_accuracy"] == pytest.approx(
+                figures["best"]["pytorch_test_accuracy"]
+            )
+            assert c["reference_accuracy"] == pytest.approx(
+                figures["W8A8"]["pytorch_test_accuracy"]
+            )
+    best_tuned = result.verification["best"]["finetuned"]
+    assert final["candidate_accuracy"] == pytest.approx(best_tuned["pytorch_test_accuracy"])
+    for label in ("best", "W8A8"):
+        assert final["val_accuracy"][label] >= searched["val_accuracy"][label]
+        assert final["kept_epoch"][label] in (0, 1)
+    assert "Confirmed on the test split (400 samples" in files["summary_md"].read_text()
     from tvm_cim.compiler.frontend import load_onnx  # the finetuned best model compiles as written
 
     mod, onnx_names = load_onnx(files["policy_onnx"])

@@ -105,3 +105,29 @@ def test_evaluate_policy_leaves_the_model_alone():
     acc = training.evaluate_policy(model, dataset, {"default": {"w_bits": 4, "a_bits": 4}})
     assert 0 <= acc <= 100
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_keep_best_never_returns_a_model_worse_on_validation():
+    from tvm_cim.learn import data, zoo
+
+    dataset = data.load("synthetic")
+    torch.manual_seed(0)
+    model = zoo.build("digits-mlp")
+    training.fit(model, dataset, training.TrainConfig(epochs=3, lr=3e-3))
+    start = training.accuracy(model, dataset.val)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrecked = training.TrainConfig(epochs=2, lr=5.0)  # a step size that ruins the model
+
+    plain = zoo.build("digits-mlp")
+    plain.load_state_dict(before)
+    training.fit(plain, dataset, wrecked)
+    assert training.accuracy(plain, dataset.val) < start  # without keep_best it ends worse
+
+    history = training.fit(model, dataset, wrecked, keep_best=True)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[0]["val_accuracy"] == start
+    kept = [r for r in history if r.get("kept")]
+    assert len(kept) == 1 and kept[0]["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    assert training.accuracy(model, dataset.val) == kept[0]["val_accuracy"] >= start
+    if kept[0]["epoch"] == 0:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -37,6 +37,11 @@ def test_demo_flow_prints_the_report_table(tmp_path, capsys):
     tuned = check["finetuned"]
     assert float(found[7]) == pytest.approx(tuned["pytorch_test_accuracy"], abs=0.005)
     assert float(found[8]) == pytest.approx(tuned["simulated_test_accuracy"], abs=0.005)
+    confirmation = summary["confirmation"]
+    for key in ("searched", "final"):
+        line = f"Test split, {'as searched' if key == 'searched' else 'after the final finetune'}"
+        assert f"{line}: {confirmation[key]['describe']}." in report
+    assert "Figures that may vary on another machine" in report
     for image in ("pareto.png", "dqn-s0.bits.png"):
         assert f"({image})" in report and (tmp_path / image).is_file()
 

@@ -27,6 +27,7 @@ resolves: one sample is ``100 / n`` points, and the binomial standard error at a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,10 @@ class AccuracyComparison:
         if self.holds:
             return "holds"
         return "exceeded" if self.low > self.max_drop else "inconclusive"
+
+    def to_dict(self) -> dict:
+        """Every field and the verdict, JSON-ready."""
+        return {**dataclasses.asdict(self), "verdict": self.verdict}
 
     def describe(self, reference: str = "W8A8") -> str:
         """One line for summaries, e.g. ``97.22 % vs W8A8 98.06 % on 10000 samples: ...``."""

@@ -5,8 +5,8 @@ Trains ``digits-cnn`` (FP32, then W8A8 QAT), runs a DQN precision search on the
 measured it, compiles it and the W8A8 model with the ``cim`` target, runs the digits
 test set on the simulator, finetunes both for a few more QAT epochs and simulates them
 again, and prints W8A8 against the found policy: latency, speedup and accuracy (PyTorch
-and simulated). A Markdown report with the plots goes to
-``runs/demo/report.md``. A second run reuses the trained models, the latency table and
+and simulated), the test-split drop with its 95 % interval, and which figures may vary
+on another machine. A Markdown report with the plots goes to ``runs/demo/report.md``. A second run reuses the trained models, the latency table and
 the logged episodes, and says so.
 
     python -m tvm_cim.workflows.demo [--out runs/demo] [--episodes 150] [--seed 0]
@@ -65,6 +65,30 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: What differs from machine to machine: torch's CPU kernels may round differently, and
+#: a search follows its accuracies, so one machine's run does not reproduce another's.
+MAY_VARY = (
+    "Figures that may vary on another machine (torch's CPU numerics differ): the found "
+    "policy, its speedup and every accuracy. Those that do not: the latency of a given "
+    "policy, and the simulator's agreement with PyTorch on the same model. The README "
+    "shows their spread over seeds."
+)
+
+
+def confidence_lines(result) -> list[str]:
+    """The selection split's resolution and the test-split comparisons, one line each."""
+    from tvm_cim.learn.confidence import accuracy_resolution
+
+    confirmation = result.confirmation
+    n_val = confirmation["val_samples"]
+    resolution = accuracy_resolution(n_val, result.references["W8A8"].accuracy)
+    lines = [f"Selection (validation) split: {resolution.describe()}."]
+    lines.append(f"Test split, as searched: {confirmation['searched']['describe']}.")
+    if "final" in confirmation:
+        lines.append(f"Test split, after the final finetune: {confirmation['final']['describe']}.")
+    return lines
+
+
 def write_report(result, rows: list[dict], path: Path) -> Path:
     files = result.files
     s = result.settings
@@ -72,12 +96,17 @@ def write_report(result, rows: list[dict], path: Path) -> Path:
         "# tvm-cim demo: digits-cnn on rram-4b",
         "",
         f"DQN search, {len(result.episodes)} episodes (seed {s.seed}), accuracy drop allowed "
-        f"{s.max_acc_drop} points on the validation split. Latency from the static cost "
+        f"{s.max_acc_drop} points, selected on the validation split and confirmed on the "
+        "test split, which the search never saw. Latency from the static cost "
         "model; accuracies of the compiled models from the simulator: first of the model "
         f"the search measured, then after {s.final_epochs} more QAT epochs at the same "
         "widths.",
         "",
         markdown_table(rows),
+        "",
+        *confidence_lines(result),
+        "",
+        MAY_VARY,
         "",
         f"![Pareto front]({files['pareto_png'].name})",
         "",
@@ -125,6 +154,9 @@ def main(argv=None) -> int:
     report = write_report(result, rows, args.out / "report.md")
     print()
     print(markdown_table(rows))
+    print()
+    for line in [*confidence_lines(result), MAY_VARY]:
+        print(line)
     print()
     print(f"wrote {report}")
     return 0
