@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from search import MODELS  # bench/search.py, beside this script: each model and its dataset
 
 from tvm_cim.agent.scoring import QatAccuracy, final_finetune
 from tvm_cim.agent.search import SearchSettings, base_model
@@ -39,7 +40,6 @@ from tvm_cim.core.arch import CimArch
 from tvm_cim.core.precision import Bits
 from tvm_cim.learn import data, qat, train
 
-MODELS = {"mnist1d-cnn": "mnist1d", "digits-cnn": "digits", "mnist1d-resnet": "mnist1d-80k"}
 ARCH = "rram-4b"
 DEFAULT_VARIANT = "s20"
 #: Evaluation variants: finetune steps and distillation temperature (None: plain).
@@ -191,7 +191,9 @@ def report(result: dict, variants: list[str], final_epochs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS)[:2])
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=["mnist1d-cnn", "digits-cnn"]
+    )
     parser.add_argument("--policies", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--final-epochs", type=int, default=5)

@@ -22,7 +22,14 @@ pytest.importorskip("stable_baselines3")
 
 from tvm_cim import CimError  # noqa: E402
 
-from .test_resume import _arguments, _finish, _scored, _start, base_checkpoint  # noqa: E402, F401
+from .test_resume import (  # noqa: E402, F401
+    _arguments,
+    _finish,
+    _quick_settings,
+    _scored,
+    _start,
+    base_checkpoint,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -140,13 +147,9 @@ def _damage(path: Path, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["missing", "torn", "foreign"])
 def test_a_larger_budget_without_a_usable_checkpoint_is_refused(tmp_path, base_checkpoint, how):  # noqa: F811
-    from tvm_cim.agent.search import SearchSettings, run_search
+    from tvm_cim.agent.search import run_search
 
-    settings = SearchSettings(
-        model="digits-mlp", dataset="synthetic", out=tmp_path, strategy="dqn", episodes=3,
-        max_acc_drop=1.0, finetune_steps=1, verify=False, progress=False,
-        base_checkpoint=base_checkpoint,
-    )  # fmt: skip
+    settings = _quick_settings(tmp_path, "dqn", 3, base_checkpoint)
     run_search(settings, log=lambda *a: None)
     log = tmp_path / "dqn-s0.episodes.jsonl"
     before = log.read_bytes()

@@ -337,18 +337,24 @@ def test_a_corrected_storage_is_not_refused(tmp_path, capsys, base_checkpoint):
     assert len(EpisodeLog.read_records(out / "tpe-s0.episodes.jsonl")) == 1 + 3 + 2
 
 
+def _quick_settings(out: Path, strategy: str, episodes: int, start: Path):
+    """An in-process search of ``episodes`` quick episodes from the base model ``start``."""
+    from tvm_cim.agent.search import SearchSettings
+
+    return SearchSettings(
+        model="digits-mlp", dataset="synthetic", out=out, strategy=strategy, episodes=episodes,
+        max_acc_drop=1.0, finetune_steps=1, verify=False, progress=False, base_checkpoint=start,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------ the TPE replay
 
 
 def test_a_study_its_sampler_does_not_replay_is_refused(tmp_path, base_checkpoint):
-    from tvm_cim.agent.search import SearchSettings, run_search
+    from tvm_cim.agent.search import run_search
     from tvm_cim.agent.strategies import SAMPLER_ATTR
 
-    settings = SearchSettings(
-        model="digits-mlp", dataset="synthetic", out=tmp_path, strategy="tpe", episodes=4,
-        max_acc_drop=1.0, finetune_steps=1, verify=False, progress=False,
-        base_checkpoint=base_checkpoint,
-    )  # fmt: skip
+    settings = _quick_settings(tmp_path, "tpe", 4, base_checkpoint)
     run_search(settings, log=lambda *a: None)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     (name,) = optuna.get_all_study_names(storage)
