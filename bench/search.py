@@ -12,13 +12,19 @@ second policy is tried on the test split. Goals: at least 2.5x credited on the d
 model, DQN at least as good as every baseline on the mean, at most 30 minutes per
 search. The base models are trained once and cached in the output directory.
 
+Every finished search's row is written to ``<out>/bench-search.json`` at once, and a
+rerun with the same settings keeps those rows and runs only the searches still missing
+(an interrupted one starts again), so the deep model's twelve searches may be spread
+over several runs; ``--fresh`` discards the recorded rows.
+
     python bench/search.py [--episodes 150] [--seeds 0 1 2] [--models ...] \\
-        [--final-epochs 0] [--out runs/bench-search]
+        [--final-epochs 0] [--out runs/bench-search] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -26,12 +32,15 @@ from pathlib import Path
 
 from tvm_cim.agent.search import SearchSettings, run_search
 from tvm_cim.agent.strategies import STRATEGIES
+from tvm_cim.core.files import atomic_path
 
 MODELS = {"mnist1d-resnet": "mnist1d-80k", "digits-cnn": "digits", "mnist1d-cnn": "mnist1d"}
 DEFAULT_MODELS = ("mnist1d-resnet", "digits-cnn")
 DEEP_MODEL = "mnist1d-resnet"
 GOAL_SPEEDUP = 2.5
 GOAL_MINUTES = 30
+#: The settings a recorded row must share with this run to be kept.
+ROW_SETTINGS = ("episodes", "max_acc_drop", "final_epochs")
 
 
 def row_of(result, seconds: float, final: bool) -> dict:
@@ -54,7 +63,29 @@ def row_of(result, seconds: float, final: bool) -> dict:
         "test_samples": comparison["n"],
         "minutes": seconds / 60,
         "evaluations": result.evaluations,
+        "episodes": result.settings.episodes,
+        "max_acc_drop": result.settings.max_acc_drop,
+        "final_epochs": result.settings.final_epochs,
     }
+
+
+def recorded_rows(path: Path, args) -> dict[tuple, dict]:
+    """The rows of an earlier run with this run's settings, by (model, strategy, seed)."""
+    if args.fresh or not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())
+    wanted = {name: getattr(args, name) for name in ROW_SETTINGS}
+    return {
+        (r["model"], r["strategy"], r["seed"]): r
+        for r in rows
+        if all(r.get(name) == value for name, value in wanted.items())
+    }
+
+
+def clear_search(out: Path, settings: SearchSettings) -> None:
+    """Remove what an interrupted run of this search left, so it starts afresh."""
+    for suffix in (".episodes.jsonl", ".agent.zip", ".optuna.db"):
+        (out / f"{settings.tag}{suffix}").unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -72,16 +103,22 @@ def main() -> None:
         "policy is confirmed as the search measured it)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-search"))
+    parser.add_argument(
+        "--fresh", action="store_true", help="rerun every search, discarding recorded rows"
+    )
     args = parser.parse_args()
 
+    record = args.out / "bench-search.json"
+    done = recorded_rows(record, args)
     rows = []
     for model in args.models:
         out = args.out / model
-        for log in out.glob("*.episodes.jsonl"):  # fresh searches; keep the base model
-            log.unlink()
-        (out / "optuna.db").unlink(missing_ok=True)
         for strategy in args.strategies:
             for seed in args.seeds:
+                if (model, strategy, seed) in done:
+                    rows.append(done[model, strategy, seed])
+                    print_row(rows[-1], "recorded")
+                    continue
                 settings = SearchSettings(
                     model=model,
                     dataset=MODELS[model],
@@ -94,19 +131,34 @@ def main() -> None:
                     final_epochs=args.final_epochs,
                     progress=False,
                 )
+                if strategy == "tpe":  # a study of its own, which clear_search may remove
+                    study = (out / f"{settings.tag}.optuna.db").resolve()
+                    settings = dataclasses.replace(settings, storage=f"sqlite:///{study}")
+                clear_search(out, settings)
                 began = time.perf_counter()
                 result = run_search(settings, log=lambda *_: None)
                 row = row_of(result, time.perf_counter() - began, args.final_epochs > 0)
                 rows.append(row)
-                print(
-                    f"{model:14s} {strategy:6s} seed {seed}: {row['speedup']:.3f}x, test drop "
-                    f"{row['test_drop']:+.2f} [{row['test_low']:+.2f}, {row['test_high']:+.2f}] "
-                    f"({row['verdict']}), {row['minutes']:.1f} min",
-                    flush=True,
-                )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench-search.json").write_text(json.dumps(rows, indent=2))
+                save_rows(record, [*done.values(), *rows])
+                print_row(row, "searched")
+    save_rows(record, [*done.values(), *rows])
     print_table(rows, args)
+
+
+def print_row(row: dict, how: str) -> None:
+    print(
+        f"{row['model']:14s} {row['strategy']:6s} seed {row['seed']}: {row['speedup']:.3f}x, "
+        f"test drop {row['test_drop']:+.2f} [{row['test_low']:+.2f}, {row['test_high']:+.2f}] "
+        f"({row['verdict']}), {row['minutes']:.1f} min ({how})",
+        flush=True,
+    )
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Write the rows once, atomically (a run killed mid-write keeps the last file)."""
+    unique = {(r["model"], r["strategy"], r["seed"]): r for r in rows}
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(list(unique.values()), indent=2))
 
 
 def print_table(rows: list[dict], args) -> None:
