@@ -247,37 +247,99 @@ cdef struct Machine:
     # data: C-contiguous [rows, width] int64 views of the tile's buffers and tensors
     # A buffer holds items * buf_rows[b] vectors; item i's rows follow item i - 1's.
     int64_t tile  # items per row tile
-    int64_t *buf[MAXN]  # one allocation of tile * buf_total, in buffer order
-    int64_t buf_w[MAXN]
-    int64_t buf_rows[MAXN]
+    int64_t **buf  # one allocation of tile * buf_total, in buffer order
+    int64_t *buf_w
+    int64_t *buf_rows
     int64_t buf_total  # int64 values of all buffers per item
     int n_inp
-    int64_t *inp_base[MAXN]  # [batch * rows, width] input tensors
-    int64_t *inp[MAXN]
-    int64_t inp_w[MAXN]
-    int64_t inp_rows[MAXN]
+    int64_t **inp_base  # [batch * rows, width] input tensors
+    int64_t **inp
+    int64_t *inp_w
+    int64_t *inp_rows
     int n_out
-    char *out_base[MAXN]  # [batch * rows, width] output tensors
-    char *out[MAXN]
-    int64_t out_w[MAXN]
-    int64_t out_rows[MAXN]
-    int out_size[MAXN]  # output itemsize: casting keeps the low bytes, as astype does
-    void *weights[MAXN]  # folded [in_rows, cols] image per crossbar some mvm drives
-    void *held[MAXN]  # column sums per crossbar, [vectors, held_w]
-    int64_t held_w[MAXN]
+    char **out_base  # [batch * rows, width] output tensors
+    char **out
+    int64_t *out_w
+    int64_t *out_rows
+    int *out_size  # output itemsize: casting keeps the low bytes, as astype does
+    void **weights  # folded [in_rows, cols] image per crossbar some mvm drives
+    void **held  # column sums per crossbar, [vectors, held_w]
+    int64_t *held_w
     void *chunks  # the DAC chunk plane of one mvm, [vectors, in_rows]
     int64_t *row  # one buffer row, for sources that overlap their destination
-    int image_on[MAXN]  # image each crossbar holds, as execution goes (-1: none yet)
+    int *image_on  # image each crossbar holds, as execution goes (-1: none yet)
     # schedule and counts, as timing.Timeline keeps them
-    int sched_image[MAXN]  # image each crossbar holds, as scheduling goes
-    int64_t unit_free[NUNITS]
-    int64_t written[MAXN]
-    int64_t read[MAXN]
-    int64_t busy[MAXN]
+    int *sched_image  # image each crossbar holds, as scheduling goes
+    int64_t *unit_free  # the crossbars, then the shared units
+    int64_t *written  # per buffer
+    int64_t *read
+    int64_t *busy  # per crossbar
     int64_t latency
     int64_t sequential
     int64_t count[NOPS]
     int64_t counters[NCOUNTERS]  # indexed like COUNTERS
+
+
+cdef Machine *_new_machine(int64_t nbuf, int64_t nxb, int64_t ninp, int64_t nout) noexcept:
+    """A zeroed machine whose tables hold ``nbuf`` buffers, ``nxb`` crossbars and the
+    tensors; NULL when memory runs out (``_free_machine`` frees a partial one)."""
+    cdef Machine *m = <Machine *>calloc(1, sizeof(Machine))
+    if m == NULL:
+        return NULL
+    nbuf, nxb, ninp, nout = max(nbuf, 1), max(nxb, 1), max(ninp, 1), max(nout, 1)
+    m.buf = <int64_t **>calloc(nbuf, sizeof(int64_t *))
+    m.buf_w = <int64_t *>calloc(nbuf, sizeof(int64_t))
+    m.buf_rows = <int64_t *>calloc(nbuf, sizeof(int64_t))
+    m.written = <int64_t *>calloc(nbuf, sizeof(int64_t))
+    m.read = <int64_t *>calloc(nbuf, sizeof(int64_t))
+    m.inp_base = <int64_t **>calloc(ninp, sizeof(int64_t *))
+    m.inp = <int64_t **>calloc(ninp, sizeof(int64_t *))
+    m.inp_w = <int64_t *>calloc(ninp, sizeof(int64_t))
+    m.inp_rows = <int64_t *>calloc(ninp, sizeof(int64_t))
+    m.out_base = <char **>calloc(nout, sizeof(char *))
+    m.out = <char **>calloc(nout, sizeof(char *))
+    m.out_w = <int64_t *>calloc(nout, sizeof(int64_t))
+    m.out_rows = <int64_t *>calloc(nout, sizeof(int64_t))
+    m.out_size = <int *>calloc(nout, sizeof(int))
+    m.weights = <void **>calloc(nxb, sizeof(void *))
+    m.held = <void **>calloc(nxb, sizeof(void *))
+    m.held_w = <int64_t *>calloc(nxb, sizeof(int64_t))
+    m.image_on = <int *>calloc(nxb, sizeof(int))
+    m.sched_image = <int *>calloc(nxb, sizeof(int))
+    m.busy = <int64_t *>calloc(nxb, sizeof(int64_t))
+    m.unit_free = <int64_t *>calloc(nxb + NSHARED, sizeof(int64_t))
+    if not (m.buf and m.buf_w and m.buf_rows and m.written and m.read and m.inp_base
+            and m.inp and m.inp_w and m.inp_rows and m.out_base and m.out and m.out_w
+            and m.out_rows and m.out_size and m.weights and m.held and m.held_w
+            and m.image_on and m.sched_image and m.busy and m.unit_free):
+        _free_machine(m)
+        return NULL
+    return m
+
+
+cdef void _free_machine(Machine *m) noexcept:
+    free(m.buf)
+    free(m.buf_w)
+    free(m.buf_rows)
+    free(m.written)
+    free(m.read)
+    free(m.inp_base)
+    free(m.inp)
+    free(m.inp_w)
+    free(m.inp_rows)
+    free(m.out_base)
+    free(m.out)
+    free(m.out_w)
+    free(m.out_rows)
+    free(m.out_size)
+    free(m.weights)
+    free(m.held)
+    free(m.held_w)
+    free(m.image_on)
+    free(m.sched_image)
+    free(m.busy)
+    free(m.unit_free)
+    free(m)
 
 
 cdef inline int64_t _vectors(Machine *m, int op, const int64_t *ops) noexcept nogil:
@@ -787,9 +849,6 @@ cdef class _Plan:
                 most = int((rows[at] * times).sum())
                 counted[count.counter] += most * arch.rows * arch.cols if count.per_cell else most
         self.bound = max(total_ps, int(rows.sum()), *counted.values())
-        if (arch.crossbars > MAXN or len(prepared.buffers) > MAXN
-                or len(prepared.inputs) > MAXN or len(prepared.outputs) > MAXN):
-            raise ValueError("program exceeds the core's table sizes")
 
     def __dealloc__(self):
         free(self.cells)
@@ -866,7 +925,9 @@ def run(prepared, arrays, batch, functional):
     cdef int64_t nb = batch, tile, offset
     outputs = [np.zeros((nb * t.rows, t.width), dtype=t.dtype) for t in prepared.outputs]
     cdef Py_ssize_t i
-    cdef Machine *m = <Machine *>calloc(1, sizeof(Machine))
+    cdef Machine *m = _new_machine(
+        len(prepared.buffers), arch.crossbars, len(prepared.inputs), len(prepared.outputs)
+    )
     if m == NULL:
         raise MemoryError()
     try:
@@ -937,7 +998,7 @@ def run(prepared, arrays, batch, functional):
                 _blas_threads.release()
         return outputs, _stats(m, arch, batch)
     finally:
-        free(m)
+        _free_machine(m)
 
 
 cdef _stats(Machine *m, arch, batch):

@@ -13,6 +13,10 @@ all read it. Adding an instruction is one row here, an ``execute_<mnemonic>`` in
 In memory a decoded program is an ``int64`` array of shape ``[n, 1 + MAX_OPERANDS]``:
 column 0 the opcode, then the operands in table order, unused columns zero.
 
+Buffer fields are 16 bits and crossbar fields 12 (format version 3): a program may name
+65,536 buffers and a chip of 4,096 crossbars. ``NARROW_FIELDS`` gives the widths of
+version 2, which the encoder and decoder still take for older files.
+
 This module imports nothing of the package: the build runs the core's generator on it
 before the package is installed.
 """
@@ -105,8 +109,18 @@ class InstrSpec:
         return next((f.name for f in self.fields if f.kind == kind), None)
 
 
+#: Widths of the index fields, by kind; every other field's width is its own.
+INDEX_BITS = {"buffer": 16, "crossbar": 12}
+#: The index widths of format version 2 (256 buffers, 256 crossbars).
+NARROW_FIELDS = {"buffer": 8, "crossbar": 8}
+
+
 def _buf(name: str, doc: str) -> Field:
-    return Field(name, 8, "buffer", doc)
+    return Field(name, INDEX_BITS["buffer"], "buffer", doc)
+
+
+def _xb(doc: str) -> Field:
+    return Field("xb", INDEX_BITS["crossbar"], "crossbar", doc)
 
 
 def _col(name: str, doc: str) -> Field:
@@ -158,7 +172,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         1,
         "prog",
         (
-            Field("xb", 8, "crossbar", "crossbar to program"),
+            _xb("crossbar to program"),
             Field("image", 16, "image", "weight-slice image to write into it"),
         ),
         "write",
@@ -188,7 +202,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         3,
         "mvm",
         (
-            Field("xb", 8, "crossbar", "crossbar to drive"),
+            _xb("crossbar to drive"),
             _buf("src", "buffer holding the integer input vectors"),
             _col("src_col", "column of `src` driving the crossbar's first input row"),
             Field("bit", 6, "shift", "lowest input bit of this step"),
@@ -209,7 +223,7 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         (
             _buf("dst", "destination buffer"),
             _col("dst_col", "first destination column"),
-            Field("xb", 8, "crossbar", "crossbar whose held column sums are read"),
+            _xb("crossbar whose held column sums are read"),
             _col("col", "first crossbar column"),
             _NCOLS,
             Field("shift", 6, "shift", "ADC step is 2**shift column-sum units (0 if lossless)"),
@@ -373,17 +387,21 @@ def fingerprint() -> str:
     return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
-def _layout(spec: InstrSpec) -> list[tuple[int, Field]]:
-    """Bit offset of each operand field."""
+def _layout(spec: InstrSpec, widths: dict[str, int] | None = None) -> list[tuple[int, Field]]:
+    """Bit offset of each operand field, with the widths of ``widths`` (by kind, for an
+    older format) where it names the field's kind."""
     offset, out = OPCODE_BITS, []
     for f in spec.fields:
+        if widths and f.kind in widths:
+            f = Field(f.name, widths[f.kind], f.kind, f.doc, f.signed)
         out.append((offset, f))
         offset += f.bits
     return out
 
 
-def encode(code: np.ndarray) -> bytes:
-    """Pack decoded instructions (``[n, 1 + MAX_OPERANDS]`` int64) into 16-byte words.
+def encode(code: np.ndarray, widths: dict[str, int] | None = None) -> bytes:
+    """Pack decoded instructions (``[n, 1 + MAX_OPERANDS]`` int64) into 16-byte words
+    (``widths``: the index widths of an older format, as ``NARROW_FIELDS``).
 
     Operands must already fit their fields (``Program`` checks on construction).
     """
@@ -395,7 +413,7 @@ def encode(code: np.ndarray) -> bytes:
         if not rows.any():
             continue
         lo[rows] |= np.uint64(spec.opcode)
-        for col, (offset, f) in enumerate(_layout(spec), start=1):
+        for col, (offset, f) in enumerate(_layout(spec, widths), start=1):
             raw = code[rows, col].astype(np.uint64) & np.uint64((1 << f.bits) - 1)
             _put(lo, hi, rows, raw, offset, f.bits)
     return np.stack([lo, hi], axis=1).astype("<u8").tobytes()
@@ -411,8 +429,9 @@ def _put(lo, hi, rows, raw, offset, bits):
         hi[rows] |= raw >> np.uint64(64 - offset)
 
 
-def decode(words: bytes) -> np.ndarray:
-    """Unpack 16-byte words into ``[n, 1 + MAX_OPERANDS]`` int64 rows.
+def decode(words: bytes, widths: dict[str, int] | None = None) -> np.ndarray:
+    """Unpack 16-byte words into ``[n, 1 + MAX_OPERANDS]`` int64 rows (``widths`` as for
+    ``encode``).
 
     Unknown opcodes are kept in column 0 with zero operands; the verifier rejects them.
     """
@@ -424,7 +443,7 @@ def decode(words: bytes) -> np.ndarray:
         rows = code[:, 0] == spec.opcode
         if not rows.any():
             continue
-        for col, (offset, f) in enumerate(_layout(spec), start=1):
+        for col, (offset, f) in enumerate(_layout(spec, widths), start=1):
             raw = _get(lo[rows], hi[rows], offset, f.bits).astype(np.int64)
             if f.signed:
                 raw = np.where(raw >= (1 << (f.bits - 1)), raw - (1 << f.bits), raw)
@@ -441,8 +460,9 @@ def _get(lo, hi, offset, bits):
     return ((lo >> np.uint64(offset)) | (hi << np.uint64(64 - offset))) & mask
 
 
-def unused_operand_bits(words: bytes) -> np.ndarray:
-    """Boolean per word: does it set bits beyond its opcode's fields?
+def unused_operand_bits(words: bytes, widths: dict[str, int] | None = None) -> np.ndarray:
+    """Boolean per word: does it set bits beyond its opcode's fields (``widths`` as for
+    ``encode``)?
 
     A well-formed encoder never does; the verifier treats such words as corrupt.
     """
@@ -451,7 +471,8 @@ def unused_operand_bits(words: bytes) -> np.ndarray:
     ops = (lo & np.uint64((1 << OPCODE_BITS) - 1)).astype(np.int64)
     bad = np.zeros(len(pairs), dtype=bool)
     for spec in INSTRUCTIONS:
-        used = OPCODE_BITS + sum(f.bits for f in spec.fields)
+        offset, last = _layout(spec, widths)[-1] if spec.fields else (OPCODE_BITS, None)
+        used = offset + (last.bits if last else 0)
         rows = ops == spec.opcode
         if used < 64:
             bad[rows] = ((lo[rows] >> np.uint64(used)) != 0) | (hi[rows] != 0)

@@ -80,7 +80,8 @@ Magic `{_MAGIC_TEXT}`, format version {FORMAT_VERSION}, then the sections
 {", ".join(f"`{t.decode()}`" for t in SECTION_TAGS)} (metadata JSON with the arch, the
 tensor and buffer tables and free `attrs`; crossbar images; int64 constants; instruction
 words), then a CRC-32 of everything before it. `cim-sim verify` checks a file without
-running it.
+running it. Files of version 2, whose buffer and crossbar fields were
+{isa.NARROW_FIELDS["buffer"]} and {isa.NARROW_FIELDS["crossbar"]} bits wide, still load.
 
 ## Instructions
 """

@@ -36,8 +36,7 @@ COUNTERS = {counters!r}
 
 cdef enum:
     NOPS = {nops}  # one past the largest opcode the opcode field holds
-    MAXN = {maxn}  # most buffers, crossbars and tensors of each kind a program may have
-    NUNITS = MAXN + {shared_units}  # the crossbars, then {shared_names}
+    NSHARED = {shared_units}  # units beside the crossbars: {shared_names}
     NCOUNTERS = {ncounters}
     MAX_ACCESS = {max_access}  # most buffer reads (or writes) of one instruction
 """
@@ -146,7 +145,6 @@ def render() -> str:
         mnemonics=tuple(s.mnemonic for s in isa.INSTRUCTIONS),
         counters=isa.COUNTERS,
         nops=1 << isa.OPCODE_BITS,
-        maxn=max(isa.table_size(kind) for kind in ("buffer", "crossbar", "tensor")),
         shared_units=len(shared),
         shared_names=", ".join(shared),
         ncounters=len(isa.COUNTERS),

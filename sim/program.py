@@ -15,6 +15,9 @@ for, input and output tensor descriptions, buffer widths and rows, free metadata
 ``attrs``), ``IMGS`` (crossbar weight images), ``CNST`` (int64 constants) and ``INST``
 (16-byte instruction words, see ``isa``). Parsing never trusts a length: every failure is
 a ``ProgramError`` naming the file offset.
+
+Version 3 widened the buffer and crossbar fields of the instruction words (see ``isa``);
+files of version 2 still load, and are written back as version 3.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from tvm_cim.core.errors import ArchError, ProgramError
 from . import isa
 
 MAGIC = b"CIMPROG\0"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The versions this build reads, with the index widths of their instruction words.
+READ_VERSIONS = {2: isa.NARROW_FIELDS, 3: None}
 SECTION_TAGS = (b"META", b"IMGS", b"CNST", b"INST")
 _HEADER = struct.Struct("<8sHHI")
 _SECTION = struct.Struct("<4sIQ")
@@ -253,11 +258,13 @@ class _Parser:
         magic, version, _, count = self.unpack(_HEADER, "header")
         if magic != MAGIC:
             raise ProgramError(f"bad magic {magic!r}, not a tvm-cim program", offset=0)
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
+            readable = ", ".join(map(str, READ_VERSIONS))
             raise ProgramError(
-                f"unsupported format version {version} (this build reads {FORMAT_VERSION})",
+                f"unsupported format version {version} (this build reads {readable})",
                 offset=8,
             )
+        self.widths = READ_VERSIONS[version]
         (stored_crc,) = struct.unpack("<I", data[-4:])
         if zlib.crc32(data[:-4]) != stored_crc:
             raise ProgramError("checksum mismatch: the file is corrupt", offset=len(data) - 4)
@@ -358,7 +365,7 @@ class _Parser:
         words = sub.take(count * isa.WORD_BYTES, "instructions")
         if sub.pos != sub.end:
             raise ProgramError("trailing bytes in INST", offset=sub.pos)
-        bad = np.flatnonzero(isa.unused_operand_bits(words))
+        bad = np.flatnonzero(isa.unused_operand_bits(words, self.widths))
         if len(bad):
             i = int(bad[0])
             raise ProgramError(
@@ -366,4 +373,4 @@ class _Parser:
                 index=i,
                 offset=start + i * isa.WORD_BYTES,
             )
-        return isa.decode(words)
+        return isa.decode(words, self.widths)

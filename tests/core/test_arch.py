@@ -104,7 +104,7 @@ def test_int_and_float_normalisation():
         ("mapping", None),
         ("mapping", 1),
         ("crossbars", 0),
-        ("crossbars", 257),
+        ("crossbars", 4097),
         ("crossbars", 1.5),
         ("write_latency_us", -1.0),
         ("write_latency_us", float("nan")),
@@ -149,7 +149,7 @@ def test_differential_row_needs_even_rows():
 
 def test_boundaries_accepted():
     arch = CimArch(
-        rows=65535, cols=1, cell_bits=8, dac_bits=8, adc_bits=32, crossbars=256, clock_ghz=0.001
+        rows=65535, cols=1, cell_bits=8, dac_bits=8, adc_bits=32, crossbars=4096, clock_ghz=0.001
     )
     assert arch.adc_bits == 32
     assert CimArch(adc_bits=1, write_latency_us=0, write_energy_nj=0.0).write_energy_nj == 0.0

@@ -8,7 +8,7 @@ import pytest
 from tvm_cim.codegen import lower_matmul
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.quant import Requantize
-from tvm_cim.sim import ProgramBuilder, Simulator, TensorDesc, _core, estimate
+from tvm_cim.sim import ProgramBuilder, Simulator, TensorDesc, _core, estimate, isa
 
 INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 STORE_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "int64")
@@ -93,6 +93,20 @@ def test_lowered_matmuls(mapping, cell_bits, dac_bits):
             core = assert_parity(program, {"x": x})
             if adc_bits is None and requant is None:
                 assert np.array_equal(core.outputs["y"], x @ weight)
+
+
+def test_more_than_256_crossbars_and_buffers():
+    """Indices past the 8-bit fields of format version 2: 600 crossbars, 1,200 buffers."""
+    rng = np.random.default_rng(11)
+    arch = timed_arch(rows=4, cols=4, cell_bits=2, mapping="differential-column", crossbars=600)
+    weight = rng.integers(-8, 8, (80, 60))
+    program = lower_matmul(weight, w_bits=4, a_bits=3, arch=arch)
+    assert len(program.buffers) > 1000
+    assert int(program.code[program.code[:, 0] == isa.OP["MVM"], 1].max()) >= 512
+    x = rng.integers(0, 8, (5, 80))
+    core = assert_parity(program, {"x": x})
+    assert np.array_equal(core.outputs["y"], x @ weight)
+    assert sum(b > 0 for b in core.stats.busy_ps) > 512
 
 
 def test_float64_column_sums():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tvm_cim.core.arch import MAX_CROSSBARS
 from tvm_cim.sim import _core, isa, isa_pxi, reference
 from tvm_cim.sim.timing import SimStats
 
@@ -101,10 +102,11 @@ def test_core_built_for_another_table_is_refused():
 
 def test_limits_come_from_the_field_widths():
     load, shadd = isa.BY_MNEMONIC["load"], isa.BY_MNEMONIC["shadd"]
-    assert isa.MAX_BUFFERS == 1 << shadd.field("dst").bits == 256
+    assert isa.MAX_BUFFERS == 1 << shadd.field("dst").bits == 65536
     assert isa.MAX_TENSORS == 1 << load.field("tensor").bits == 256
     assert isa.MAX_COLUMNS == load.field("ncols").max_value == (1 << 16) - 1
-    assert isa.table_size("crossbar") == 1 << isa.BY_MNEMONIC["mvm"].field("xb").bits
+    assert isa.table_size("crossbar") == 1 << isa.BY_MNEMONIC["mvm"].field("xb").bits == 4096
+    assert isa.table_size("crossbar") == MAX_CROSSBARS  # the arch accepts what words address
 
 
 @pytest.mark.parametrize("spec", isa.INSTRUCTIONS, ids=lambda s: s.mnemonic)

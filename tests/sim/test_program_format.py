@@ -373,7 +373,7 @@ def test_header_layout(key):
     program = PROGRAMS[key]
     data = program.to_bytes()
     assert data[0:8] == b"CIMPROG\0" == program_module.MAGIC
-    assert struct.unpack_from("<H", data, 8)[0] == 2 == program_module.FORMAT_VERSION
+    assert struct.unpack_from("<H", data, 8)[0] == 3 == program_module.FORMAT_VERSION
     assert struct.unpack_from("<H", data, 10)[0] == 0
     assert struct.unpack_from("<I", data, 12)[0] == 4
     assert struct.unpack_from("<I", data, len(data) - 4)[0] == zlib.crc32(data[:-4])
@@ -412,6 +412,59 @@ def test_header_layout(key):
     inst = parts[3][2]
     assert struct.unpack_from("<I", inst, 0)[0] == len(program.code)
     assert inst[4:] == isa.encode(program.code)
+
+
+# ------------------------------------------------------------------ version 2 files
+
+#: Buffer and crossbar fields were 8 bits wide in format version 2 (its documented layout).
+VERSION_2_BITS = {"buffer": 8, "crossbar": 8}
+
+
+def version_2_word(spec: isa.InstrSpec, values: list[int]) -> int:
+    word, offset = spec.opcode, isa.OPCODE_BITS
+    for f, v in zip(spec.fields, values):
+        bits = VERSION_2_BITS.get(f.kind, f.bits)
+        word |= (v & ((1 << bits) - 1)) << offset
+        offset += bits
+    return word
+
+
+def as_version_2(program: Program, extra_bit: int | None = None) -> bytes:
+    """``program``'s file as format version 2 wrote it (``extra_bit``: set that bit of the
+    first word, past its version-2 fields)."""
+    words = [
+        version_2_word(isa.BY_OPCODE[int(row[0])], [int(v) for v in row[1:]])
+        for row in program.code
+    ]
+    if extra_bit is not None:
+        words[0] |= 1 << extra_bit
+    inst = struct.pack("<I", len(words)) + b"".join(w.to_bytes(16, "little") for w in words)
+    data = program.to_bytes()
+    parts = sections(data)
+    body = bytearray(data[:16])
+    body[8:10] = struct.pack("<H", 2)
+    for tag, _, payload in parts:
+        payload = inst if tag == b"INST" else payload
+        body += struct.pack("<4sIQ", tag, 0, len(payload)) + payload
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+@pytest.mark.parametrize("key", sorted(PROGRAMS))
+def test_version_2_files_load(key):
+    program = PROGRAMS[key]
+    old = as_version_2(program)
+    assert old != program.to_bytes()
+    loaded = Program.from_bytes(old)
+    assert_same_program(loaded, program)
+    assert loaded.to_bytes() == program.to_bytes()  # written back as version 3
+
+
+def test_version_2_words_keep_their_unused_bits_checked():
+    program = PROGRAMS["hand"]
+    spec = isa.BY_OPCODE[int(program.code[0, 0])]
+    used = isa.OPCODE_BITS + sum(VERSION_2_BITS.get(f.kind, f.bits) for f in spec.fields)
+    with pytest.raises(ProgramError, match="sets bits outside its fields"):
+        Program.from_bytes(as_version_2(program, extra_bit=used))
 
 
 def test_to_bytes_is_deterministic():

@@ -53,13 +53,16 @@ _MAPPING_ALIASES = {
     **{m.replace("-", "_"): m for m in MAPPINGS},
 }
 
+#: Most crossbars a chip may have: what the instruction words' crossbar field addresses.
+MAX_CROSSBARS = 4096
+
 # Integer fields and their inclusive ranges.
 _INT_RANGES = {
     "rows": (1, 65535),
     "cols": (1, 65535),
     "cell_bits": (1, 8),
     "dac_bits": (1, 8),
-    "crossbars": (1, 256),
+    "crossbars": (1, MAX_CROSSBARS),
 }
 _ADC_RANGE = (1, 32)
 
