@@ -229,29 +229,61 @@ class CrossbarSums:
 
     Each crossbar used reads its ADC into its own column buffer and shift-adds into its
     own ``outputs``-wide accumulator, so tiles on different crossbars never wait for each
-    other; ``total`` adds the accumulators up at the end. ``crossbar`` deals the tiles
-    out round-robin.
+    other; ``total`` adds the accumulators up at the end. ``next_tile`` deals the tiles
+    out round-robin, from crossbar ``first``.
     """
 
-    def __init__(self, b: ProgramBuilder, outputs: int, rows: int, tiles: int, width: int):
+    def __init__(
+        self, b: ProgramBuilder, outputs: int, rows: int, tiles: int, width: int, first: int = 0
+    ):
         self.b = b
         self.outputs = outputs
         used = min(tiles, b.arch.crossbars)
         self.colbufs = [b.buffer(width, rows=rows) for _ in range(used)]
         self.accs = [b.buffer(outputs, rows=rows) for _ in range(used)]
+        self.first = first  # the crossbar of the first tile (a weight copy's own)
         self.dealt = 0
 
-    def crossbar(self) -> int:
-        """The crossbar of the next tile."""
-        xb = self.dealt % self.b.arch.crossbars
+    def next_tile(self) -> tuple[int, int, int]:
+        """``(crossbar, column buffer, accumulator)`` of the next tile."""
+        slot = self.dealt % len(self.accs)
+        xb = (self.first + self.dealt) % self.b.arch.crossbars
         self.dealt += 1
-        return xb
+        return xb, self.colbufs[slot], self.accs[slot]
 
     def total(self) -> int:
         """Add every crossbar's accumulator into the first; returns that buffer."""
         for acc in self.accs[1:]:
             self.b.emit("acc", dst=self.accs[0], dst_col=0, src=acc, src_col=0, ncols=self.outputs)
         return self.accs[0]
+
+
+class Lanes:
+    """Instruction groups per crossbar, emitted round-robin across the crossbars.
+
+    The schedule issues each unit's instructions in program order, so a tile emitted
+    whole after another would wait for the other's digital steps (its shift-adds, on the
+    one digital unit) even on a crossbar of its own. Emitting one group per crossbar in
+    turn (a tile's write, then each input step: mvm, adc, shift-adds) lets the crossbars
+    run side by side. Groups of one crossbar keep their order; different crossbars' groups
+    touch different buffers, so the values are those of any order.
+    """
+
+    def __init__(self, b: ProgramBuilder):
+        self.b = b
+        self.groups: dict[int, list[list[tuple[str, dict]]]] = {}
+
+    def add(self, xb: int, group: list[tuple[str, dict]]) -> None:
+        self.groups.setdefault(xb, []).append(group)
+
+    def emit(self) -> None:
+        lanes = list(self.groups.values())
+        for turn in range(max(map(len, lanes), default=0)):
+            for lane in lanes:
+                if turn < len(lane):
+                    for mnemonic, operands in lane[turn]:
+                        self.b.emit(mnemonic, **operands)
+        self.groups = {}
 
 
 class TiledMatmul:
@@ -271,27 +303,42 @@ class TiledMatmul:
         col_tiles = [(c, min(c + self.arch.cols, lc)) for c in range(0, lc, self.arch.cols)]
         self.tiles = [(r, c) for r in row_tiles for c in col_tiles]
         self.tile_width = max(c1 - c0 for c0, c1 in col_tiles)
+        self.images: dict[tuple, int] = {}  # (rows, cols) of a tile -> its image
 
     @property
     def outputs(self) -> int:
         return self.m.outputs
 
-    def emit(self, xbuf: int, sums: CrossbarSums, out_col: int = 0) -> None:
+    def emit(
+        self, xbuf: int, sums: CrossbarSums, out_col: int = 0, lanes: Lanes | None = None
+    ) -> None:
         """Every tile, on the crossbars ``sums`` deals; the results go to accumulator
-        columns ``out_col ..``."""
+        columns ``out_col ..``. The instructions go to ``lanes`` when given (the caller
+        emits them), else they are emitted here, interleaved across the crossbars."""
+        own = lanes is None
+        lanes = Lanes(self.b) if own else lanes
         for rows, cols in self.tiles:
-            xb = sums.crossbar()
-            self._tile(xb, rows, cols, xbuf, sums.colbufs[xb], sums.accs[xb], out_col)
+            self._tile(lanes, *sums.next_tile(), rows, cols, xbuf, out_col)
+        if own:
+            lanes.emit()
 
-    def _tile(self, xb, rows, cols, xbuf, colbuf, acc, out_col) -> None:
+    def _image(self, rows, cols) -> int:
+        """The image of one tile, made once: copies of the weights program the same one."""
+        if (rows, cols) not in self.images:
+            (r0, r1), (c0, c1) = rows, cols
+            m = self.m
+            cells = m.positive[r0:r1, c0:c1]
+            if m.negative is not None:
+                cells = np.vstack([cells, m.negative[r0:r1, c0:c1]])
+            self.images[rows, cols] = self.b.image(cells, differential_rows=m.negative is not None)
+        return self.images[rows, cols]
+
+    def _tile(self, lanes, xb, colbuf, acc, rows, cols, xbuf, out_col) -> None:
         b, m, arch = self.b, self.m, self.arch
-        (r0, r1), (c0, c1) = rows, cols
-        cells = m.positive[r0:r1, c0:c1]
-        if m.negative is not None:
-            cells = np.vstack([cells, m.negative[r0:r1, c0:c1]])
-        image = b.image(cells, differential_rows=m.negative is not None)
+        r0, (c0, c1) = rows[0], cols
+        image = self._image(rows, cols)
         folded = b.images[image].folded()
-        b.emit("prog", xb=xb, image=image)
+        lanes.add(xb, [("prog", {"xb": xb, "image": image})])
 
         steps = input_steps(self.a_bits, arch.dac_bits)
         adc = {s: adc_setting(folded, arch.dac_bits, s, arch.adc_bits) for s in (False, True)}
@@ -299,39 +346,44 @@ class TiledMatmul:
             signed = self.signed_input and step == steps - 1
             bit = step * arch.dac_bits
             shift, adc_signed = adc[signed]
-            b.emit("mvm", xb=xb, src=xbuf, src_col=r0, bit=bit, signed=int(signed))
-            b.emit(
-                "adc",
-                dst=colbuf,
-                dst_col=0,
-                xb=xb,
-                col=0,
-                ncols=c1 - c0,
-                shift=shift,
-                signed=int(adc_signed),
-            )
+            group = [
+                ("mvm", {"xb": xb, "src": xbuf, "src_col": r0, "bit": bit, "signed": int(signed)}),
+                (
+                    "adc",
+                    {
+                        "dst": colbuf,
+                        "dst_col": 0,
+                        "xb": xb,
+                        "col": 0,
+                        "ncols": c1 - c0,
+                        "shift": shift,
+                        "signed": int(adc_signed),
+                    },
+                ),
+            ]
             for block in m.blocks:  # the parts of each slice block inside this tile
                 lo, hi = max(block.col0, c0), min(block.col0 + m.outputs, c1)
                 if lo < hi:
-                    b.emit(
-                        "shadd",
-                        dst=acc,
-                        dst_col=out_col + lo - block.col0,
-                        src=colbuf,
-                        src_col=lo - c0,
-                        ncols=hi - lo,
-                        shift=bit + block.shift,
-                        neg=int(block.negative),
-                    )
+                    shadd = {
+                        "dst": acc,
+                        "dst_col": out_col + lo - block.col0,
+                        "src": colbuf,
+                        "src_col": lo - c0,
+                        "ncols": hi - lo,
+                        "shift": bit + block.shift,
+                        "neg": int(block.negative),
+                    }
+                    group.append(("shadd", shadd))
             if m.ones_col is not None and c0 <= m.ones_col < c1:
-                b.emit(
-                    "shadd",
-                    dst=acc,
-                    dst_col=out_col,
-                    src=colbuf,
-                    src_col=m.ones_col - c0,
-                    ncols=m.outputs,
-                    shift=bit + self.w_bits - 1,
-                    neg=1,
-                    bcast=1,
-                )
+                offset = {
+                    "dst": acc,
+                    "dst_col": out_col,
+                    "src": colbuf,
+                    "src_col": m.ones_col - c0,
+                    "ncols": m.outputs,
+                    "shift": bit + self.w_bits - 1,
+                    "neg": 1,
+                    "bcast": 1,
+                }
+                group.append(("shadd", offset))
+            lanes.add(xb, group)

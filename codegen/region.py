@@ -28,14 +28,17 @@ from .layers import CimOp, Codes, Region
 from .mapping import is_placeholder, logical_shape
 from .matmul import (
     CrossbarSums,
+    Lanes,
     TiledMatmul,
     _smallest_dtype,
     accumulator_bits,
     accumulator_bound,
     emit_matmul,
     emit_requant,
+    input_steps,
     weight_mapping,
 )
+from .replicate import output_windows, replication
 
 
 def requantization(op: CimOp, target: Codes) -> Requantize:
@@ -94,16 +97,16 @@ class _RegionLowering:
             start = len(self.b.rows)
             if op.groups > 1:
                 self.accs[j] = self._grouped(op)
+            elif op.conv is not None:
+                self.accs[j] = self._conv(op)
             else:
-                xbuf, rows = self._input_buffer(op)
                 self.accs[j] = emit_matmul(
                     self.b,
-                    xbuf,
+                    self._codes(op),
                     op.weight,
                     w_bits=op.w_bits,
                     a_bits=op.a_bits,
                     signed_input=op.input.signed,
-                    rows=rows,
                 )
             self.ranges[j].append([start, len(self.b.rows)])
         for j in self.region.outputs:
@@ -123,31 +126,75 @@ class _RegionLowering:
         }
         return program
 
-    def _input_buffer(self, op: CimOp) -> tuple[int, int]:
-        """Buffer of the codes ``op`` multiplies (its im2col for a convolution)."""
+    def _codes(self, op: CimOp) -> int:
+        """Buffer of the codes ``op`` reads (a convolution's image, before im2col)."""
         key = (op.source, op.input)
         if key not in self.values:
             if op.source[0] == "param":
                 self.values[key] = self._load_param(op)
             else:
                 self.values[key] = self._requantize_source(op)
-        codes = self.values[key]
-        if op.conv is None:
-            return codes, 1
-        return self._im2col(op, codes, op.conv.channels), op.vectors_per_item
+        return self.values[key]
 
-    def _im2col(self, op: CimOp, codes: int, channels: int, dst: int | None = None) -> int:
-        """Unfold the ``channels``-wide image in ``codes`` into ``dst`` (else a new buffer)."""
+    def _im2col(
+        self, op: CimOp, codes: int, channels: int, dst: int | None = None, window=None
+    ) -> int:
+        """Unfold the ``channels``-wide image in ``codes`` into ``dst`` (else a new buffer):
+        every output row, or the ``(first, rows)`` output rows of ``window``."""
+        oh0, rows = window or (0, op.conv.out_height)
         if dst is None:
-            dst = self.b.buffer(op.conv.taps * channels, rows=op.vectors_per_item)
+            dst = self.b.buffer(op.conv.taps * channels, rows=rows * op.conv.out_width)
         self.b.emit(
             "im2col",
             dst=dst,
             src=codes,
             params=self.b.constant(op.conv.params(channels)),
             pad=op.input.zero_point,
+            oh0=oh0,
         )
         return dst
+
+    def _conv(self, op: CimOp) -> int:
+        """A convolution, its tiles copied on idle crossbars (``codegen.replicate``), each
+        copy driving its window of output rows; the accumulator of all of them."""
+        b, conv = self.b, op.conv
+        tiled = TiledMatmul(
+            b, weight_mapping(op.weight, op.w_bits, b.arch), op.w_bits, op.a_bits, op.input.signed
+        )
+        tiles = len(tiled.tiles)
+        steps = input_steps(op.a_bits, b.arch.dac_bits)
+        copies = replication(tiles, conv.out_height, conv.out_width, steps, b.arch)
+        codes = self._codes(op)
+        if copies == 1:
+            sums = CrossbarSums(b, op.out_features, op.vectors_per_item, tiles, tiled.tile_width)
+            tiled.emit(self._im2col(op, codes, conv.channels), sums)
+            return sums.total()
+        lanes, copied = Lanes(b), []  # every copy's windows unfolded, then all tiles at once
+        for copy, (oh0, rows) in enumerate(output_windows(conv.out_height, copies)):
+            unfolded = self._im2col(op, codes, conv.channels, window=(oh0, rows))
+            sums = CrossbarSums(
+                b,
+                op.out_features,
+                rows * conv.out_width,
+                tiles,
+                tiled.tile_width,
+                first=copy * tiles,
+            )
+            tiled.emit(unfolded, sums, lanes=lanes)
+            copied.append((oh0, sums))
+        lanes.emit()
+        whole = b.buffer(op.out_features, rows=op.vectors_per_item)
+        for oh0, sums in copied:
+            b.emit(
+                "acc",
+                dst=whole,
+                dst_col=0,
+                src=sums.total(),
+                src_col=0,
+                ncols=op.out_features,
+                dst_row=oh0 * conv.out_width,
+            )
+        return whole
 
     def _requantize_source(self, op: CimOp, columns=None, dst: int | None = None) -> int:
         """The codes ``op`` reads, requantized from its producer's accumulator (only the
@@ -228,7 +275,7 @@ class _RegionLowering:
             max(t.tile_width for t in tiled),
         )
         if sets.count == 1:  # every group in one tile: the whole image, unfolded once
-            tiled[0].emit(self._input_buffer(op)[0], sums)
+            tiled[0].emit(self._im2col(op, self._codes(op), op.conv.channels), sums)
             return sums.total()
         pool: dict[tuple, int] = {}
         unfolded = [self._set_columns(op, sets, 0, pool)]

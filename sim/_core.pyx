@@ -618,16 +618,19 @@ cdef void _execute_shadd(Machine *m, const int64_t *ops) noexcept nogil:
 
 
 cdef void _execute_acc(Machine *m, const int64_t *ops) noexcept nogil:
+    """Each item's source rows into destination rows ``dst_row ..`` of the same item."""
     cdef int64_t dst = ops[ACC_DST], dst_col = ops[ACC_DST_COL], src = ops[ACC_SRC]
-    cdef int64_t src_col = ops[ACC_SRC_COL], n = ops[ACC_NCOLS], r, j
+    cdef int64_t src_col = ops[ACC_SRC_COL], n = ops[ACC_NCOLS], first = ops[ACC_DST_ROW]
+    cdef int64_t rows = m.buf_rows[src], item, r, j
     cdef int64_t *d
     cdef const int64_t *s
-    for r in range(m.items * m.buf_rows[dst]):
-        d = m.buf[dst] + r * m.buf_w[dst] + dst_col
-        s = m.buf[src] + r * m.buf_w[src] + src_col
-        s = _source_row(m, dst, dst_col, src, src_col, n, s)
-        for j in range(n):
-            d[j] = _add(d[j], s[j])
+    for item in range(m.items):
+        for r in range(rows):
+            d = m.buf[dst] + (item * m.buf_rows[dst] + first + r) * m.buf_w[dst] + dst_col
+            s = m.buf[src] + (item * rows + r) * m.buf_w[src] + src_col
+            s = _source_row(m, dst, dst_col, src, src_col, n, s)
+            for j in range(n):
+                d[j] = _add(d[j], s[j])
 
 
 cdef void _execute_req(Machine *m, const int64_t *ops) noexcept nogil:
@@ -680,14 +683,15 @@ cdef void _execute_im2col(Machine *m, const int64_t *ops) noexcept nogil:
     cdef const int64_t *g = m.consts[ops[IM2COL_PARAMS]]  # isa.IM2COL_PARAMS
     cdef int64_t H = g[0], W = g[1], C = g[2], KH = g[3], KW = g[4]
     cdef int64_t sh = g[5], sw = g[6], pt = g[7], pl = g[8], dh = g[11], dw = g[12]
-    cdef int64_t OH = g[13], OW = g[14]
+    cdef int64_t OW = g[14], oh0 = ops[IM2COL_OH0]
+    cdef int64_t window = m.buf_rows[dst] // OW  # the output rows dst holds per item
     cdef int64_t item, oh, ow, kh, kw, h, w, c
     cdef const int64_t *s
     cdef const int64_t *row
-    cdef int64_t *d = m.buf[dst]  # dst rows are OH*OW, its width KH*KW*C: write in order
+    cdef int64_t *d = m.buf[dst]  # dst rows are window*OW, its width KH*KW*C: in order
     for item in range(m.items):
         s = m.buf[src] + item * H * W * C
-        for oh in range(OH):
+        for oh in range(oh0, oh0 + window):
             for ow in range(OW):
                 for kh in range(KH):
                     h = oh * sh - pt + kh * dh

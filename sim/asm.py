@@ -324,7 +324,7 @@ class _Assembler:
         operands = {}
         for f in spec.fields:
             if f.name not in kw:
-                if f.kind != "flag":
+                if f.kind not in isa.OPTIONAL_KINDS:
                     self.fail(n, f"{spec.mnemonic}: missing operand {f.name}=")
                 continue
             operands[f.name] = self._int(n, f.name, kw.pop(f.name), isa.KIND_PREFIX.get(f.kind, ""))

@@ -13,9 +13,11 @@ all read it. Adding an instruction is one row here, an ``execute_<mnemonic>`` in
 In memory a decoded program is an ``int64`` array of shape ``[n, 1 + MAX_OPERANDS]``:
 column 0 the opcode, then the operands in table order, unused columns zero.
 
-Buffer fields are 16 bits and crossbar fields 12 (format version 3): a program may name
-65,536 buffers and a chip of 4,096 crossbars. ``NARROW_FIELDS`` gives the widths of
-version 2, which the encoder and decoder still take for older files.
+Format version 3 widened buffer fields to 16 bits and crossbar fields to 12 (a program
+may name 65,536 buffers on a chip of 4,096 crossbars) and added the ``row`` fields that
+let an instruction act on a window of a buffer's rows (``im2col`` ``oh0``, ``acc``
+``dst_row``). ``NARROW_FIELDS`` gives the widths of version 2 (no ``row`` fields: zero
+bits, decoded as 0), which the encoder and decoder still take for older files.
 
 This module imports nothing of the package: the build runs the core's generator on it
 before the package is installed.
@@ -47,7 +49,7 @@ class Field:
 
     name: str
     bits: int
-    kind: str  # buffer | crossbar | image | const | tensor | column | count | shift | flag | int
+    kind: str  # buffer | crossbar | image | const | tensor | column | row | count | shift | flag | int
     doc: str
     signed: bool = False
 
@@ -110,9 +112,11 @@ class InstrSpec:
 
 
 #: Widths of the index fields, by kind; every other field's width is its own.
-INDEX_BITS = {"buffer": 16, "crossbar": 12}
-#: The index widths of format version 2 (256 buffers, 256 crossbars).
-NARROW_FIELDS = {"buffer": 8, "crossbar": 8}
+INDEX_BITS = {"buffer": 16, "crossbar": 12, "row": 24}
+#: The field widths of format version 2: 256 buffers, 256 crossbars, no row fields.
+NARROW_FIELDS = {"buffer": 8, "crossbar": 8, "row": 0}
+#: Field kinds the assembler lets a line omit (read as 0).
+OPTIONAL_KINDS = ("flag", "row")
 
 
 def _buf(name: str, doc: str) -> Field:
@@ -250,12 +254,21 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         "shift_add",
         "Shift-and-add: `dst[:, dst_col:+ncols] += (-1)**neg * (src[...] << shift)`.",
     ),
-    _buffer_op(
+    InstrSpec(
         6,
         "acc",
-        _buffer_to_buffer("accumulator", "partial-sum"),
+        _buffer_to_buffer("accumulator", "partial-sum")
+        + (Field("dst_row", INDEX_BITS["row"], "row", "first destination row of each item"),),
         "shift_add",
-        "Accumulate partial sums of another row tile: `dst[...] += src[...]`.",
+        "digital",
+        True,
+        "Accumulate partial sums: `dst` rows `dst_row ..` of each item `+= src` (all its rows "
+        "per item; `dst_row` 0 with equal rows adds whole buffers, another crossbar's or "
+        "another replica's partial sums).",
+        rows_from="src",
+        reads=("src",),
+        writes=("dst",),
+        counts=(Count("digital_ops"),),
     ),
     _buffer_op(
         7,
@@ -296,11 +309,13 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
             _buf("src", "source buffer: an NHWC image, `H*W` rows of `C` columns per item"),
             Field("params", 16, "const", "[1, 15] constant: the convolution geometry"),
             Field("pad", 16, "int", "value of taps outside the image (zero point)", signed=True),
+            Field("oh0", INDEX_BITS["row"], "row", "first output row `oh` of the window"),
         ),
         "load_store",
         "digital",
         True,
-        "Unfold convolution windows: `dst` row `oh*OW + ow`, column `(kh*KW + kw)*C + c` "
+        "Unfold convolution windows of output rows `oh0 ..` (as many as `dst`'s rows per "
+        "item cover, `OW` each): `dst` row `(oh - oh0)*OW + ow`, column `(kh*KW + kw)*C + c` "
         "becomes `src` row `h*W + w`, column `c`, where `h = oh*stride_h - pad_top + "
         "kh*dil_h` and `w = ow*stride_w - pad_left + kw*dil_w`, or `pad` where `(h, w)` "
         "falls outside the image. `params` holds `H, W, C, KH, KW, stride_h, stride_w, "

@@ -72,7 +72,7 @@ Each instruction is one {isa.WORD_BYTES}-byte little-endian word: the opcode in 
 0..{isa.OPCODE_BITS - 1}, then the operand fields in the order listed below, each as wide
 as its *bits* column (two's complement where signed). Bits past the last field are zero.
 In assembly, operands are written `name=value`; table indices carry a prefix
-(`b` buffer, `x` crossbar, `img` image, `c` constant, `t` tensor) and omitted flags are 0.
+(`b` buffer, `x` crossbar, `img` image, `c` constant, `t` tensor) and omitted flags and row fields are 0.
 
 ## Program files
 

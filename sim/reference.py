@@ -78,9 +78,13 @@ def execute_shadd(s: _State, ops):
 
 
 def execute_acc(s: _State, ops):
-    n = ops["ncols"]
-    dst = s.buffers[ops["dst"]][:, ops["dst_col"] : ops["dst_col"] + n]
-    dst += s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + n]
+    n, first = ops["ncols"], ops["dst_row"]
+    rows = s.p.buffer_rows[ops["src"]]
+    src = s.buffers[ops["src"]].reshape(s.batch, rows, -1)[
+        :, :, ops["src_col"] : ops["src_col"] + n
+    ]
+    dst = s.buffers[ops["dst"]].reshape(s.batch, s.p.buffer_rows[ops["dst"]], -1)
+    dst[:, first : first + rows, ops["dst_col"] : ops["dst_col"] + n] += src
 
 
 def execute_req(s: _State, ops):
@@ -101,28 +105,37 @@ def execute_store(s: _State, ops):
     out[:, ops["dst_col"] : ops["dst_col"] + n] = src.astype(out.dtype)
 
 
-def im2col_index(params: tuple[int, ...]) -> np.ndarray:
-    """Gather index ``[OH*OW, KH*KW*C]`` of an ``im2col`` into one item's source.
+def im2col_index(params: tuple[int, ...], oh0: int = 0, window: int | None = None) -> np.ndarray:
+    """Gather index ``[window*OW, KH*KW*C]`` of an ``im2col`` of output rows ``oh0 ..
+    oh0 + window`` (default: all ``OH``) into one item's source.
 
     ``params`` are the values of ``isa.IM2COL_PARAMS``. The source is read flattened,
     ``[H*W*C]``, with one extra row of ``C`` pad values appended: taps outside the image
     point into that row.
     """
     h, w, c, kh, kw, sh, sw, pt, pl, _, _, dh, dw, oh, ow = params
-    rows = np.arange(oh)[:, None, None, None] * sh - pt + np.arange(kh)[None, None, :, None] * dh
+    oh = oh - oh0 if window is None else window
+    out_rows = oh0 + np.arange(oh)
+    rows = out_rows[:, None, None, None] * sh - pt + np.arange(kh)[None, None, :, None] * dh
     cols = np.arange(ow)[None, :, None, None] * sw - pl + np.arange(kw)[None, None, None, :] * dw
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [OH, OW, KH, KW]
     pixel = np.where(inside, rows * w + cols, h * w)
     return (pixel[..., None] * c + np.arange(c)).reshape(oh * ow, kh * kw * c)
 
 
+def im2col_window(params: tuple[int, ...], oh0: int, dst_rows: int) -> tuple:
+    """``(params, oh0, window)``: the gather an ``im2col`` into ``dst_rows`` rows makes."""
+    return params, oh0, dst_rows // params[isa.IM2COL_PARAMS.index("OW")]
+
+
 def execute_im2col(s: _State, ops):
     params = tuple(int(v) for v in s.p.constants[ops["params"]][0])
+    key = im2col_window(params, ops["oh0"], s.p.buffer_rows[ops["dst"]])
     # The index is as large as one item's output: kept per prepared program, not globally.
     cache = s.p.__dict__.setdefault("_im2col_index", {})
-    index = cache.get(params)
+    index = cache.get(key)
     if index is None:
-        index = cache[params] = im2col_index(params)
+        index = cache[key] = im2col_index(*key)
     h, w, c = params[:3]
     padded = np.empty((s.batch, (h * w + 1) * c), dtype=np.int64)
     padded[:, : h * w * c] = s.buffers[ops["src"]].reshape(s.batch, h * w * c)

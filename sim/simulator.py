@@ -177,8 +177,9 @@ def _walk(prepared: PreparedProgram) -> Walk:
             params = tuple(int(v) for v in prepared.constants[ops["params"]][0])
             g = dict(zip(isa.IM2COL_PARAMS, params))
             taps = g["KH"] * g["KW"] * g["C"]
-            index[params] = g["OH"] * g["OW"] * taps
-            step = Step(rows, taps, index=index[params], params=params)
+            window = reference.im2col_window(params, ops["oh0"], rows)
+            index[window] = rows * taps
+            step = Step(rows, taps, index=index[window], params=params)
         elif spec.mnemonic == "shadd" and ops["bcast"]:
             step = Step(rows, 1)
         else:

@@ -237,7 +237,14 @@ class _Checker:
 
     def check_acc(self, i, ops):
         self.buffer_to_buffer(i, "acc", ops, ops["ncols"])
-        self.same_source_rows(i, "acc", ops)
+        dst, first = ops["dst"], ops["dst_row"]
+        src_rows, dst_rows = self.p.buffer_rows[ops["src"]], self.p.buffer_rows[dst]
+        if first + src_rows > dst_rows:  # (a buffer into itself: dst_row 0, all its rows)
+            self.fail(
+                i,
+                f"acc: rows {first}..{first + src_rows - 1} of each item outside b{dst}'s "
+                f"{dst_rows} rows",
+            )
 
     def check_req(self, i, ops):
         self.buffer_to_buffer(i, "req", ops, ops["ncols"])
@@ -280,11 +287,17 @@ class _Checker:
                 self.fail(i, f"{where}: the kernel spans {span} > padded {size}={extent}")
             if g[f"O{size}"] != out:
                 self.fail(i, f"{where}: O{size}={g[f'O{size}']}, the geometry gives {out}")
-        hw, taps, ohw = g["H"] * g["W"], g["KH"] * g["KW"] * g["C"], g["OH"] * g["OW"]
+        hw, taps = g["H"] * g["W"], g["KH"] * g["KW"] * g["C"]
         self.same_rows(i, "im2col", "the H*W source image needs", hw, src)
         if self.p.buffers[src] != g["C"]:
             self.fail(i, f"im2col: source b{src} has width {self.p.buffers[src]}, not C={g['C']}")
-        self.same_rows(i, "im2col", "the OH*OW output needs", ohw, dst)
+        window, rest = divmod(self.p.buffer_rows[dst], g["OW"])
+        if rest or not 1 <= window <= g["OH"] - ops["oh0"]:
+            self.fail(
+                i,
+                f"im2col: b{dst}'s {self.p.buffer_rows[dst]} rows are not whole output rows "
+                f"(OW={g['OW']}) within rows {ops['oh0']}..{g['OH'] - 1}",
+            )
         if self.p.buffers[dst] != taps:
             self.fail(
                 i, f"im2col: destination b{dst} has width {self.p.buffers[dst]}, not KH*KW*C={taps}"

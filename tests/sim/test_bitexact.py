@@ -83,13 +83,19 @@ def adc_model(weight, x, *, w_bits, a_bits, signed, arch: CimArch, program) -> n
     """Per-read ADC quantization of every tile and input step, then shift-add.
 
     The ADC step (shift) and code range (signed) of each read come from the program's
-    ``adc`` instructions, which appear once per tile and step, tiles row-major.
+    ``adc`` instructions, which appear once per tile and step; tiles are dealt to the
+    crossbars round-robin, row-major, and each crossbar's reads keep that order.
     """
     top, bottom, recombine = logical_cells(weight, w_bits, arch.cell_bits, arch.mapping)
     k, width = top.shape
     rows_per_tile = arch.rows // 2 if bottom is not None else arch.rows
     steps = ceil_div(a_bits, arch.dac_bits)
-    reads = iter([ops for m, ops in program.instructions() if m == "adc"])
+    reads = [[] for _ in range(arch.crossbars)]
+    for m, ops in program.instructions():
+        if m == "adc":
+            reads[ops["xb"]].append(ops)
+    reads = [iter(on_crossbar) for on_crossbar in reads]
+    tile_index = 0
     y = np.zeros((x.shape[0], weight.shape[1]), dtype=np.int64)
     for r0 in range(0, k, rows_per_tile):
         r1 = min(r0 + rows_per_tile, k)
@@ -98,15 +104,18 @@ def adc_model(weight, x, *, w_bits, a_bits, signed, arch: CimArch, program) -> n
             tile = top[r0:r1, c0:c1]
             if bottom is not None:
                 tile = tile - bottom[r0:r1, c0:c1]
+            on_crossbar = reads[tile_index % arch.crossbars]
+            tile_index += 1
             for step in range(steps):
                 bit = step * arch.dac_bits
                 chunk = dac_step(x[:, r0:r1], bit, arch.dac_bits, signed and step == steps - 1)
                 sums = chunk @ tile
-                ops = next(reads)
+                ops = next(on_crossbar)
                 assert (ops["col"], ops["ncols"]) == (0, c1 - c0)
                 read = adc_read(sums, arch.adc_bits, ops["shift"], bool(ops["signed"]))
                 y += (read << bit) @ recombine[c0:c1]
-    assert next(reads, None) is None, "the program reads the ADC more often than the model"
+    for on_crossbar in reads:
+        assert next(on_crossbar, None) is None, "the program reads the ADC more than the model"
     return y
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import simulate
 from tvm_cim import CimArch
+from tvm_cim.core.errors import ProgramError
 from tvm_cim.core.quant import Requantize
 from tvm_cim.sim import (
     Program,
@@ -145,6 +146,69 @@ def test_im2col_edges(h, w, kernel, stride, padding, dilation, backend):
     assert np.array_equal(y, expected.reshape(y.shape))
 
 
+def windowed_im2col_program(h, w, c, kernel, stride, padding, windows, pad_value) -> Program:
+    """load -> one im2col per window ``(oh0, rows)`` of output rows -> each window's
+    rows gathered into one buffer with ``acc`` at ``dst_row`` -> store."""
+    b = ProgramBuilder(CimArch(rows=8, cols=8), "im2col-windows")
+    params = im2col_params(h, w, c, kernel, stride, padding, (1, 1))
+    oh, ow = (int(v) for v in params[0, -2:])
+    taps = kernel[0] * kernel[1] * c
+    x = b.input(TensorDesc("x", c, "int8", 8, True, rows=h * w))
+    y = b.output(TensorDesc("y", taps, "int16", 16, True, rows=oh * ow))
+    src, whole = b.buffer(c, rows=h * w), b.buffer(taps, rows=oh * ow)
+    geometry = b.constant(params)
+    b.emit("load", dst=src, dst_col=0, tensor=x, src_col=0, ncols=c)
+    for oh0, rows in windows:
+        part = b.buffer(taps, rows=rows * ow)
+        b.emit("im2col", dst=part, src=src, params=geometry, pad=pad_value, oh0=oh0)
+        b.emit("acc", dst=whole, dst_col=0, src=part, src_col=0, ncols=taps, dst_row=oh0 * ow)
+    b.emit("store", tensor=y, dst_col=0, src=whole, src_col=0, ncols=taps)
+    b.emit("halt")
+    return b.build()
+
+
+@pytest.mark.parametrize(
+    "windows",
+    [[(0, 5)], [(0, 2), (2, 3)], [(4, 1), (0, 1), (1, 3)], [(r, 1) for r in range(5)]],
+    ids=["whole", "two", "out-of-order", "row-by-row"],
+)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_windows_make_the_whole_unfold(windows, stride, backend):
+    """Output-row windows, each unfolded on its own and added at its rows, give the
+    whole im2col: what a layer split across weight replicas computes."""
+    h = 5 * stride
+    padding = (1, 1, 1, 1) if stride == 1 else (1, 0, 0, 1)
+    rng = np.random.default_rng([stride, len(windows)])
+    x = rng.integers(-128, 128, (3, h, W, 2))
+    program = windowed_im2col_program(h, W, 2, (3, 3), (stride, stride), padding, windows, 5)
+    result = simulate(program, {"x": x.reshape(3 * h * W, 2)}, backend)
+    expected = im2col_loops(x, (3, 3), (stride, stride), padding, (1, 1), 5)
+    assert expected.shape[1] == 5 * out_size(W, 3, stride, padding[1], padding[3], 1)
+    assert np.array_equal(result.outputs["y"], expected.reshape(result.outputs["y"].shape))
+    assert estimate(program, 3).counts() == result.stats.counts()
+
+
+@pytest.mark.parametrize(
+    ("windows", "match"),
+    [
+        ([(4, 2)], r"b2's 12 rows are not whole output rows \(OW=6\) within rows 4\.\.4"),
+        ([(5, 1)], r"within rows 5\.\.4"),
+    ],
+)
+def test_im2col_windows_stay_inside_the_output(windows, match):
+    program = windowed_im2col_program(H, W, 2, (3, 3), (1, 1), (1, 1, 1, 1), windows, 0)
+    with pytest.raises(ProgramError, match=match):
+        verify(program)
+
+
+def test_acc_windows_stay_inside_the_destination():
+    program = windowed_im2col_program(H, W, 2, (3, 3), (1, 1), (1, 1, 1, 1), [(0, 5)], 0)
+    acc = [i for i, (m, _) in enumerate(program.instructions()) if m == "acc"][0]
+    program.code[acc, isa.BY_MNEMONIC["acc"].field_index("dst_row")] = 1
+    with pytest.raises(ProgramError, match=r"acc: rows 1\.\.30 of each item outside b1's 30"):
+        verify(program)
+
+
 def test_im2col_index():
     params = tuple(int(v) for v in im2col_params(4, 5, 3, (3, 3), padding=(1, 1, 1, 1))[0])
     index = reference.im2col_index(params)
@@ -180,7 +244,13 @@ def test_im2col_params_layout():
         "OW": 12 + 5 - 4 - 1 + 1,
     }
     spec = isa.BY_MNEMONIC["im2col"]
-    assert spec.opcode == 9 and [f.name for f in spec.fields] == ["dst", "src", "params", "pad"]
+    assert spec.opcode == 9 and [f.name for f in spec.fields] == [
+        "dst",
+        "src",
+        "params",
+        "pad",
+        "oh0",
+    ]
     assert (spec.latency_class, spec.unit, spec.per_vector, spec.rows_from) == (
         "load_store",
         "digital",

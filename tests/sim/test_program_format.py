@@ -211,6 +211,7 @@ def test_asm_rows_and_attrs():
         "src=b0",
         "params=c0",
         "pad=-32768",
+        "oh0=0",
     ]
     # rows and attrs may be written by hand, in any order of keys
     edited = text.replace(".buffer b1 width=18 rows=6", ".buffer b1 rows=6 width=18")
