@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` spec can pull a multi-GB CUDA build; this pin installs the CPU build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: install test demo bench bench-search bench-predictive docs clean
+.PHONY: install test demo bench bench-search bench-predictive bench-objective docs clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ bench-search: $(STAMP)
 # Rank correlation of the short policy evaluation with the final finetune: about 6 minutes.
 bench-predictive: $(STAMP)
 	OMP_NUM_THREADS=1 $(VPY) bench/predictive.py
+
+# DQN on a 16-crossbar chip, minimizing the scheduled makespan or the sequential sum:
+# six digits-cnn searches, about 5 minutes each.
+bench-objective: $(STAMP)
+	$(VPY) bench/objective.py
 
 docs: $(STAMP)
 	$(VPY) -m tvm_cim.sim.isa_doc docs/isa.md

@@ -4,9 +4,14 @@ A policy's latency is a sum over operators of ``table[operator, w_bits - 1, a_bi
 each entry the latency ``tvm_cim.cost_report`` gives that operator (the number the
 simulator reports for it). The model is partitioned once; one cost-only lowering per
 ``(w_bits, a_bits)`` pair, with every operator at that pair, fills the table: an
-operator's latency depends only on its own widths. With ``crossbars=1`` the sum is the
-model's latency; with more crossbars it is the sequential sum (``sequential_latency_us``),
-which the search minimizes.
+operator's latency depends only on its own widths.
+
+The ``objective`` says which latency: ``makespan`` (the default) takes each operator's
+share of the scheduled makespan, so that the sum is the total ``tvm-cim report`` prints
+for the policy on a chip of many crossbars (layers run one after another, each reading
+the one before, so the shares of a mixed policy add up as those of uniform ones);
+``sequential`` takes the sum of its instructions' latencies. With ``crossbars=1`` and
+free digital steps the two are the same number, CIM-AQ's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import CimError
 from tvm_cim.core.files import atomic_path
 from tvm_cim.core.precision import MAX_BITS, Bits
+
+#: What a table's entries measure, and the ``OperatorReport`` field each comes from.
+OBJECTIVES = {"makespan": "scheduled_us", "sequential": "latency_us"}
+DEFAULT_OBJECTIVE = "makespan"
 
 #: Feature names of an operator, in observation order.
 FEATURES = (
@@ -92,27 +101,40 @@ class LatencyTable:
         float64 array of shape ``[len(operators), 8, 8]``.
     arch
         The architecture the table was computed for.
+    objective
+        What the entries measure (``OBJECTIVES``).
     """
 
-    def __init__(self, operators: Sequence[OperatorInfo], latency_us: np.ndarray, arch: CimArch):
+    def __init__(
+        self,
+        operators: Sequence[OperatorInfo],
+        latency_us: np.ndarray,
+        arch: CimArch,
+        objective: str = DEFAULT_OBJECTIVE,
+    ):
         latency_us = np.asarray(latency_us, dtype=np.float64)
         if latency_us.shape != (len(operators), MAX_BITS, MAX_BITS):
             raise CimError(f"latency table of shape {latency_us.shape} for {len(operators)} ops")
+        check_objective(objective)
         self.operators = list(operators)
         self.latency_us = latency_us
         self.arch = arch
+        self.objective = objective
 
     @property
     def names(self) -> list[str]:
         return [op.name for op in self.operators]
 
     @classmethod
-    def build(cls, mod, names=None, arch="rram-4b", progress=None) -> LatencyTable:
+    def build(
+        cls, mod, names=None, arch="rram-4b", progress=None, objective=DEFAULT_OBJECTIVE
+    ) -> LatencyTable:
         """Fill the table from one partition of ``mod`` and 64 cost-only lowerings (about a
         second for small models). ``names`` are the operator names (see
         ``tvm_cim.compiler.frontend``)."""
         from tvm_cim.compiler.plan import plan_for_cim
 
+        field = OBJECTIVES[check_objective(objective)]
         plan = plan_for_cim(mod, arch=CimArch.load(arch), names=names)
         base = plan.cost_report()
         if not base.operators:
@@ -122,18 +144,20 @@ class LatencyTable:
         for w in range(1, MAX_BITS + 1):
             for a in range(1, MAX_BITS + 1):
                 report = plan.cost_report(plan.resolve({"default": [w, a]}))
-                table[:, w - 1, a - 1] = [op.latency_us for op in report.operators]
+                table[:, w - 1, a - 1] = [getattr(op, field) for op in report.operators]
                 if progress is not None:
                     progress()
-        return cls(operators, table, plan.arch)
+        return cls(operators, table, plan.arch, objective)
 
     @classmethod
-    def for_model(cls, model, example_input, arch="rram-4b") -> LatencyTable:
+    def for_model(
+        cls, model, example_input, arch="rram-4b", objective=DEFAULT_OBJECTIVE
+    ) -> LatencyTable:
         """The table of a PyTorch model (float or prepared), imported with ``torch.export``."""
         from tvm_cim.compiler.frontend import load_torch
 
         mod, names = load_torch(model, example_input)
-        return cls.build(mod, names, arch)
+        return cls.build(mod, names, arch, objective=objective)
 
     def latency(self, policy: Sequence[Bits]) -> float:
         """Latency in microseconds of ``policy`` (one ``Bits`` per operator)."""
@@ -175,6 +199,7 @@ class LatencyTable:
                 latency_us=self.latency_us,
                 operators=np.array([_to_json(asdict(op)) for op in self.operators]),
                 arch=np.array(_to_json(self.arch.to_dict())),
+                objective=np.array(self.objective),
             )
         return path
 
@@ -185,9 +210,18 @@ class LatencyTable:
             with np.load(path, allow_pickle=False) as blob:
                 operators = [OperatorInfo(**json.loads(str(s))) for s in blob["operators"]]
                 arch = CimArch.from_dict(json.loads(str(blob["arch"])))
-                return cls(operators, blob["latency_us"], arch)
+                objective = str(blob["objective"]) if "objective" in blob.files else "sequential"
+                return cls(operators, blob["latency_us"], arch, objective)
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise CimError(f"{path}: not a latency table ({type(exc).__name__}: {exc})") from None
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise CimError(
+            f"unknown latency objective {objective!r}; expected one of {', '.join(OBJECTIVES)}"
+        )
+    return objective
 
 
 def _to_json(value) -> str:

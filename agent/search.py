@@ -37,7 +37,7 @@ from tvm_cim.core.precision import Bits
 from .config import AgentConfig
 from .confirm import BEST, REFERENCE, confirm
 from .env import CimQuantEnv
-from .latency import LatencyTable
+from .latency import DEFAULT_OBJECTIVE, LatencyTable, check_objective
 from .lock import hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
@@ -79,6 +79,10 @@ class SearchSettings:
         Output directory; several searches (strategies, seeds) may share it.
     arch
         Preset name, arch file (tvm-cim or CIM-AQ YAML/JSON) or ``CimArch``.
+    objective
+        The latency the search minimizes (``latency.OBJECTIVES``): ``makespan``, the
+        scheduled latency ``tvm-cim report`` prints for the arch, or ``sequential``, the
+        sum of every instruction's latency (the same with one crossbar).
     strategy
         ``dqn``, ``ddpg``, ``tpe`` or ``random``.
     episodes
@@ -112,6 +116,7 @@ class SearchSettings:
     dataset: str
     out: Path
     arch: object = "rram-4b"
+    objective: str = DEFAULT_OBJECTIVE
     strategy: str = "dqn"
     episodes: int = 150
     max_acc_drop: float = 0.1
@@ -168,6 +173,7 @@ def _validate(settings: SearchSettings) -> None:
         raise CimError(f"unknown model {settings.model!r}; the zoo has {', '.join(models.names())}")
     if settings.storage and settings.strategy != "tpe":
         raise CimError("--storage applies to --strategy tpe only")
+    check_objective(settings.objective)
     problem = folder_problem(Path(settings.out))
     if problem:
         raise CimError(f"cannot write the output directory: {problem}")
@@ -208,6 +214,7 @@ def _check(settings: SearchSettings) -> _Checked:
         "model": settings.model,
         "dataset": settings.dataset,
         "arch": arch.to_dict(),
+        "objective": settings.objective,
         "strategy": settings.strategy,
         "seed": settings.seed,
         "space": settings.space.to_dict(),
@@ -277,10 +284,10 @@ def latency_table(settings: SearchSettings, model, example, arch: CimArch, log=p
         except CimError as exc:  # a cache that does not load is rebuilt, not trusted
             log(f"warning: computing the latency table again: {exc}")
         else:
-            if table.arch == arch:
+            if table.arch == arch and table.objective == settings.objective:
                 log(f"reusing the latency table {path}")
                 return table
-    table = LatencyTable.for_model(model, example, arch)
+    table = LatencyTable.for_model(model, example, arch, settings.objective)
     table.save(path)
     return table
 
@@ -321,7 +328,8 @@ def _base_folder(settings: SearchSettings) -> Path:
 
 
 def _table_path(settings: SearchSettings, arch: CimArch) -> Path:
-    return Path(settings.out) / f"latency-{settings.model}-{arch_tag(arch)}.npz"
+    tag = f"{settings.model}-{arch_tag(arch)}-{settings.objective}"
+    return Path(settings.out) / f"latency-{tag}.npz"
 
 
 def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:

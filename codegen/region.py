@@ -137,7 +137,12 @@ class _RegionLowering:
         return self.values[key]
 
     def _im2col(
-        self, op: CimOp, codes: int, channels: int, dst: int | None = None, window=None
+        self,
+        op: CimOp,
+        codes: int,
+        channels: int,
+        dst: int | None = None,
+        window: tuple[int, int] | None = None,
     ) -> int:
         """Unfold the ``channels``-wide image in ``codes`` into ``dst`` (else a new buffer):
         every output row, or the ``(first, rows)`` output rows of ``window``."""

@@ -23,6 +23,7 @@ from tvm_cim.agent.search import SearchSettings, run_search  # noqa: E402
 from tvm_cim.agent.space import Reward, SearchSpace  # noqa: E402
 from tvm_cim.cli.main import main as cli_main  # noqa: E402
 from tvm_cim.compiler.frontend import load_torch  # noqa: E402
+from tvm_cim.core.arch import CimArch  # noqa: E402
 from tvm_cim.core.precision import Bits, Precision  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -157,10 +158,45 @@ def test_latency_table_equals_the_compiled_report(mlp_table):
         assert report.sequential_latency_us == pytest.approx(mlp_table.latency(policy), abs=1e-9)
 
 
+@pytest.mark.parametrize("crossbars", [4, 16])
+def test_the_makespan_table_adds_up_to_the_scheduled_latency(crossbars):
+    """On many crossbars the search's latency is the schedule the report prints, for mixed
+    policies too; the sequential table gives the sum of every instruction's latency."""
+    model = models.build("digits-cnn").eval()  # convolutions: copies on idle crossbars
+    example = torch.zeros(1, 1, 8, 8)
+    arch = CimArch.preset("rram-4b").replace(crossbars=crossbars)
+    makespan = LatencyTable.for_model(model, example, arch)
+    sequential = LatencyTable.for_model(model, example, arch, objective="sequential")
+    assert (makespan.objective, sequential.objective) == ("makespan", "sequential")
+    mod, names = load_torch(model, example)
+    rng = np.random.default_rng(crossbars)
+    for _ in range(4):
+        policy = tuple(Bits(int(rng.integers(2, 9)), int(rng.integers(2, 9))) for _ in names)
+        precision = dict(zip(names, [b.to_dict() for b in policy]))
+        report = cost_report(mod, arch=arch, precision=precision, names=names)
+        assert makespan.latency(policy) == pytest.approx(report.total_latency_us, rel=1e-9)
+        assert sequential.latency(policy) == pytest.approx(report.sequential_latency_us, rel=1e-9)
+        assert makespan.latency(policy) < sequential.latency(policy) / 2
+
+
+def test_on_one_crossbar_both_objectives_are_the_papers_latency(mlp_table):
+    model = models.build("digits-mlp").eval()
+    sequential = LatencyTable.for_model(model, torch.zeros(1, 1, 8, 8), "rram-4b", "sequential")
+    assert mlp_table.objective == "makespan"
+    assert np.array_equal(sequential.latency_us, mlp_table.latency_us)
+
+
 def test_latency_table_round_trips(mlp_table, tmp_path):
     loaded = LatencyTable.load(mlp_table.save(tmp_path / "table.npz"))
     assert loaded.operators == mlp_table.operators and loaded.arch == mlp_table.arch
     assert np.array_equal(loaded.latency_us, mlp_table.latency_us)
+    assert loaded.objective == "makespan"
+    with np.load(tmp_path / "table.npz") as blob:  # a table written before objectives
+        older = {key: blob[key] for key in blob.files if key != "objective"}
+    np.savez(tmp_path / "older.npz", **older)
+    assert LatencyTable.load(tmp_path / "older.npz").objective == "sequential"
+    with pytest.raises(CimError, match="unknown latency objective 'energy'"):
+        LatencyTable(mlp_table.operators, mlp_table.latency_us, mlp_table.arch, "energy")
     (tmp_path / "bad.npz").write_bytes(b"not a table")
     with pytest.raises(CimError, match="not a latency table"):
         LatencyTable.load(tmp_path / "bad.npz")
@@ -343,6 +379,16 @@ def test_cli_bad_input(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_cli_names_the_objectives(tmp_path, capsys):
+    args = ["search", "--model", "digits-mlp", "--dataset", "digits", "--objective", "energy"]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*args, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'energy' (choose from 'makespan', 'sequential')" in (
+        capsys.readouterr().err
+    )
+
+
 def test_cli_refuses_an_arch_without_rows(tmp_path, capsys):
     arch = tmp_path / "arch.yaml"
     arch.write_text("rows: 0\ncols: 256\n")
@@ -367,8 +413,8 @@ def test_a_latency_table_cache_that_does_not_load_is_rebuilt(mlp_table, tmp_path
     from tvm_cim.agent.search import arch_tag, latency_table
 
     arch = mlp_table.arch
-    settings = SimpleNamespace(out=str(tmp_path), model="digits-mlp")
-    path = tmp_path / f"latency-digits-mlp-{arch_tag(arch)}.npz"
+    settings = SimpleNamespace(out=str(tmp_path), model="digits-mlp", objective="makespan")
+    path = tmp_path / f"latency-digits-mlp-{arch_tag(arch)}-makespan.npz"
     path.write_bytes(content)
     said = []
     model = models.build("digits-mlp").eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tvm_cim.agent.latency import DEFAULT_OBJECTIVE, OBJECTIVES
 from tvm_cim.cli.common import EXIT_OK, SEED, add_arch_argument
 from tvm_cim.core.errors import CimError
 
@@ -14,6 +15,13 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trainable zoo model, e.g. digits-cnn")
     p.add_argument("--dataset", required=True, help="digits, mnist1d or synthetic")
     add_arch_argument(p, "study")
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default=DEFAULT_OBJECTIVE,
+        help="latency to minimize: makespan (default; the schedule tvm-cim report prints on "
+        "the arch) or sequential (the sum of every instruction's latency)",
+    )
     p.add_argument("--strategy", default="dqn", help="dqn (default), ddpg, tpe or random")
     p.add_argument("--episodes", type=int, default=150, help="policies to play (default 150)")
     p.add_argument(
@@ -65,6 +73,7 @@ _SETTINGS_AS_GIVEN = (
     "model",
     "dataset",
     "arch",
+    "objective",
     "strategy",
     "episodes",
     "max_acc_drop",

@@ -1,10 +1,12 @@
 """Compile reports: what each offloaded operator costs and what stayed on the CPU.
 
 Per operator: name, kind, shapes, bits, the crossbar rows and columns its weights take,
-tiles (crossbar writes), MVM executions per input item and its latency in the sequential
+tiles (crossbar writes), MVM executions per input item, its latency in the sequential
 model (the sum of its instructions' latencies: with ``crossbars=1`` and free digital steps
-this is CIM-AQ's formula). The total is the scheduled latency of the region programs,
-which overlaps tiles on several crossbars. Every figure is the simulator's own static
+this is CIM-AQ's formula) and its scheduled latency (how far its instructions move the
+end of the schedule: the operators' scheduled latencies add up to the total). The total
+is the scheduled latency of the region programs, which overlaps tiles on several
+crossbars. Every figure is the simulator's own static
 estimate (``tvm_cim.sim.timing``), so the report and a simulated run agree.
 """
 
@@ -34,7 +36,8 @@ class OperatorReport:
     tiles: int
     writes: int
     mvm_executions: int
-    latency_us: float
+    latency_us: float  # sequential: the sum of its instructions' latencies
+    scheduled_us: float  # its share of the schedule's makespan
     share: float = 0.0
 
     def to_dict(self) -> dict:
@@ -116,6 +119,7 @@ def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorRep
                     writes=stats.crossbar_writes,
                     mvm_executions=stats.mvm_executions,
                     latency_us=stats.sequential_ps / 1e6,
+                    scheduled_us=stats.latency_ps / 1e6,
                 )
             )
     total = sum(r.latency_us for r in reports)

@@ -93,7 +93,7 @@ def study_table(data: dict) -> str:
     """The study as a fixed-width text table."""
     head = (
         f"{'layer':<22} {'kind':<6} {'input':<16} {'output':<16} {'bits':<6} "
-        f"{'writes':>6} {'MVMs':>8} {'latency us':>12}"
+        f"{'writes':>6} {'MVMs':>8} {'latency us':>12} {'scheduled us':>12}"
     )
     lines = [head, "-" * len(head)]
     for op in data["layers"]:
@@ -102,7 +102,7 @@ def study_table(data: dict) -> str:
         lines.append(
             f"{op['name'][:22]:<22} {op['kind'][:6]:<6} {shape_in:<16} {shape_out:<16} "
             f"W{op['w_bits']}A{op['a_bits']:<3} {op['writes']:>6} {op['mvm_executions']:>8} "
-            f"{op['latency_us']:>12.1f}"
+            f"{op['latency_us']:>12.1f} {op['scheduled_us']:>12.1f}"
         )
     lines.append("-" * len(head))
     lines.append(
