@@ -305,7 +305,9 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         9,
         "im2col",
         (
-            _buf("dst", "destination buffer: `OH*OW` rows of `KH*KW*C` columns per item"),
+            _buf(
+                "dst", "destination buffer: `OW` rows per output row of its window, `KH*KW*C` wide"
+            ),
             _buf("src", "source buffer: an NHWC image, `H*W` rows of `C` columns per item"),
             Field("params", 16, "const", "[1, 15] constant: the convolution geometry"),
             Field("pad", 16, "int", "value of taps outside the image (zero point)", signed=True),
