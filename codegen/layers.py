@@ -166,6 +166,11 @@ class CimOp:
         return self.in_features // self.groups
 
     @property
+    def batch(self) -> int:
+        """Items the graph feeds the operator at once (its input's leading dimension)."""
+        return int(self.in_shape[0]) if self.in_shape else 1
+
+    @property
     def vectors_per_item(self) -> int:
         """Input vectors one batch item drives: ``O_h * O_w`` for a convolution, else 1."""
         if self.conv is not None:

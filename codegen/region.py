@@ -15,6 +15,8 @@ how each output becomes the graph's value.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from tvm_cim.core.arch import CimArch
@@ -78,8 +80,9 @@ def _codes_dict(codes: Codes) -> dict:
 
 
 class _RegionLowering:
-    def __init__(self, region: Region, arch: CimArch):
+    def __init__(self, region: Region, arch: CimArch, copies: Mapping[str, int] | None = None):
         self.region = region
+        self.copies = dict(copies or {})  # convolution name -> weight copies, else chosen
         self.b = ProgramBuilder(arch, region.name)
         self.values: dict[tuple, int] = {}  # (source, codes) -> buffer of codes
         self.tensors: dict[tuple, int] = {}  # (source, codes) -> program input tensor
@@ -168,7 +171,10 @@ class _RegionLowering:
         )
         tiles = len(tiled.tiles)
         steps = input_steps(op.a_bits, b.arch.dac_bits)
-        copies = replication(tiles, conv.out_height, conv.out_width, steps, b.arch)
+        row_vectors = conv.out_width * op.batch  # one output row of every item
+        copies = self.copies.get(op.name) or replication(
+            tiles, conv.out_height, row_vectors, steps, b.arch
+        )
         codes = self._codes(op)
         if copies == 1:
             sums = CrossbarSums(b, op.out_features, op.vectors_per_item, tiles, tiled.tile_width)
@@ -366,14 +372,21 @@ def _op_summary(op: CimOp, arch: CimArch) -> dict:
     }
 
 
-def lower_region(region: Region, arch: CimArch) -> Program:
+def lower_region(region: Region, arch: CimArch, copies: Mapping[str, int] | None = None) -> Program:
     """Lower every operator of ``region`` into one crossbar program.
+
+    ``copies`` fixes the weight copies of the convolutions it names (1 to their output
+    rows); the others get ``codegen.replicate.replication``'s choice.
 
     Raises
     ------
     CimError
         An operator whose weights, bits or scales the crossbars cannot take, naming it.
     """
+    convs = {op.name: op.conv.out_height for op in region.ops if op.conv is not None}
+    for name, count in (copies or {}).items():
+        if name in convs and not (isinstance(count, int) and 1 <= count <= convs[name]):
+            raise CimError(f"{name}: {count!r} weight copies; expected 1 to {convs[name]}")
     for op in region.ops:
         if op.w_bits is None or op.input is None:
             raise CimError(f"{op.name}: not in integer form (see codegen.quantize)")
@@ -386,4 +399,4 @@ def lower_region(region: Region, arch: CimArch) -> Program:
                 f"signed {op.w_bits} bits"
             )
         check_block_diagonal(op)
-    return _RegionLowering(region, arch).lower()
+    return _RegionLowering(region, arch, copies).lower()

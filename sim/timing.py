@@ -132,7 +132,8 @@ class Timeline:
         self.read = [0] * len(buffer_rows)  # when the last read of each buffer ends
         self.image_on = [None] * arch.crossbars
 
-    def issue(self, mnemonic: str, ops: dict[str, int]) -> None:
+    def issue(self, mnemonic: str, ops: dict[str, int]) -> int:
+        """Schedule one instruction; returns when it ends."""
         spec = isa.BY_MNEMONIC[mnemonic]
         st = self.stats
         st.instructions[mnemonic] = st.instructions.get(mnemonic, 0) + 1
@@ -159,6 +160,7 @@ class Timeline:
         if xb is not None:
             st.busy_ps[xb] += lat
         self._count(spec, ops, xb, vectors)
+        return end
 
     def _count(self, spec: isa.InstrSpec, ops: dict[str, int], xb, vectors: int) -> None:
         """Add what the instruction's ``isa.Count`` entries say to the counters."""
@@ -209,6 +211,23 @@ def estimate(program: Program, batch: int | None = None, arch: CimArch | None = 
     for mnemonic, ops in program.instructions():
         timeline.issue(mnemonic, ops)
     return timeline.stats
+
+
+def finish_times(
+    program: Program, labels: list[int], batch: int | None = 1, arch: CimArch | None = None
+) -> tuple[SimStats, dict[int, int]]:
+    """The program's cost and, per label, when its last instruction ends (picoseconds).
+
+    ``labels`` gives each instruction a label (an image of a stream, say); the halt
+    included, every instruction needs one.
+    """
+    if len(labels) != len(program):
+        raise InputError(f"{len(labels)} labels for a program of {len(program)} instructions")
+    timeline = _timeline(program, batch, arch)
+    ends: dict[int, int] = {}
+    for label, (mnemonic, ops) in zip(labels, program.instructions()):
+        ends[label] = max(ends.get(label, 0), timeline.issue(mnemonic, ops))
+    return timeline.stats, ends
 
 
 def estimate_spans(

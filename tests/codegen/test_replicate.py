@@ -26,8 +26,9 @@ from tvm_cim.sim import estimate
 PAPER_COSTS = {"write_latency_us": 56.0, "mvm_latency_us": 1.4}
 
 
-def conv_region(rng, cin, cout, size, stride, padding, w_bits=8, a_bits=8, zero_point=0):
-    """A one-convolution region (3x3 kernel): ``(region, OIHW weight, geometry)``."""
+def conv_region(rng, cin, cout, size, stride, padding, w_bits=8, a_bits=8, zero_point=0, batch=1):
+    """A one-convolution region (3x3 kernel) of the graph's ``batch``: ``(region, OIHW
+    weight, geometry)``."""
     lo, hi = quant_range(w_bits, True)
     w = rng.integers(lo, hi + 1, (cout, cin, 3, 3))
     geometry = ConvGeometry(cin, size, size, (3, 3), (stride, stride), padding, (1, 1), 1)
@@ -36,13 +37,13 @@ def conv_region(rng, cin, cout, size, stride, padding, w_bits=8, a_bits=8, zero_
         kind="conv2d",
         source=("param", 0),
         weight=_as_matrix(w, "conv2d", 1),
-        in_shape=(1, cin, size, size),
-        out_shape=(1, cout, geometry.out_height, geometry.out_width),
+        in_shape=(batch, cin, size, size),
+        out_shape=(batch, cout, geometry.out_height, geometry.out_width),
         input=Codes(a_bits, False, None, zero_point),
         w_bits=w_bits,
         conv=geometry,
     )
-    return Region("r", [((1, cin, size, size), "int8")], [op], [0]), w, geometry
+    return Region("r", [((batch, cin, size, size), "int8")], [op], [0]), w, geometry
 
 
 def writes_of(program) -> int:
@@ -100,6 +101,27 @@ def test_tiles_on_their_own_crossbars_run_side_by_side():
     assert stats.crossbar_writes == 6
     assert stats.latency_us == pytest.approx(tile)
     assert stats.sequential_latency_us == pytest.approx(6 * tile)
+
+
+def test_a_larger_batch_pays_for_more_copies(backend):
+    """Three tiles on two crossbars, each write costing as much as a few output rows: for
+    one image the tiles run once, in two passes; for eight the writes are shared by more
+    vectors and two copies (three passes of half the rows) are faster."""
+    rng = np.random.default_rng(5)
+    arch = CimArch(rows=32, cols=64, cell_bits=4, crossbars=2, write_latency_us=5000.0)
+    steps = input_steps(8, arch.dac_bits)
+    copies = {}
+    for batch in (1, 8):
+        region, w, geometry = conv_region(rng, 8, 8, 12, 1, (1, 1, 1, 1), batch=batch)
+        program = lower_region(region, arch)
+        copies[batch] = writes_of(program) // 3
+        assert copies[batch] == replication(3, 12, 12 * batch, steps, arch)
+        x = rng.integers(0, 256, (batch, 8, 12, 12))
+        result = simulate(program, {"in0": _nhwc_rows(x)}, backend)
+        got = result.outputs["out0"].reshape(batch, 12, 12, 8).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(got, grouped_conv_nchw(x, w, 1, 1, (1, 1, 1, 1), 1))
+        assert result.stats.counts() == estimate(program, batch=batch).counts()
+    assert (copies[1], copies[8]) == (1, 2)
 
 
 def test_one_crossbar_or_one_crossbar_per_tile_means_no_copy():

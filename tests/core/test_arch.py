@@ -42,10 +42,27 @@ def test_defaults_are_rram_4b():
 
 
 def test_presets():
-    assert CimArch.presets() == ["rram-4b", "rram-2b"]
+    assert CimArch.presets() == ["rram-4b", "rram-2b", "isaac"]
     two = CimArch.preset("rram-2b")
     assert two.cell_bits == 2
     assert without_name(two) == without_name(CimArch(cell_bits=2))
+
+
+def test_isaac_preset_is_the_published_component_table():
+    """ISAAC's Table I (one IMA: eight 128x128 arrays, 100 ns cycle) and PUMA's write,
+    restated here in their own units (mW, ns, GS/s) and converted to nJ per operation."""
+    isaac = CimArch.preset("isaac")
+    cycle_ns, arrays, rows = 100, 8, 128
+    array_mw, dacs_mw, sample_holds_mw = 0.3, 4.0, 0.010  # DACs, S+Hs: 8 x 128 of each
+    adcs_mw, adc_rate_gsps, shift_adds_mw = 16.0, 1.28, 0.2  # 8 ADCs, 4 S+A units
+    mvm_pj = (array_mw + (dacs_mw + sample_holds_mw) / arrays) * cycle_ns
+    assert isaac.mvm_energy_nj == pytest.approx(mvm_pj / 1e3, rel=1e-12)
+    assert isaac.adc_energy_nj == pytest.approx(adcs_mw / arrays / adc_rate_gsps / 1e3)
+    per_column_pj = shift_adds_mw * cycle_ns / (arrays * 128)
+    assert isaac.digital_energy_nj == pytest.approx(per_column_pj * isaac.cols / 1e3)
+    assert (isaac.write_latency_us, isaac.write_energy_nj) == (351 / 32, 676 / 32)
+    assert (isaac.rows, isaac.cols, isaac.cell_bits, isaac.dac_bits) == (rows, 128, 2, 1)
+    assert (isaac.adc_bits, isaac.crossbars, isaac.mvm_latency_us) == (8, arrays, 0.1)
 
 
 def test_unknown_preset():

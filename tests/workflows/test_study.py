@@ -118,6 +118,7 @@ def test_depthwise_layers_reach_the_crossbars_and_take_the_policy(tmp_path, caps
             "missing the key crossbar.resolution_input_bits",
         ),
         (["--model", "resnet20", "--crossbars", "0"], "crossbars"),
+        (["--model", "resnet20", "--batch", "0"], "the batch must be a positive number"),
     ],
 )
 def test_bad_input(tmp_path, capsys, args, message):
@@ -142,3 +143,56 @@ def test_cim_aq_hardware_config_is_an_arch(tmp_path, capsys):
     ours, _ = _report(tmp_path, capsys, "--model", "resnet20", "--arch", "rram-4b")
     assert theirs["total_latency_us"] == ours["total_latency_us"]
     assert theirs["total_latency_us"] == pytest.approx(sum(formula_latency_us("resnet20")))
+
+
+def test_energy_per_image_with_the_isaac_preset(tmp_path, capsys):
+    (tmp_path / "w4a4.json").write_text('{"default": {"w_bits": 4, "a_bits": 4}}')
+    precision = str(tmp_path / "w4a4.json")
+    data, out = _report(
+        tmp_path, capsys, "--model", "resnet20", "--arch", "isaac", "--precision", precision
+    )
+    arch = data["arch"]
+    per_layer = [
+        op["writes"] * arch["write_energy_nj"] + op["mvm_executions"] * arch["mvm_energy_nj"]
+        for op in data["layers"]
+    ]
+    # ADC and digital energy come on top of the writes and the crossbar steps
+    assert data["total_energy_nj"] > sum(per_layer)
+    assert data["total_energy_nj"] == pytest.approx(sum(op["energy_nj"] for op in data["layers"]))
+    assert data["w8a8_energy_nj"] > data["total_energy_nj"]
+    assert f"energy {data['total_energy_nj'] / 1e3:.3f} uJ" in out
+    assert "energy uJ" in out.splitlines()[1]
+
+
+def test_no_energy_column_without_figures(tmp_path, capsys):
+    data, out = _report(tmp_path, capsys, "--model", "resnet20")
+    assert data["total_energy_nj"] is None and data["w8a8_energy_nj"] is None
+    assert "energy" not in out.replace(str(tmp_path), "")
+
+
+def test_a_batch_shares_the_writes(tmp_path, capsys):
+    one, _ = _report(tmp_path, capsys, "--model", "resnet20", "--crossbars", "16")
+    eight, out = _report(
+        tmp_path, capsys, "--model", "resnet20", "--crossbars", "16", "--batch", "8"
+    )
+    assert eight["total_latency_us"] == one["total_latency_us"]  # the one-image figures
+    single, batch = one["batch"], eight["batch"]
+    assert single["batch"] == 1 and single["latency_us"] == one["total_latency_us"]
+    assert single["writes_per_item"] == sum(op["writes"] for op in one["layers"])
+    assert batch["batch"] == 8
+    assert batch["writes_per_item"] < single["writes_per_item"] / 2
+    assert batch["throughput_per_s"] == pytest.approx(8e6 / batch["latency_us"])
+    assert batch["throughput_per_s"] > single["throughput_per_s"]
+    assert f"batch of 8: {batch['latency_us']:.1f} us" in out
+
+
+def test_a_stream_with_stationary_weights(tmp_path, capsys):
+    data, out = _report(tmp_path, capsys, "--model", "digits-cnn", "--crossbars", "64", "--stream")
+    stream = data["stream"]
+    assert stream["stationary"] and stream["writes_per_image"] == 0
+    assert 0 < stream["load_writes"] <= 64
+    assert stream["interval_us"] < data["total_latency_us"]
+    assert f"one every {stream['interval_us']:.1f} us" in out
+    few, _ = _report(tmp_path, capsys, "--model", "digits-cnn", "--crossbars", "2", "--stream")
+    assert not few["stream"]["stationary"]
+    assert few["stream"]["writes_per_image"] == sum(op["writes"] for op in few["layers"])

@@ -20,6 +20,19 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--crossbars", type=int, help="crossbars working in parallel (arch override)")
     p.add_argument("--adc-bits", type=int, help="finite ADC resolution (arch override)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="also compile for a batch of this many images: its latency, throughput and "
+        "writes per image (default 1)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="also a stream of images: weights written once when they fit the chip, "
+        "layers pipelined; the interval between images and writes per image",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the study as JSON")
 
 
@@ -30,7 +43,7 @@ def report(args: argparse.Namespace) -> int:
     from tvm_cim.workflows.study import latency_study, study_arch, study_table
 
     arch = study_arch(args.arch, args.crossbars, args.adc_bits)
-    data = latency_study(args.model, arch, args.precision)
+    data = latency_study(args.model, arch, args.precision, args.batch, args.stream)
     print(f"{args.model} on {arch.name}: cost-only compile, one input")
     print(study_table(data))
     if args.json:

@@ -58,10 +58,13 @@ def _check_static(mod: tvm.IRModule) -> None:
             )
 
 
-def lower(region: Region, bits: Bitwidths, ranges: Ranges | None, arch: CimArch) -> Program:
+def lower(
+    region: Region, bits: Bitwidths, ranges: Ranges | None, arch: CimArch, copies=None
+) -> Program:
     """Quantize one region as read and lower it to its crossbar program.
 
-    ``ranges`` None lowers for cost only (placeholder weights, same instruction stream).
+    ``ranges`` None lowers for cost only (placeholder weights, same instruction stream);
+    ``copies`` fixes convolutions' weight copies (``codegen.region.lower_region``).
 
     Raises
     ------
@@ -71,7 +74,7 @@ def lower(region: Region, bits: Bitwidths, ranges: Ranges | None, arch: CimArch)
         Anything else failed: a bug, reported with the region's operator names.
     """
     try:
-        return lower_region(quantize_region(region, bits, ranges), arch)
+        return lower_region(quantize_region(region, bits, ranges), arch, copies)
     except CimError:
         raise
     except Exception as exc:
@@ -129,7 +132,9 @@ class CimPlan:
         """Input ranges of the float operators over ``samples`` (inputs of ``main``)."""
         return calibrate(self.module, dict(self.regions), samples)
 
-    def programs(self, ranges: Ranges | None = None, bits: Bitwidths | None = None) -> list:
+    def programs(
+        self, ranges: Ranges | None = None, bits: Bitwidths | None = None, copies=None
+    ) -> list:
         """One crossbar program per region.
 
         Parameters
@@ -138,9 +143,12 @@ class CimPlan:
             Calibration ranges of the float operators; None lowers for cost only.
         bits
             Widths per operator (``resolve``); None for the plan's own.
+        copies
+            Weight copies by convolution name; None (or a name it lacks) lets the
+            compiler choose (``codegen.replicate``).
         """
         bits = self.bits if bits is None else bits
-        return [lower(region, bits, ranges, self.arch) for _, region in self.regions]
+        return [lower(region, bits, ranges, self.arch, copies) for _, region in self.regions]
 
     def report(self, programs: list[Program]) -> CompileReport:
         """The compile report of this plan's programs."""

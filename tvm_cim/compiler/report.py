@@ -4,21 +4,23 @@ Per operator: name, kind, shapes, bits, the crossbar rows and columns its weight
 tiles (crossbar writes), MVM executions per input item, its latency in the sequential
 model (the sum of its instructions' latencies: with ``crossbars=1`` and free digital steps
 this is CIM-AQ's formula) and its scheduled latency (how far its instructions move the
-end of the schedule: the operators' scheduled latencies add up to the total). The total
-is the scheduled latency of the region programs, which overlaps tiles on several
-crossbars. Every figure is the simulator's own static
+end of the schedule: the operators' scheduled latencies add up to the total) and, when the
+arch gives energy figures, its energy. The total is the scheduled latency of the region
+programs, which overlaps tiles on several crossbars. Every figure is the simulator's own static
 estimate (``tvm_cim.sim.timing``), so the report and a simulated run agree.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tvm_cim.core import files
 from tvm_cim.core.arch import CimArch
 from tvm_cim.sim.program import Program
-from tvm_cim.sim.timing import estimate, estimate_spans
+from tvm_cim.sim.timing import SimStats, estimate, estimate_spans
 
 
 @dataclass
@@ -38,6 +40,7 @@ class OperatorReport:
     mvm_executions: int
     latency_us: float  # sequential: the sum of its instructions' latencies
     scheduled_us: float  # its share of the schedule's makespan
+    energy_nj: float | None  # None when the arch gives no energy figures
     share: float = 0.0
 
     def to_dict(self) -> dict:
@@ -51,20 +54,57 @@ class CompileReport:
     cpu: list[dict]
     programs: list[Program] = field(default_factory=list)
 
+    @cached_property
+    def _one_item(self) -> list[SimStats]:
+        """The static estimate of each region program for one input item."""
+        return [estimate(p, batch=1) for p in self.programs]
+
     @property
     def total_latency_us(self) -> float:
         """Scheduled latency of all region programs for one input item."""
-        return sum(estimate(p, batch=1).latency_us for p in self.programs)
+        return sum(s.latency_us for s in self._one_item)
 
     @property
     def sequential_latency_us(self) -> float:
         return sum(op.latency_us for op in self.operators)
+
+    @property
+    def total_energy_nj(self) -> float | None:
+        """Energy of all region programs for one input item; None without energy figures."""
+        energies = [s.energy_nj for s in self._one_item]
+        return None if None in energies else math.fsum(energies)
+
+    def batch_figures(self, batch: int) -> dict:
+        """What running ``batch`` items through the region programs costs.
+
+        The tiles are written once per run and every instruction treats the whole batch,
+        so writes (and their time and energy) are shared by the batch's items; batches
+        run one after another, layers within a batch too (no pipelining).
+
+        Returns
+        -------
+        dict
+            ``batch``, ``latency_us`` (the batch's scheduled latency), ``throughput_per_s``
+            (items per second), ``writes_per_item`` and ``energy_per_item_nj`` (None
+            without energy figures).
+        """
+        stats = [estimate(p, batch=batch) for p in self.programs]
+        latency_us = sum(s.latency_us for s in stats)
+        energies = [s.energy_nj for s in stats]
+        return {
+            "batch": batch,
+            "latency_us": latency_us,
+            "throughput_per_s": batch / latency_us * 1e6 if latency_us else math.inf,
+            "writes_per_item": sum(s.crossbar_writes for s in stats) / batch,
+            "energy_per_item_nj": None if None in energies else math.fsum(energies) / batch,
+        }
 
     def to_dict(self) -> dict:
         return {
             "arch": self.arch.name,
             "total_latency_us": self.total_latency_us,
             "sequential_latency_us": self.sequential_latency_us,
+            "total_energy_nj": self.total_energy_nj,
             "layers": [op.to_dict() for op in self.operators],
             "cpu_operators": self.cpu,
         }
@@ -83,10 +123,13 @@ class CompileReport:
                 f"{op.crossbar_rows:>6} {op.crossbar_cols:>6} {op.tiles:>5} "
                 f"{op.mvm_executions:>9} {op.latency_us:>12.1f} {100 * op.share:>5.1f}%"
             )
-        lines.append(
+        total = (
             f"total latency {self.total_latency_us:.1f} us "
             f"(sequential sum {self.sequential_latency_us:.1f} us)"
         )
+        if self.total_energy_nj is not None:
+            total += f", energy {self.total_energy_nj / 1e3:.3f} uJ"
+        lines.append(total)
         for cpu in self.cpu:
             lines.append(f"on CPU: {cpu['name']} ({cpu['kind']}): {cpu['reason']}")
         return "\n".join(lines)
@@ -120,6 +163,7 @@ def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorRep
                     mvm_executions=stats.mvm_executions,
                     latency_us=stats.sequential_ps / 1e6,
                     scheduled_us=stats.latency_ps / 1e6,
+                    energy_nj=stats.energy_nj,
                 )
             )
     total = sum(r.latency_us for r in reports)

@@ -97,6 +97,38 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 _PRESETS["rram-2b"] = {**_PRESETS["rram-4b"], "cell_bits": 2}
 
+# ISAAC's in-situ multiply-accumulate unit (Shafiee et al., ISCA 2016, Table I, 32 nm):
+# eight 128x128 arrays of 2-bit cells, each with its own 8-bit ADC, 1-bit DACs and a
+# 100 ns read cycle in which the ADC converts the previous read's 128 columns. ISAAC
+# never reprograms its arrays, so the write figures are PUMA's (Ankit et al., ASPLOS
+# 2019, the released simulator's crossbar write of a whole 128x128 array).
+_ISAAC_CYCLE_NS = 100.0
+_ISAAC_ROWS = 128
+_PRESETS["isaac"] = {
+    "rows": _ISAAC_ROWS,
+    "cols": 128,
+    "cell_bits": 2,
+    "dac_bits": 1,
+    "adc_bits": 8,
+    "mapping": "offset",
+    "crossbars": 8,
+    "write_latency_us": 351.0 / 32,
+    "mvm_latency_us": _ISAAC_CYCLE_NS / 1e3,
+    "adc_latency_us": 0.0,  # overlapped with the next read
+    "shift_add_latency_us": 0.0,
+    "requant_latency_us": 0.0,
+    "load_store_latency_us": 0.0,
+    "write_energy_nj": 676.0 / 32,
+    # One read cycle of one array: the array's 0.3 mW and its 128 DACs (4 mW for 1,024)
+    # and sample-and-holds (10 uW for 1,024). mW x ns = pJ.
+    "mvm_energy_nj": (0.3 + _ISAAC_ROWS * (4.0 + 0.01) / 1024) * _ISAAC_CYCLE_NS / 1e3,
+    # One conversion: 16 mW for eight ADCs of 1.28 GS/s each.
+    "adc_energy_nj": (16.0 / 8) / 1.28 / 1e3,
+    # One shift-add of a vector of one array's 128 columns: four units (0.2 mW) handle
+    # the 1,024 columns of a cycle.
+    "digital_energy_nj": 0.2 * _ISAAC_CYCLE_NS * 128 / 1024 / 1e3,
+}
+
 # CIM-AQ hardware_config.yaml key path -> CimArch field.
 _CIMAQ_KEYS = {
     ("crossbar", "size", "m"): "cols",
@@ -314,7 +346,9 @@ class CimArch:
         ``"rram-4b"`` is the CIM-AQ paper's configuration (256x256 crossbar, 4-bit
         cells, 1-bit DAC, lossless ADC, differential-column mapping, one crossbar,
         56 us write, 1.4 us MVM step, no digital costs); ``"rram-2b"`` is the same
-        with 2-bit cells.
+        with 2-bit cells; ``"isaac"`` is one in-situ multiply-accumulate unit of ISAAC
+        (eight 128x128 crossbars of 2-bit cells, 8-bit ADCs, 100 ns cycle) with its
+        published energy figures and PUMA's crossbar write (docs/architecture.md).
         """
         key = name.lower() if isinstance(name, str) else name
         if key not in _PRESETS:
