@@ -28,9 +28,10 @@ from ..sim import isa
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program
 
-#: Per mnemonic, the operand kinds an image's copy renames: buffers, and the tensors of
-#: the inputs (``load``) or outputs (``store``).
+#: Which of the program's tensor lists an instruction's ``tensor`` operand indexes.
 _TENSOR_TABLE = {"load": "inputs", "store": "outputs"}
+#: Per mnemonic, ``(name, kind)`` of its operands: an image's copy renames its buffers
+#: and tensors (and, when stationary, its crossbars).
 _FIELDS = {s.mnemonic: [(f.name, f.kind) for f in s.fields] for s in isa.INSTRUCTIONS}
 
 
@@ -48,8 +49,9 @@ def stages(program: Program) -> list[list[int]]:
     return groups
 
 
-def is_stationary(program: Program) -> bool:
-    """Every tile write of the program can have a crossbar of its own."""
+def tiles_fit(program: Program) -> bool:
+    """Every tile write of the program can have a crossbar of its own (no more ``prog``
+    than crossbars), so that a stream of it can keep its weights."""
     writes = sum(1 for mnemonic, _ in program.instructions() if mnemonic == "prog")
     return writes <= program.arch.crossbars
 
@@ -70,7 +72,7 @@ def stream_program(
     images
         Images in the stream.
     stationary
-        Write every tile once, before the images (``is_stationary`` must hold); False
+        Write every tile once, before the images (``tiles_fit`` must hold); False
         rewrites them for every image; None (default) is stationary where the tiles fit.
 
     Returns
@@ -82,7 +84,7 @@ def stream_program(
     """
     if not isinstance(images, int) or images < 1:
         raise CimError(f"a stream needs at least one image, got {images!r}")
-    fits = is_stationary(program)
+    fits = tiles_fit(program)
     if stationary and not fits:
         raise CimError(
             f"{program.name}: its tile writes do not fit {program.arch.crossbars} crossbars, "

@@ -10,7 +10,7 @@ import pytest
 from tests.compiler import models
 from tests.conftest import simulate
 from tvm_cim import CimArch, CimError
-from tvm_cim.codegen.pipeline import LOAD, is_stationary, stream_program
+from tvm_cim.codegen.pipeline import LOAD, stream_program, tiles_fit
 from tvm_cim.codegen.replicate import StageShape, stage_time_ps, stationary_copies
 from tvm_cim.core.quant import quant_range
 from tvm_cim.sim import estimate
@@ -70,7 +70,7 @@ def test_stationary_layers_overlap_and_the_slowest_sets_the_pace(rng):
     per slowest stage, while one image alone takes every stage in turn."""
     plan = cnn_plan(rng, 64)
     program = plan.programs(None, copies={"conv2d_0": 1, "conv2d_1": 1})[0]
-    assert is_stationary(program)
+    assert tiles_fit(program)
     images = 6
     stream, labels = stream_program(program, images)
     stats, ends = finish_times(stream, labels)
