@@ -1,10 +1,15 @@
 """Compile-time benchmark of the cim target on ImageNet-size models (random weights).
 
 Prints, from one run: a plain llvm build of each model, the ``cim`` cost-only report, the
-full ``cim`` compile (weight images, programs, TVM build) and, for ResNet-18, a bit-exact
-functional simulation of one image; with peak resident memory. Targets (2-core machine):
-VGG-16 cost-only <= 30 s, full compile <= 120 s, peak <= 6 GB; ResNet-18 full compile plus
-one simulated image <= 60 s.
+full ``cim`` compile (weight images, programs, TVM build) and a bit-exact functional
+simulation of one image on the compiled core, with peak resident memory. The first image
+also decodes and verifies each region's program; the second is timed on its own, split
+into the simulator's core, the runtime's conversions (quantizing inputs, NCHW to rows and
+back) and the rest (TVM's host operators), beside numpy's float32 GEMM time for the same
+multiply-accumulates (the offloaded layers' M x K x N, on one BLAS thread where
+threadpoolctl is installed, as the core runs). Targets (2-core machine): VGG-16 cost-only
+<= 30 s, full compile <= 120 s, one simulated image <= 10 s, peak <= 6 GB; ResNet-18 full
+compile plus one simulated image <= 60 s.
 
 Usage: python bench/compile_models.py [--models vgg16,resnet18] [--skip-full]
 """
@@ -21,6 +26,7 @@ import tvm
 from tvm import relax
 
 import tvm_cim
+from tvm_cim.compiler import runtime
 
 R = relax.op
 
@@ -91,6 +97,99 @@ def _timed(fn):
     return value, time.perf_counter() - start
 
 
+class _RegionClock:
+    """Seconds spent in the runtime's steps while installed (``with _RegionClock() as c``):
+    ``prepare`` (decode and verify, once per program), ``convert`` (graph arrays to the
+    program's integers and back), ``simulate`` (the simulator's run)."""
+
+    STEPS = {"prepared_program": "prepare", "program_inputs": "convert", "graph_outputs": "convert"}
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("prepare", "convert", "simulate"), 0.0)
+        self._saved = {}
+
+    def _timing(self, step, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[step] += time.perf_counter() - start
+
+        return timed
+
+    def __enter__(self):
+        for name, step in self.STEPS.items():
+            self._saved[name] = getattr(runtime, name)
+            setattr(runtime, name, self._timing(step, self._saved[name]))
+        self._saved["run"] = runtime.Simulator.run
+        runtime.Simulator.run = self._timing("simulate", self._saved["run"])
+        return self
+
+    def __exit__(self, *exc_info):
+        runtime.Simulator.run = self._saved.pop("run")
+        for name, fn in self._saved.items():
+            setattr(runtime, name, fn)
+
+
+def _gemm_shapes(report) -> list[tuple[int, int, int]]:
+    """``(M, K, N)`` per offloaded layer for one image: weights are ``[K, N]``."""
+    shapes = []
+    for op in report.operators:
+        k, n = op.weight_shape
+        shapes.append((int(np.prod(op.out_shape)) // n, k, n))
+    return shapes
+
+
+def _gemm_seconds(shapes) -> float:
+    """numpy's float32 time for ``[M, K] @ [K, N]`` of each shape (the best of two)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the ambient thread count
+        threadpool_limits = None
+    rng = np.random.default_rng(1)
+    total = 0.0
+    for m, k, n in shapes:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        best = float("inf")
+        for _ in range(2):
+            if threadpool_limits is None:
+                _, seconds = _timed(partial(np.matmul, a, b))
+            else:
+                with threadpool_limits(1, user_api="blas"):
+                    _, seconds = _timed(partial(np.matmul, a, b))
+            best = min(best, seconds)
+        total += best
+    return total
+
+
+def _simulate(vm, x, report, t_full):
+    """Simulate one image twice (the first prepares each program); print the times."""
+    with _RegionClock() as first:
+        _, t_first = _timed(partial(vm["main"], tvm.runtime.tensor(x)))
+    print(
+        f"  simulate one image    {t_first:7.1f} s   (compile + run {t_full + t_first:.1f} s;"
+        f" prepare {first.seconds['prepare']:.1f} s)   peak {_peak_gib():.2f} GiB"
+    )
+    with _RegionClock() as clock:
+        _, t_run = _timed(partial(vm["main"], tvm.runtime.tensor(x)))
+    shapes = _gemm_shapes(report)
+    t_gemm = _gemm_seconds(shapes)
+    seconds = clock.seconds
+    rest = t_run - sum(seconds.values())
+    print(
+        f"  simulate again        {t_run:7.1f} s   = simulator {seconds['simulate']:.2f} s"
+        f" + conversions {seconds['convert']:.2f} s + prepare {seconds['prepare']:.2f} s"
+        f" + host {rest:.2f} s   peak {_peak_gib():.2f} GiB"
+    )
+    macs = sum(m * k * n for m, k, n in shapes)
+    print(
+        f"  numpy float32 GEMM    {t_gemm:7.2f} s   ({macs / 1e9:.1f} GMAC)"
+        f"   simulation / GEMM {t_run / t_gemm:.1f}x"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg16,resnet18")
@@ -121,12 +220,7 @@ def main(argv=None) -> None:
             f"   peak {_peak_gib():.2f} GiB"
         )
         assert full.total_latency_us == report.total_latency_us
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        _, t_run = _timed(partial(vm["main"], tvm.runtime.tensor(x)))
-        print(
-            f"  simulate one image    {t_run:7.1f} s   (compile + run {t_full + t_run:.1f} s)"
-            f"   peak {_peak_gib():.2f} GiB"
-        )
+        _simulate(relax.VirtualMachine(ex, tvm.cpu()), x, report, t_full)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,17 @@ release the GIL. The verifier has checked every index, so nothing is bounds-chec
   to its threads and waits for them several times per product. That gains little, and
   where the CPU is shared each wait lasts until a descheduled thread runs again: ResNet-18
   took 25 times as long on two cores that another process kept busy.
-* A ``prog`` folds its image's cells into the crossbar's float weights, as the reference
-  does: only the images the crossbars hold take floats, however many the program has.
+* A ``prog`` marks the crossbar's float weights to be folded from its image's cells by
+  the next mvm that reads them: only the images the crossbars hold take floats, however
+  many the program has.
+* With a lossless ADC, the bit-serial steps of a layer (one mvm, adc and shadds per DAC
+  chunk and image) add a linear function of their source: the core runs each such group
+  as one exact product of the rebuilt inputs and the combined weights (see
+  ``bit_serial_groups``), a GEMM of the layer's own size instead of one per chunk and
+  cell slice. The schedule and counts still come from every instruction.
 """
+
+from bisect import bisect_left
 
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
@@ -180,6 +188,7 @@ if ISA_FINGERPRINT != isa.fingerprint():  # the simulator falls back to the nump
 
 cdef enum:
     _GEMV_ROWS = 8  # fewer vectors than this: GEMV per vector rather than one GEMM
+    _GROUP_ROWS = 1024  # vectors per product of a bit-serial group (see _execute_group)
 
 
 # ------------------------------------------------------------------ integer helpers
@@ -227,6 +236,21 @@ cdef inline void _quant_range(int64_t bits, bint signed, int64_t *lo, int64_t *h
 
 # ------------------------------------------------------------------- machine state
 
+cdef struct Group:
+    # A bit-serial group (see ``bit_serial_groups``): instructions [start, end) add
+    # inputs @ weights into dst columns dmin .. dmin + span, the inputs being the k
+    # columns of src from src_col, each the sum of its DAC chunks shifted by their
+    # places, and the weights its members' image columns, shifted as the shadds shift
+    # them, at the rows of their inputs.
+    int64_t start, end
+    int64_t src, src_col, k, dst, dmin, span
+    int64_t xmax  # the most |input| any source value gives
+    int64_t nbits, bits  # per chunk, (bit, signed, place) at pool[bits + 3 * i]
+    int64_t nmembers, members  # per member, (image, input offset, nterms, terms at)
+    int64_t low_bits  # > 0: each input is its value's low low_bits bits
+    bint low_signed  # ... sign-extended from the top one
+
+
 cdef struct Machine:
     int64_t batch  # items: the schedule and the counts scale by batch * rows
     int64_t items  # items of the row tile being executed
@@ -268,6 +292,15 @@ cdef struct Machine:
     void *chunks  # the DAC chunk plane of one mvm, [vectors, in_rows]
     int64_t *row  # one buffer row, for sources that overlap their destination
     int *image_on  # image each crossbar holds, as execution goes (-1: none yet)
+    bint *stale  # per crossbar: its weights are not yet folded from image_on
+    # bit-serial groups (owned by the _Plan) and their scratch (owned by the run)
+    const Group *groups
+    const int64_t *group_at  # per instruction: the group starting there, else -1
+    const int64_t *pool
+    int64_t *group_int  # combined weights [k, span] as int64
+    void *group_weights  # ... as float or double
+    void *group_inputs  # [_GROUP_ROWS, k]
+    void *group_sums  # [_GROUP_ROWS, span]
     # schedule and counts, as timing.Timeline keeps them
     int *sched_image  # image each crossbar holds, as scheduling goes
     int64_t *unit_free  # the crossbars, then the shared units
@@ -305,13 +338,14 @@ cdef Machine *_new_machine(int64_t nbuf, int64_t nxb, int64_t ninp, int64_t nout
     m.held = <void **>calloc(nxb, sizeof(void *))
     m.held_w = <int64_t *>calloc(nxb, sizeof(int64_t))
     m.image_on = <int *>calloc(nxb, sizeof(int))
+    m.stale = <bint *>calloc(nxb, sizeof(bint))
     m.sched_image = <int *>calloc(nxb, sizeof(int))
     m.busy = <int64_t *>calloc(nxb, sizeof(int64_t))
     m.unit_free = <int64_t *>calloc(nxb + NSHARED, sizeof(int64_t))
     if not (m.buf and m.buf_w and m.buf_rows and m.written and m.read and m.inp_base
             and m.inp and m.inp_w and m.inp_rows and m.out_base and m.out and m.out_w
             and m.out_rows and m.out_size and m.weights and m.held and m.held_w
-            and m.image_on and m.sched_image and m.busy and m.unit_free):
+            and m.image_on and m.stale and m.sched_image and m.busy and m.unit_free):
         _free_machine(m)
         return NULL
     return m
@@ -336,6 +370,7 @@ cdef void _free_machine(Machine *m) noexcept:
     free(m.held)
     free(m.held_w)
     free(m.image_on)
+    free(m.stale)
     free(m.sched_image)
     free(m.busy)
     free(m.unit_free)
@@ -553,19 +588,25 @@ cdef void _execute_halt(Machine *m, const int64_t *ops) noexcept nogil:
 
 
 cdef void _execute_prog(Machine *m, const int64_t *ops) noexcept nogil:
-    """Fold the image into the crossbar's weights, unless they hold it already (from the
-    previous row tile) or no mvm reads them."""
+    """Mark the crossbar's weights to be folded from the image by the next mvm that
+    reads them, unless they hold it already (from the previous row tile). Bit-serial
+    groups read the cells themselves: a crossbar only they drive never folds."""
     cdef int64_t xb = ops[PROG_XB]
     cdef int img = <int>ops[PROG_IMAGE]
     if m.image_on[xb] == img:
         return
     m.image_on[xb] = img
-    if m.weights[xb] == NULL:
+    m.stale[xb] = m.weights[xb] != NULL
+
+
+cdef inline void _fold_if_stale(Machine *m, int64_t xb) noexcept nogil:
+    if not m.stale[xb]:
         return
+    m.stale[xb] = False
     if m.f32:
-        _fold(<float *>m.weights[xb], m, img)
+        _fold(<float *>m.weights[xb], m, m.image_on[xb])
     else:
-        _fold(<double *>m.weights[xb], m, img)
+        _fold(<double *>m.weights[xb], m, m.image_on[xb])
 
 
 cdef void _execute_load(Machine *m, const int64_t *ops) noexcept nogil:
@@ -578,6 +619,7 @@ cdef void _execute_load(Machine *m, const int64_t *ops) noexcept nogil:
 
 cdef void _execute_mvm(Machine *m, const int64_t *ops) noexcept nogil:
     cdef int64_t xb = ops[MVM_XB]
+    _fold_if_stale(m, xb)
     if m.f32:
         _drive(<float *>m.chunks, <float *>m.weights[xb], <float *>m.held[xb], m, ops)
     else:
@@ -714,6 +756,146 @@ cdef void _execute_im2col(Machine *m, const int64_t *ops) noexcept nogil:
                         d += C
 
 
+# ----------------------------------------------------------- bit-serial groups
+
+cdef void _add_columns(int64_t *d, const uint8_t *pos, const uint8_t *neg, Py_ssize_t cs,
+                       int64_t n, int64_t shift, bint subtract, bint bcast) noexcept nogil:
+    """d[j] += (or -=) (pos - neg) << shift of n cells ``cs`` bytes apart (the same
+    cell for all j where ``bcast``); ``neg`` NULL where the image is not differential."""
+    cdef int64_t j, v
+    if bcast:
+        v = _shl(<int64_t>pos[0] - (<int64_t>neg[0] if neg != NULL else 0), shift)
+        v = _sub(0, v) if subtract else v
+        for j in range(n):
+            d[j] = _add(d[j], v)
+    elif cs == 1 and neg != NULL:
+        for j in range(n):
+            v = _shl(<int64_t>(<int32_t>pos[j] - <int32_t>neg[j]), shift)
+            d[j] = _sub(d[j], v) if subtract else _add(d[j], v)
+    elif cs == 1:
+        for j in range(n):
+            v = _shl(<int64_t>pos[j], shift)
+            d[j] = _sub(d[j], v) if subtract else _add(d[j], v)
+    else:  # a broadcast or strided view
+        for j in range(n):
+            v = _shl(<int64_t>pos[j * cs] - (<int64_t>neg[j * cs] if neg != NULL else 0), shift)
+            d[j] = _sub(d[j], v) if subtract else _add(d[j], v)
+
+
+cdef int64_t _group_weights(Machine *m, const Group *g) noexcept nogil:
+    """The group's weights, ``[k, span]`` int64 into ``m.group_int``: per member and
+    shadd, the image columns it reads shifted by its shift, at its inputs' rows.
+    Returns the largest sum of |weights| of one column: with the most |input|, it
+    bounds every partial sum of the product."""
+    cdef int64_t span = g.span, i, t, r, j, v, most = 0
+    cdef int img, k
+    cdef Py_ssize_t rs, cs
+    cdef const int64_t *member
+    cdef const int64_t *term
+    cdef const uint8_t *cells
+    cdef int64_t *w = m.group_int
+    cdef int64_t *total = m.group_int + g.k * span  # per column: the sum of |weights|
+    cdef int64_t *row
+    memset(w, 0, g.k * span * sizeof(int64_t))
+    for i in range(g.nmembers):
+        member = m.pool + g.members + 4 * i
+        img = <int>member[0]
+        k, cells = m.in_rows[img], m.cells[img]
+        rs, cs = m.cell_strides[2 * img], m.cell_strides[2 * img + 1]
+        for t in range(member[2]):
+            term = m.pool + member[3] + 6 * t  # col, dst offset, ncols, neg, shift, bcast
+            for r in range(k):
+                _add_columns(w + (member[1] + r) * span + term[1], cells + r * rs + term[0] * cs,
+                             cells + (r + k) * rs + term[0] * cs if m.differential[img] else NULL,
+                             cs, term[2], term[4], term[3] != 0, term[5] != 0)
+    memset(total, 0, span * sizeof(int64_t))
+    for r in range(g.k):
+        row = w + r * span
+        for j in range(span):
+            v = row[j]
+            total[j] += v if v >= 0 else -v
+    for j in range(span):
+        most = _max(most, total[j])
+    return most
+
+
+cdef void _group_inputs(real *x, const int64_t *src, int64_t stride, int64_t rows,
+                        Machine *m, const Group *g) noexcept nogil:
+    """Each source value's chunks, shifted and summed, into the float plane [rows, k]."""
+    cdef int64_t k = g.k, r, j, i, v, c
+    cdef int64_t top = 64 - g.low_bits
+    cdef uint64_t low = ((<uint64_t>1) << g.low_bits) - 1 if g.low_bits else 0
+    cdef int64_t mask = ((<int64_t>1) << m.dac_bits) - 1
+    cdef int64_t sign = (<int64_t>1) << (m.dac_bits - 1)
+    cdef bint narrow = g.xmax < (<int64_t>1 << 31)  # int32 to float vectorizes
+    cdef const int64_t *row
+    cdef const int64_t *bit
+    cdef real *d
+    for r in range(rows):
+        row = src + r * stride
+        d = x + r * k
+        if g.low_bits and g.low_signed and narrow:
+            for j in range(k):
+                d[j] = <real>(<int32_t>(<int64_t>((<uint64_t>row[j]) << top) >> top))
+        elif g.low_bits and narrow:
+            for j in range(k):
+                d[j] = <real>(<int32_t>((<uint64_t>row[j]) & low))
+        else:
+            for j in range(k):
+                v = 0
+                for i in range(g.nbits):
+                    bit = m.pool + g.bits + 3 * i  # bit, signed, shift
+                    c = (row[j] >> bit[0]) & mask
+                    if bit[1]:
+                        c = (c ^ sign) - sign
+                    v = _add(v, _shl(c, bit[2]))
+                d[j] = <real>v
+
+
+cdef void _group_product(real *weights, real *inputs, real *sums, Machine *m,
+                         const Group *g) noexcept nogil:
+    """dst += inputs @ weights, in blocks of _GROUP_ROWS vectors (exact: see
+    ``_execute_group``)."""
+    cdef int64_t i, r, j, block, r0 = 0, rows = m.items * m.buf_rows[g.src]
+    cdef int64_t sw = m.buf_w[g.src], dw = m.buf_w[g.dst], span = g.span
+    cdef int64_t *d
+    cdef const real *s
+    for i in range(g.k * span):
+        weights[i] = <real>m.group_int[i]
+    while r0 < rows:
+        block = _GROUP_ROWS if r0 + _GROUP_ROWS <= rows else rows - r0
+        _group_inputs(inputs, m.buf[g.src] + r0 * sw + g.src_col, sw, block, m, g)
+        _column_sums(weights, <int>g.k, <int>span, inputs, sums, <int>block)
+        for r in range(block):
+            d = m.buf[g.dst] + (r0 + r) * dw + g.dmin
+            s = sums + r * span
+            for j in range(span):
+                # float32 sums are below 2**24: the int32 conversion vectorizes
+                d[j] = _add(d[j], <int32_t>s[j] if real is float else <int64_t>s[j])
+        r0 += block
+
+
+cdef bint _execute_group(Machine *m, const Group *g) noexcept nogil:
+    """Run a bit-serial group as one product; False (nothing done) where its float sums
+    might not be exact, and its instructions then run one by one.
+
+    Every partial sum of a product is at most (most |input|) x (largest column sum of
+    |weights|): below 2**24 float32 holds it exactly, below 2**53 float64 does. The
+    instructions add the same integers into dst, so the result is the same, wrapping
+    included (int64 addition is exact modulo 2**64 in any order).
+    """
+    cdef int64_t bound = _group_weights(m, g) * g.xmax  # the plan bounds this below 2**62
+    if bound < (<int64_t>1 << 24):
+        _group_product(<float *>m.group_weights, <float *>m.group_inputs,
+                       <float *>m.group_sums, m, g)
+    elif bound < (<int64_t>1 << 53):
+        _group_product(<double *>m.group_weights, <double *>m.group_inputs,
+                       <double *>m.group_sums, m, g)
+    else:
+        return False
+    return True
+
+
 cdef void _schedule_all(Machine *m, const int64_t *code, Py_ssize_t n,
                         Py_ssize_t width) noexcept nogil:
     cdef Py_ssize_t i
@@ -726,9 +908,19 @@ cdef void _schedule_all(Machine *m, const int64_t *code, Py_ssize_t n,
 
 cdef void _execute_tile(Machine *m, const int64_t *code, Py_ssize_t n,
                         Py_ssize_t width) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef Py_ssize_t i = 0
+    cdef int64_t g
+    while i < n:
+        g = m.group_at[i] if m.group_at != NULL else -1
+        if g >= 0 and _execute_group(m, &m.groups[g]):
+            # the progs within still say which image each crossbar holds
+            for i in range(i, m.groups[g].end):
+                if code[i * width] == PROG:
+                    _dispatch(m, PROG, code + i * width + 1)
+            i = m.groups[g].end
+            continue
         _dispatch(m, <int>code[i * width], code + i * width + 1)
+        i += 1
 
 
 cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
@@ -757,6 +949,224 @@ cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
 _INT64_LIMIT = 2**63
 
 
+#: Bounds that keep a group's int64 arithmetic (inputs, weights, their bound) exact.
+_GROUP_LIMIT = 2**62
+#: Most weights (inputs x destination columns) of one group: its scratch stays small.
+_GROUP_WEIGHTS = 1 << 20
+
+
+def bit_serial_groups(prepared):
+    """The bit-serial groups of a verified program, which the core runs as one product
+    each: ``(start, end, src, src_col, k, dst, dmin, span, bits, members)`` per group.
+
+    A step is an mvm of one DAC chunk, the adc of its column sums into a buffer and the
+    shadds of that buffer into one destination. A run of steps on one crossbar, image
+    and source that combine the columns alike, each shifted by a place of its own (its
+    chunk's) plus the same shifts beyond, adds ``chunks @ columns`` per step when the
+    ADC is lossless (a read returns the sums), which is linear: the run adds ``inputs @
+    weights``, each input the sum of its chunks shifted by their places and each weight
+    the sum of the image's columns shifted by the shifts beyond. What a run leaves in
+    the adc's buffer and the crossbar's column sums must be dead (overwritten before any
+    read), as the product does not compute them. Runs with the same source, chunks and
+    destination, one after the other (progs between them), add into one product: a
+    group. ``bits`` holds ``(bit, signed, place)`` per chunk, ``members`` ``(image,
+    input offset, terms)`` per run, ``terms`` ``(col, dst offset, ncols, neg, shift,
+    bcast)`` per shadd.
+    """
+    arch = prepared.arch
+    if arch.adc_bits:  # a finite ADC rounds and saturates each read: not linear
+        return []
+    code = prepared.code.tolist()
+    accesses = _Accesses(code)
+    runs, image_on, i = [], {}, 0
+    while i < len(code):
+        op, *ops = code[i]
+        if op == PROG:
+            image_on[ops[PROG_XB]] = ops[PROG_IMAGE]
+        elif op == MVM and ops[MVM_XB] in image_on:
+            run = _match_run(prepared, code, accesses, i, image_on[ops[MVM_XB]])
+            if run is not None:
+                runs.append(run)
+                i = run[1]
+                continue
+        i += 1
+    return _merge_runs(prepared, code, runs)
+
+
+def _match_run(prepared, code, accesses, start, image):
+    """``(start, end, image, src, src_col, dst, dmin, span, bits, terms)`` of the run
+    that starts with the mvm at ``start``, or None."""
+    xb, src, src_col = (code[start][1 + f] for f in (MVM_XB, MVM_SRC, MVM_SRC_COL))
+    read, pattern, bits, i = None, None, [], start
+    while i + 1 < len(code):
+        mvm, adc = code[i], code[i + 1]
+        if mvm[0] != MVM or (mvm[1 + MVM_XB], mvm[1 + MVM_SRC], mvm[1 + MVM_SRC_COL]) != (
+            xb, src, src_col
+        ):
+            break
+        if adc[0] != ADC or adc[1 + ADC_XB] != xb:
+            break
+        key = tuple(adc[1 + f] for f in (ADC_DST, ADC_DST_COL, ADC_COL, ADC_NCOLS))
+        if read not in (None, key):
+            break
+        read = key
+        terms, j = _shadds(code, i + 2, key)
+        if not terms:
+            break
+        place = min(t[5] for t in terms)
+        step = sorted(t[:5] + (t[5] - place,) + t[6:] for t in terms)
+        if pattern not in (None, step):
+            break
+        pattern = step
+        bits.append((mvm[1 + MVM_BIT], mvm[1 + MVM_SIGNED], place))
+        i = j
+    if not bits:
+        return None
+    tmp = read[0]
+    dsts = {t[0] for t in pattern}
+    if len(dsts) != 1:
+        return None
+    dst = dsts.pop()
+    rows = prepared.buffer_rows
+    if len({src, tmp, dst}) < 3 or len({rows[src], rows[tmp], rows[dst]}) != 1:
+        return None
+    if not _dead_after(code, accesses, i, xb, read):
+        return None
+    # the common factor of the places moves into the shifts: runs of other slices match
+    low = min(place for _, _, place in bits)
+    bits = tuple((bit, signed, place - low) for bit, signed, place in bits)
+    dmin = min(t[1] for t in pattern)
+    span = max(t[1] + t[3] for t in pattern) - dmin
+    # (col, dst column, ncols, neg, shift, bcast), the col in the image
+    terms = [(read[2] + sc - read[1], dc, n, neg, sh + low, bc)
+             for _, dc, sc, n, neg, sh, bc in pattern]
+    return (start, i, image, src, src_col, dst, dmin, span, bits, terms)
+
+
+def _shadds(code, i, read):
+    """The shadds from ``i`` that read the adc's columns ``read``: ``(dst, dst_col,
+    src_col, ncols, neg, shift, bcast)`` each, and the index after them."""
+    tmp, tmp_col, _, ncols = read
+    terms = []
+    while i < len(code) and code[i][0] == SHADD and code[i][1 + SHADD_SRC] == tmp:
+        dst, dc, _, sc, n, sh, neg, bc = code[i][1:9]
+        if not (tmp_col <= sc and sc + (1 if bc else n) <= tmp_col + ncols):
+            return [], i
+        terms.append((dst, dc, sc, n, neg, sh, bc))
+        i += 1
+    return terms, i
+
+
+class _Accesses:
+    """Per buffer, the instructions that read or write it; per crossbar, its mvms and
+    adcs: in code order, for finding the next access after a point."""
+
+    def __init__(self, code):
+        self.buffers, self.sums = {}, {}
+        for n, row in enumerate(code):
+            spec = isa.BY_OPCODE[row[0]]  # field_index counts the opcode's column
+            for b in {row[spec.field_index(f)] for f in spec.reads + spec.writes}:
+                self.buffers.setdefault(b, []).append(n)
+            if row[0] in (MVM, ADC):
+                self.sums.setdefault(row[1 + (MVM_XB if row[0] == MVM else ADC_XB)], []).append(n)
+
+    @staticmethod
+    def next(at, i):
+        """The first index of ``at`` from ``i`` on, or None."""
+        j = bisect_left(at, i)
+        return at[j] if j < len(at) else None
+
+
+def _dead_after(code, accesses, i, xb, read):
+    """Whether nothing from ``i`` on reads the crossbar's column sums or the adc's
+    columns ``read`` before they are overwritten."""
+    tmp, tmp_col, _, ncols = read
+    n = accesses.next(accesses.sums.get(xb, []), i)
+    if n is not None and code[n][0] == ADC:  # reads the sums an mvm of the run left
+        return False
+    n = accesses.next(accesses.buffers.get(tmp, []), i)
+    if n is None:
+        return True
+    row = code[n]
+    op, spec = row[0], isa.BY_OPCODE[row[0]]  # field_index counts the opcode's column
+    if any(row[spec.field_index(f)] == tmp for f in spec.reads):
+        return False
+    if op == IM2COL:  # overwrites all of its destination
+        return True
+    if op in (ADC, REQ, LOAD):  # overwrite every row of their columns
+        first = row[spec.field_index("dst_col")]
+        return first <= tmp_col and tmp_col + ncols <= first + row[spec.field_index("ncols")]
+    return False  # shadd and acc add to what is there
+
+
+def _merge_runs(prepared, code, runs):
+    """Consecutive runs (progs between them) with one source, chunks and destination,
+    as groups whose weights stay below _GROUP_WEIGHTS and whose bounds within int64."""
+    groups, current = [], None
+    for run in runs:
+        start, end, image, src, src_col, dst, dmin, span, bits, terms = run
+        k = prepared.images[image].in_rows
+        if current is not None:
+            lo, hi = min(current[1], src_col), max(current[1] + current[2], src_col + k)
+            first, last = min(current[3], dmin), max(current[3] + current[4], dmin + span)
+            joins = (
+                (src, dst, bits) == current[5]
+                and all(code[j][0] == PROG for j in range(current[7], start))
+                and (hi - lo) * (last - first) <= _GROUP_WEIGHTS
+                and _bounded(prepared, bits, current[6] + [(image, src_col, terms)])
+            )
+            if joins:
+                current[1:5] = [lo, hi - lo, first, last - first]
+                current[6].append((image, src_col, terms))
+                current[7] = end
+                continue
+            groups.append(_group(current))
+            current = None
+        if _bounded(prepared, bits, [(image, src_col, terms)]):
+            current = [start, src_col, k, dmin, span, (src, dst, bits),
+                       [(image, src_col, terms)], end]
+    if current is not None:
+        groups.append(_group(current))
+    return groups
+
+
+def _group(current):
+    start, src_col, k, dmin, span, (src, dst, bits), members, end = current
+    members = [
+        (image, col - src_col, [(c, dc - dmin, n, neg, sh, bc) for c, dc, n, neg, sh, bc in terms])
+        for image, col, terms in members
+    ]
+    return (start, end, src, src_col, k, dst, dmin, span, bits, members)
+
+
+def _bounded(prepared, bits, members):
+    """Whether a group's inputs, weights and their bound stay within int64."""
+    cell = (1 << prepared.arch.cell_bits) - 1
+    total = 0
+    for image, _, terms in members:
+        if max(t[4] for t in terms) >= 62:
+            return False
+        img = prepared.images[image]
+        total += img.in_rows * sum(cell << t[4] for t in terms) * (1 + img.differential_rows)
+    return _input_bound(prepared.arch, bits) * total < _GROUP_LIMIT
+
+
+def _input_bound(arch, bits):
+    """The most |input| of a group: each chunk at its most, shifted by its place."""
+    chunk = 1 << arch.dac_bits
+    return sum((chunk // 2 if signed else chunk - 1) << place for _, signed, place in bits)
+
+
+def _low_bits(arch, bits):
+    """``(n, signed)`` where the chunks rebuild each value's low n bits (plain, or
+    sign-extended where the top chunk is signed), else ``(0, False)``."""
+    for i, (bit, signed, place) in enumerate(bits):
+        if bit != i * arch.dac_bits or place != bit or (signed and i != len(bits) - 1):
+            return 0, False
+    n = len(bits) * arch.dac_bits
+    return (n, bool(bits[len(bits) - 1][1])) if n < 63 else (0, False)
+
+
 cdef inline void *_data(a):
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
@@ -783,6 +1193,12 @@ cdef class _Plan:
     cdef object mvm_rows  # most rows per item an mvm drives (the held sums' height)
     cdef object max_rows  # most rows per item of any buffer
     cdef object bound  # every count and time is at most batch * bound
+    cdef Group *groups
+    cdef object group_at  # int64 per instruction: the group starting there, else -1
+    cdef object pool  # int64 bits and terms of the groups
+    cdef object group_k  # most inputs of a group (0: no groups)
+    cdef object group_span  # most destination columns of a group
+    cdef object group_weights  # most weights (k x span) of a group
 
     def __cinit__(self, prepared):
         arch = prepared.arch
@@ -853,6 +1269,39 @@ cdef class _Plan:
                 most = int((rows[at] * times).sum())
                 counted[count.counter] += most * arch.rows * arch.cols if count.per_cell else most
         self.bound = max(total_ps, int(rows.sum()), *counted.values())
+        self._plan_groups(prepared)
+
+    def _plan_groups(self, prepared):
+        """The bit-serial groups' C table (see ``bit_serial_groups``)."""
+        cdef Group *g
+        found = bit_serial_groups(prepared)
+        self.group_k = max((g[4] for g in found), default=0)
+        self.group_span = max((g[7] for g in found), default=0)
+        self.group_weights = max((g[4] * g[7] for g in found), default=0)
+        if not found:
+            return
+        self.groups = <Group *>calloc(len(found), sizeof(Group))
+        if self.groups == NULL:
+            raise MemoryError()
+        at = np.full(len(prepared.code), -1, dtype=np.int64)
+        pool = []
+        for n, (start, end, src, src_col, k, dst, dmin, span, bits, members) in enumerate(found):
+            at[start] = n
+            g = &self.groups[n]
+            g.start, g.end, g.src, g.src_col, g.k, g.dst = start, end, src, src_col, k, dst
+            g.dmin, g.span = dmin, span
+            g.xmax = _input_bound(prepared.arch, bits)
+            g.low_bits, g.low_signed = _low_bits(prepared.arch, bits)
+            g.nbits, g.bits = len(bits), len(pool)
+            pool += [v for step in bits for v in step]
+            table = []  # (image, input offset, nterms, terms at) per member
+            for image, offset, terms in members:
+                table += [image, offset, len(terms), len(pool)]
+                pool += [v for term in terms for v in term]
+            g.nmembers, g.members = len(members), len(pool)
+            pool += table
+        self.group_at = at
+        self.pool = np.array(pool or [0], dtype=np.int64)
 
     def __dealloc__(self):
         free(self.cells)
@@ -863,6 +1312,7 @@ cdef class _Plan:
         free(self.img_cols)
         free(self.consts)
         free(self.const_w)
+        free(self.groups)
 
 
 cdef _Plan _plan_for(prepared):
@@ -915,7 +1365,21 @@ def memory_bytes(prepared, batch, functional):
     total += 8 * max(tile * sum(per_item), 1)
     total += size * max(len(plan.sums_xbs), 1) * vectors * plan.max_cols
     total += size * vectors * plan.max_in_rows
+    total += _group_scratch_bytes(plan, tile)
     return total + 8 * max(prepared.buffers, default=1)
+
+
+def _group_rows(_Plan plan, tile):
+    """Vectors per product of a bit-serial group: at most _GROUP_ROWS, or the tile's."""
+    return min(_GROUP_ROWS, tile * plan.max_rows)
+
+
+def _group_scratch_bytes(_Plan plan, tile):
+    """Bytes of the groups' scratch (int64 and float64 weights, inputs and sums)."""
+    if not plan.group_k:
+        return 0
+    rows = _group_rows(plan, tile)
+    return 8 * (2 * plan.group_weights + plan.group_span + rows * (plan.group_k + plan.group_span))
 
 
 def run(prepared, arrays, batch, functional):
@@ -994,6 +1458,19 @@ def run(prepared, arrays, batch, functional):
             m.chunks = _data(chunks)
             row = np.empty(max(widths, default=1), dtype=np.int64)
             m.row = <int64_t *>_data(row)
+            if plan.group_k:  # float64 sized: a group takes float32 or float64
+                group_rows = _group_rows(plan, tile)
+                group_int = np.empty(plan.group_weights + plan.group_span, dtype=np.int64)
+                group_weights = np.empty(plan.group_weights, dtype=np.float64)
+                group_inputs = np.empty(group_rows * plan.group_k, dtype=np.float64)
+                group_sums = np.empty(group_rows * plan.group_span, dtype=np.float64)
+                m.groups = plan.groups
+                m.group_at = <int64_t *>_data(plan.group_at)
+                m.pool = <int64_t *>_data(plan.pool)
+                m.group_int = <int64_t *>_data(group_int)
+                m.group_weights = _data(group_weights)
+                m.group_inputs = _data(group_inputs)
+                m.group_sums = _data(group_sums)
             _blas_threads.hold()
             try:
                 with nogil:

@@ -62,7 +62,7 @@ def test_a_region_the_reader_refuses_runs_on_the_cpu_with_its_reason(rng):
 def test_a_bug_while_lowering_names_the_operators(rng, monkeypatch):
     import tvm_cim.compiler.plan as plan_module
 
-    def broken(region, arch):
+    def broken(region, arch, copies=None):
         raise IndexError("list index out of range")
 
     monkeypatch.setattr(plan_module, "lower_region", broken)

@@ -328,3 +328,39 @@ def test_latencies_beyond_int64():
     program = lower_matmul(rng.integers(-8, 8, (12, 3)), w_bits=4, a_bits=4, arch=arch)
     core = assert_parity(program, {"x": rng.integers(0, 16, (6, 12))})
     assert core.stats.latency_ps > 1 << 63
+
+
+@pytest.mark.parametrize("mapping", ["offset", "differential-column", "differential-row"])
+def test_bit_serial_groups(mapping):
+    """With a lossless ADC the core runs each crossbar's chunk steps as one product; the
+    adc's buffer read after a run keeps that run out of any group."""
+    rng = np.random.default_rng(len(mapping) + 3)
+    arch = timed_arch(rows=10, cols=9, cell_bits=2, dac_bits=1, mapping=mapping)
+    weight = rng.integers(-8, 8, (23, 11))
+    program = lower_matmul(weight, w_bits=4, a_bits=5, arch=arch, signed_input=True)
+    groups = _core.bit_serial_groups(Simulator().prepare(program))
+    assert groups and all(g[9] for g in groups)
+    x = rng.integers(-16, 16, (6, 23))
+    core = assert_parity(program, {"x": x})
+    assert np.array_equal(core.outputs["y"], x @ weight)
+    # the adc's last read, stored: no run may leave it out
+    b = ProgramBuilder(arch, "read-after")
+    xs_in = b.input(TensorDesc("x", 4, "uint8", 3, False))
+    xs, read, acc = b.buffer(4), b.buffer(5), b.buffer(5)
+    image = b.image(rng.integers(0, 4, (4, 5)))
+    b.emit("load", dst=xs, dst_col=0, tensor=xs_in, src_col=0, ncols=4)
+    b.emit("prog", xb=0, image=image)
+    for bit in range(3):
+        b.emit("mvm", xb=0, src=xs, src_col=0, bit=bit, signed=0)
+        b.emit("adc", dst=read, dst_col=0, xb=0, col=0, ncols=5, signed=0)
+        b.emit("shadd", dst=acc, dst_col=0, src=read, src_col=0, ncols=5, shift=bit)
+    y, z = (
+        b.output(TensorDesc("y", 5, "int64", 64, True)),
+        b.output(TensorDesc("z", 5, "int64", 64, True)),
+    )
+    b.emit("store", tensor=y, dst_col=0, src=acc, src_col=0, ncols=5)
+    b.emit("store", tensor=z, dst_col=0, src=read, src_col=0, ncols=5)
+    b.emit("halt")
+    program = b.build()
+    assert not _core.bit_serial_groups(Simulator().prepare(program))
+    assert_parity(program, {"x": rng.integers(0, 8, (3, 4))})
