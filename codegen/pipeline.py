@@ -131,8 +131,11 @@ def stream_program(
     b.emit("halt")
     labels.append(LOAD)
     stream = b.build()
-    stream.attrs = {"region": program.attrs.get("region"), "images": images}
-    stream.attrs["stationary"] = stationary
+    stream.attrs = {
+        "region": program.attrs.get("region"),
+        "images": images,
+        "stationary": stationary,
+    }
     return stream, labels
 
 

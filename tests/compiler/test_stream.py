@@ -152,3 +152,16 @@ def test_bad_streams(rng):
         stream_program(program, 0)
     with pytest.raises(CimError, match="labels for a program"):
         finish_times(program, [0])
+
+
+def test_a_stream_needs_offloaded_operators():
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((1, 4), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.relu(x))
+        bb.emit_func_output(y)
+    with pytest.raises(CimError, match="no operator the crossbars can run"):
+        stream_figures(plan_for_cim(bb.get()))

@@ -22,6 +22,7 @@ import math
 from tvm_cim.codegen.matmul import input_steps
 from tvm_cim.codegen.pipeline import LOAD, stages, stream_program
 from tvm_cim.codegen.replicate import StageShape, stationary_copies
+from tvm_cim.core.errors import CimError
 from tvm_cim.sim.program import Program
 from tvm_cim.sim.timing import finish_times
 
@@ -42,6 +43,8 @@ def stream_figures(plan, bits=None) -> dict:
         images in the steady state), ``throughput_per_s``, ``writes_per_image`` and
         ``energy_per_image_nj`` (None without energy figures).
     """
+    if not plan.regions:
+        raise CimError("the model has no operator the crossbars can run")
     bits = plan.bits if bits is None else bits
     convs = [op.name for op in plan.operators if op.conv is not None]
     layers = _stage_shapes(plan, plan.programs(None, bits, dict.fromkeys(convs, 1)))
