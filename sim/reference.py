@@ -118,7 +118,7 @@ def im2col_index(params: tuple[int, ...], oh0: int = 0, window: int | None = Non
     out_rows = oh0 + np.arange(oh)
     rows = out_rows[:, None, None, None] * sh - pt + np.arange(kh)[None, None, :, None] * dh
     cols = np.arange(ow)[None, :, None, None] * sw - pl + np.arange(kw)[None, None, None, :] * dw
-    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [OH, OW, KH, KW]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [window rows, OW, KH, KW]
     pixel = np.where(inside, rows * w + cols, h * w)
     return (pixel[..., None] * c + np.arange(c)).reshape(oh * ow, kh * kw * c)
 
