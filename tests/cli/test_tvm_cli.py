@@ -244,7 +244,7 @@ def test_inspect_lists_operators_the_compiler_failed_on(files, capsys, monkeypat
 def test_compile_exits_3_naming_the_nodes_for_a_compiler_bug(files, capsys, monkeypatch, tmp_path):
     import tvm_cim.compiler.plan as plan_module
 
-    def broken(region, arch):
+    def broken(region, arch, copies=None):
         raise IndexError("list index out of range")
 
     monkeypatch.setattr(plan_module, "lower_region", broken)
