@@ -33,10 +33,16 @@ def layer_time_ps(
     """Crossbar time of a layer whose ``tiles`` are copied ``replicas`` times, each copy
     taking ``ceil(out_rows / replicas)`` output rows of ``row_vectors`` vectors (the
     output row's pixels times the batch)."""
-    ps = arch.latency_ps()
     per_crossbar = -(-replicas * tiles // arch.crossbars)
-    window = -(-out_rows // replicas) * row_vectors
-    return per_crossbar * (ps["write"] + steps * window * (ps["mvm"] + ps["adc"]))
+    drive = window_time_ps(out_rows, replicas, row_vectors, steps, arch)
+    return per_crossbar * (arch.latency_ps()["write"] + drive)
+
+
+def window_time_ps(out_rows: int, copies: int, row_vectors: int, steps: int, arch: CimArch) -> int:
+    """The bit-serial steps of one copy over its ``ceil(out_rows / copies)`` output rows of
+    ``row_vectors`` vectors."""
+    ps = arch.latency_ps()
+    return steps * -(-out_rows // copies) * row_vectors * (ps["mvm"] + ps["adc"])
 
 
 def replication(tiles: int, out_rows: int, row_vectors: int, steps: int, arch: CimArch) -> int:
@@ -77,9 +83,7 @@ class StageShape:
 def stage_time_ps(layer: StageShape, copies: int, arch: CimArch) -> int:
     """Crossbar time of one image in a layer whose ``copies`` x tiles each have a crossbar
     of their own and stay written: the bit-serial steps over one copy's window."""
-    ps = arch.latency_ps()
-    window = -(-layer.out_rows // copies) * layer.row_vectors
-    return layer.steps * window * (ps["mvm"] + ps["adc"])
+    return window_time_ps(layer.out_rows, copies, layer.row_vectors, layer.steps, arch)
 
 
 def stationary_copies(layers: list[StageShape], arch: CimArch) -> dict[str, int] | None:

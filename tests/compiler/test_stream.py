@@ -31,11 +31,11 @@ def cnn_plan(rng, crossbars: int):
     return plan_for_cim(models.float_cnn(rng, batch=1), arch=arch, precision=PRECISION)
 
 
-def random_inputs(program, rng, suffix=""):
+def random_inputs(program, rng):
     inputs = {}
     for t in program.inputs:
         lo, hi = quant_range(t.bits, t.signed)
-        inputs[t.name + suffix] = rng.integers(lo, hi + 1, (t.rows, t.width))
+        inputs[t.name] = rng.integers(lo, hi + 1, (t.rows, t.width))
     return inputs
 
 

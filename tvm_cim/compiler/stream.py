@@ -8,7 +8,8 @@ rewriting its tiles for every image.
 
 Each region program is turned into a stream program (``codegen.pipeline``), whose layers
 work on successive images at once, and scheduled by the simulator's cost model
-(``sim.estimate_spans``; the simulator runs the same program to the same figures). Regions
+(``sim.timing.finish_times``: when each image is done; the simulator runs the same program
+to the same counts and makespan). Regions
 are separated by operators on the CPU, which are not timed (as everywhere in the report).
 With stationary weights every region has crossbars of its own, so the regions are the
 stages of a pipeline and the slowest one sets the interval between images; otherwise the
