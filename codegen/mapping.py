@@ -1,17 +1,10 @@
-"""Signed integer weights onto unsigned multi-bit cells: bit slicing and sign mapping.
+"""Compile-time weights onto crossbar cells: the codegen's view of ``tvm_cim.core.cells``.
 
 A ``[K, N]`` weight matrix becomes a *logical* cell matrix of ``K`` (or ``2K``) rows and
-``L`` columns, before tiling onto physical crossbars. Its columns come in contiguous
-blocks of ``N`` (one column per output), each block standing for one weight slice of
-one polarity; the shift-add recombines them. The three mappings (CIM-AQ's names):
-
-* ``differential-column``: ``W = W+ - W-``; every slice of ``W+`` and of ``W-`` gets
-  its own block, so ``L = 2 * slices * N``.
-* ``offset``: cells hold ``W + 2**(w_bits-1)`` (unsigned); one extra all-ones column
-  measures the input sum, and ``offset * sum(x)`` is subtracted. ``L = slices * N + 1``.
-* ``differential-row``: ``W+`` in the top ``K`` rows, ``W-`` in the bottom ``K`` rows,
-  driven with opposite polarity, so each column reads a signed difference.
-  ``L = slices * N`` and the crossbar rows hold half as many inputs.
+``L`` columns, before tiling onto physical crossbars; ``tvm_cim.core.cells`` defines the
+slicing and the three sign mappings (differential-column, offset, differential-row),
+which the simulator shares for operands it writes into crossbars at run time. This
+module applies them to an arch's weights and adds the placeholders of cost-only lowering.
 """
 
 from __future__ import annotations
@@ -20,16 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tvm_cim.core import cells
 from tvm_cim.core.arch import CimArch
+from tvm_cim.core.cells import ColumnBlock
 
-
-@dataclass(frozen=True)
-class ColumnBlock:
-    """``N`` logical columns starting at ``col0`` holding one slice of one polarity."""
-
-    col0: int
-    shift: int  # significance of the slice, in bits
-    negative: bool  # subtract this block
+__all__ = [
+    "ColumnBlock",
+    "WeightMapping",
+    "cell_layout",
+    "is_placeholder",
+    "logical_shape",
+    "map_weights",
+    "placeholder_mapping",
+    "placeholder_weight",
+    "weight_slices",
+]
 
 
 @dataclass
@@ -55,41 +53,25 @@ class WeightMapping:
 
 def weight_slices(w_bits: int, cell_bits: int) -> int:
     """Cells per weight: ``ceil(w_bits / cell_bits)``."""
-    return -(-w_bits // cell_bits)
+    return cells.slices(w_bits, cell_bits)
 
 
-def _slice(values: np.ndarray, slices: int, cell_bits: int) -> list[np.ndarray]:
-    mask = (1 << cell_bits) - 1
-    return [((values >> (s * cell_bits)) & mask).astype(np.uint8) for s in range(slices)]
+def cell_layout(n: int, bits: int, arch: CimArch) -> cells.CellLayout:
+    """The column layout of ``n`` outputs of signed ``bits``-wide values on ``arch``."""
+    return cells.layout(n, bits, arch.cell_bits, arch.mapping)
+
+
+def _mapping(positive, negative, layout: cells.CellLayout) -> WeightMapping:
+    return WeightMapping(
+        positive, negative, layout.outputs, list(layout.blocks), layout.ones_col, layout.offset
+    )
 
 
 def map_weights(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping:
     """Slice and sign-map ``weight`` (``[K, N]`` ints within signed ``w_bits``)."""
-    weight = np.asarray(weight, dtype=np.int16)  # 8-bit weights plus their offset fit
-    n = weight.shape[1]
-    slices = weight_slices(w_bits, arch.cell_bits)
-    cb = arch.cell_bits
-    if arch.mapping == "offset":
-        offset = 1 << (w_bits - 1)
-        parts = _slice(weight + offset, slices, cb)
-        ones = np.ones((weight.shape[0], 1), dtype=np.uint8)
-        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
-        return WeightMapping(
-            np.hstack([*parts, ones]), None, n, blocks, ones_col=slices * n, offset=offset
-        )
-    pos = _slice(np.maximum(weight, 0), slices, cb)
-    neg = _slice(np.maximum(-weight, 0), slices, cb)
-    if arch.mapping == "differential-row":
-        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
-        return WeightMapping(np.hstack(pos), np.hstack(neg), n, blocks)
-    # differential-column: slice-major, then polarity
-    blocks = []
-    cells = []
-    for s in range(slices):
-        for negative, part in ((False, pos[s]), (True, neg[s])):
-            blocks.append(ColumnBlock(len(cells) * n, s * cb, negative))
-            cells.append(part)
-    return WeightMapping(np.hstack(cells), None, n, blocks)
+    weight = np.asarray(weight)
+    positive, negative = cells.map_cells(weight, w_bits, arch.cell_bits, arch.mapping)
+    return _mapping(positive, negative, cell_layout(weight.shape[1], w_bits, arch))
 
 
 def is_placeholder(weight: np.ndarray) -> bool:
@@ -104,29 +86,11 @@ def placeholder_weight(k: int, n: int) -> np.ndarray:
 
 def placeholder_mapping(k: int, n: int, w_bits: int, arch: CimArch) -> WeightMapping:
     """The mapping of a ``[k, n]`` weight with the right shapes and no cell values."""
-    slices = weight_slices(w_bits, arch.cell_bits)
-    cb = arch.cell_bits
-    if arch.mapping == "offset":
-        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
-        cells = np.broadcast_to(np.uint8(0), (k, slices * n + 1))
-        return WeightMapping(cells, None, n, blocks, ones_col=slices * n, offset=1 << (w_bits - 1))
-    if arch.mapping == "differential-row":
-        blocks = [ColumnBlock(s * n, s * cb, False) for s in range(slices)]
-        cells = np.broadcast_to(np.uint8(0), (k, slices * n))
-        return WeightMapping(cells, cells, n, blocks)
-    blocks = [
-        ColumnBlock((2 * s + int(neg)) * n, s * cb, neg)
-        for s in range(slices)
-        for neg in (False, True)
-    ]
-    return WeightMapping(np.broadcast_to(np.uint8(0), (k, 2 * slices * n)), None, n, blocks)
+    layout = cell_layout(n, w_bits, arch)
+    zeros = np.broadcast_to(np.uint8(0), (k, layout.logical_cols))
+    return _mapping(zeros, zeros if layout.differential_rows else None, layout)
 
 
 def logical_shape(k: int, n: int, w_bits: int, arch: CimArch) -> tuple[int, int]:
     """Physical rows and logical columns a ``[k, n]`` weight takes under ``arch``'s mapping."""
-    cols = n * weight_slices(w_bits, arch.cell_bits)
-    if arch.mapping == "offset":
-        return k, cols + 1
-    if arch.mapping == "differential-row":
-        return 2 * k, cols
-    return k, 2 * cols
+    return cells.logical_shape(k, n, w_bits, arch.cell_bits, arch.mapping)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from tvm_cim.core.arch import CimArch
+from tvm_cim.core.cells import CellLayout
 from tvm_cim.core.errors import CimError
 from tvm_cim.core.quant import MAX_SHIFT, Requantize, quant_range, rounding_right_shift
 
@@ -58,9 +59,36 @@ def adc_setting(folded: np.ndarray, dac_bits: int, signed_chunk: bool, adc_bits:
     f = folded.astype(np.int64)
     hi = int(np.maximum(f * lo_in, f * hi_in).sum(axis=0).max())
     lo = int(np.minimum(f * lo_in, f * hi_in).sum(axis=0).min())
+    return _read_setting(lo, hi, adc_bits)
+
+
+def adc_setting_bounds(
+    cell_lo: np.ndarray,
+    cell_hi: np.ndarray,
+    inputs: int,
+    dac_bits: int,
+    signed_chunk: bool,
+    adc_bits: int | None,
+):
+    """``(shift, signed)`` for reading columns whose cells are unknown until run time
+    without saturating, whatever they hold.
+
+    Each of the ``inputs`` rows of a column contributes a cell (folded: minus its
+    negative row's) between ``cell_lo`` and ``cell_hi`` (per column) times a DAC chunk:
+    the column sums lie within ``inputs`` times the extremes of those products.
+    """
+    lo_in, hi_in = _chunk_range(dac_bits, signed_chunk)
+    ends = [np.asarray(c, dtype=np.int64) * x for c in (cell_lo, cell_hi) for x in (lo_in, hi_in)]
+    hi = inputs * int(np.max(np.maximum.reduce(ends)))
+    lo = inputs * int(np.min(np.minimum.reduce(ends)))
+    if adc_bits is None:  # only the sign of the code range matters
+        return 0, lo < 0
+    return _read_setting(lo, hi, adc_bits)
+
+
+def _read_setting(lo: int, hi: int, adc_bits: int) -> tuple[int, bool]:
+    """The smallest ADC step (``2**shift``) whose code range holds ``lo .. hi``."""
     signed = lo < 0
-    if adc_bits is None:
-        return 0, signed
     qmin, qmax = quant_range(adc_bits, signed)
     for shift in range(MAX_SHIFT + 1):
         if (
@@ -286,6 +314,95 @@ class Lanes:
         self.groups = {}
 
 
+def tile_cuts(
+    k: int, logical_cols: int, differential_rows: bool, arch: CimArch
+) -> tuple[list[tuple[tuple[int, int], tuple[int, int]]], int]:
+    """The crossbar tiles of a logical cell matrix of ``k`` inputs and ``logical_cols``
+    columns: ``((r0, r1), (c0, c1))`` each (ends excluded), input rows by logical
+    columns, row-major; and the widest tile's columns."""
+    rows_per_tile = arch.rows // 2 if differential_rows else arch.rows
+    row_tiles = [(r, min(r + rows_per_tile, k)) for r in range(0, k, rows_per_tile)]
+    col_tiles = [(c, min(c + arch.cols, logical_cols)) for c in range(0, logical_cols, arch.cols)]
+    return [(r, c) for r in row_tiles for c in col_tiles], max(c1 - c0 for c0, c1 in col_tiles)
+
+
+def emit_steps(
+    lanes: Lanes,
+    arch: CimArch,
+    layout: WeightMapping | CellLayout,
+    *,
+    xb: int,
+    colbuf: int,
+    acc: int,
+    xbuf: int,
+    x_col: int,
+    cols: tuple[int, int],
+    out_col: int,
+    a_bits: int,
+    signed_input: bool,
+    adc: dict[bool, tuple[int, int]],
+) -> None:
+    """The bit-serial input steps of one tile written on crossbar ``xb``.
+
+    Per step (one lane group each): an mvm of the inputs at ``xbuf`` columns ``x_col ..``,
+    the adc of the tile's logical columns ``cols = (c0, c1)`` into ``colbuf``, and the
+    shift-adds that recombine them into accumulator ``acc`` columns ``out_col ..``: each
+    slice block's part in the tile at its significance and polarity, and the offset
+    mapping's ones column, times the offset, subtracted from every output.
+
+    ``layout`` says what the columns mean (``blocks``, ``outputs``, ``ones_col``,
+    ``offset``: a ``WeightMapping`` or a ``tvm_cim.core.cells.CellLayout``); ``adc`` maps
+    "the chunk is signed" to the tile's ``(shift, signed)`` ADC setting.
+    """
+    c0, c1 = cols
+    steps = input_steps(a_bits, arch.dac_bits)
+    for step in range(steps):
+        signed = signed_input and step == steps - 1
+        bit = step * arch.dac_bits
+        shift, adc_signed = adc[signed]
+        group = [
+            ("mvm", {"xb": xb, "src": xbuf, "src_col": x_col, "bit": bit, "signed": int(signed)}),
+            (
+                "adc",
+                {
+                    "dst": colbuf,
+                    "dst_col": 0,
+                    "xb": xb,
+                    "col": 0,
+                    "ncols": c1 - c0,
+                    "shift": shift,
+                    "signed": int(adc_signed),
+                },
+            ),
+        ]
+        for block in layout.blocks:  # the parts of each slice block inside this tile
+            lo, hi = max(block.col0, c0), min(block.col0 + layout.outputs, c1)
+            if lo < hi:
+                shadd = {
+                    "dst": acc,
+                    "dst_col": out_col + lo - block.col0,
+                    "src": colbuf,
+                    "src_col": lo - c0,
+                    "ncols": hi - lo,
+                    "shift": bit + block.shift,
+                    "neg": int(block.negative),
+                }
+                group.append(("shadd", shadd))
+        if layout.ones_col is not None and c0 <= layout.ones_col < c1:
+            offset = {
+                "dst": acc,
+                "dst_col": out_col,
+                "src": colbuf,
+                "src_col": layout.ones_col - c0,
+                "ncols": layout.outputs,
+                "shift": bit + layout.offset.bit_length() - 1,  # the offset is a power of 2
+                "neg": 1,
+                "bcast": 1,
+            }
+            group.append(("shadd", offset))
+        lanes.add(xb, group)
+
+
 class TiledMatmul:
     """One weight mapping cut into crossbar tiles: input rows by logical columns."""
 
@@ -296,13 +413,11 @@ class TiledMatmul:
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.signed_input = signed_input
-        k = mapping.positive.shape[0]
-        self.rows_per_tile = self.arch.rows // 2 if mapping.negative is not None else self.arch.rows
-        row_tiles = [(r, min(r + self.rows_per_tile, k)) for r in range(0, k, self.rows_per_tile)]
-        lc = mapping.logical_cols
-        col_tiles = [(c, min(c + self.arch.cols, lc)) for c in range(0, lc, self.arch.cols)]
-        self.tiles = [(r, c) for r in row_tiles for c in col_tiles]
-        self.tile_width = max(c1 - c0 for c0, c1 in col_tiles)
+        differential = mapping.negative is not None
+        self.rows_per_tile = self.arch.rows // 2 if differential else self.arch.rows
+        self.tiles, self.tile_width = tile_cuts(
+            mapping.positive.shape[0], mapping.logical_cols, differential, self.arch
+        )
         self.images: dict[tuple, int] = {}  # (rows, cols) of a tile -> its image
 
     @property
@@ -334,56 +449,23 @@ class TiledMatmul:
         return self.images[rows, cols]
 
     def _tile(self, lanes, xb, colbuf, acc, rows, cols, xbuf, out_col) -> None:
-        b, m, arch = self.b, self.m, self.arch
-        r0, (c0, c1) = rows[0], cols
+        arch = self.arch
         image = self._image(rows, cols)
-        folded = b.images[image].folded()
+        folded = self.b.images[image].folded()
         lanes.add(xb, [("prog", {"xb": xb, "image": image})])
-
-        steps = input_steps(self.a_bits, arch.dac_bits)
         adc = {s: adc_setting(folded, arch.dac_bits, s, arch.adc_bits) for s in (False, True)}
-        for step in range(steps):
-            signed = self.signed_input and step == steps - 1
-            bit = step * arch.dac_bits
-            shift, adc_signed = adc[signed]
-            group = [
-                ("mvm", {"xb": xb, "src": xbuf, "src_col": r0, "bit": bit, "signed": int(signed)}),
-                (
-                    "adc",
-                    {
-                        "dst": colbuf,
-                        "dst_col": 0,
-                        "xb": xb,
-                        "col": 0,
-                        "ncols": c1 - c0,
-                        "shift": shift,
-                        "signed": int(adc_signed),
-                    },
-                ),
-            ]
-            for block in m.blocks:  # the parts of each slice block inside this tile
-                lo, hi = max(block.col0, c0), min(block.col0 + m.outputs, c1)
-                if lo < hi:
-                    shadd = {
-                        "dst": acc,
-                        "dst_col": out_col + lo - block.col0,
-                        "src": colbuf,
-                        "src_col": lo - c0,
-                        "ncols": hi - lo,
-                        "shift": bit + block.shift,
-                        "neg": int(block.negative),
-                    }
-                    group.append(("shadd", shadd))
-            if m.ones_col is not None and c0 <= m.ones_col < c1:
-                offset = {
-                    "dst": acc,
-                    "dst_col": out_col,
-                    "src": colbuf,
-                    "src_col": m.ones_col - c0,
-                    "ncols": m.outputs,
-                    "shift": bit + self.w_bits - 1,
-                    "neg": 1,
-                    "bcast": 1,
-                }
-                group.append(("shadd", offset))
-            lanes.add(xb, group)
+        emit_steps(
+            lanes,
+            arch,
+            self.m,
+            xb=xb,
+            colbuf=colbuf,
+            acc=acc,
+            xbuf=xbuf,
+            x_col=rows[0],
+            cols=cols,
+            out_col=out_col,
+            a_bits=self.a_bits,
+            signed_input=self.signed_input,
+            adc=adc,
+        )

@@ -7,7 +7,7 @@ The modules are layered, each importing only those before it: ``isa`` < ``progra
 """
 
 from .asm import assemble, disassemble
-from .builder import ProgramBuilder, im2col_params
+from .builder import ProgramBuilder, im2col_params, progb_params
 from .program import CrossbarImage, Program, TensorDesc
 from .simulator import PreparedProgram, SimResult, Simulator, available_backends
 from .timing import SimStats, estimate, estimate_spans
@@ -30,5 +30,6 @@ __all__ = [
     "estimate",
     "estimate_spans",
     "im2col_params",
+    "progb_params",
     "verify",
 ]

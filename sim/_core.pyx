@@ -29,7 +29,10 @@ release the GIL. The verifier has checked every index, so nothing is bounds-chec
   took 25 times as long on two cores that another process kept busy.
 * A ``prog`` marks the crossbar's float weights to be folded from its image's cells by
   the next mvm that reads them: only the images the crossbars hold take floats, however
-  many the program has.
+  many the program has. A ``progb`` maps each item's operand at once (the buffer may
+  change before the mvm), the mapping of ``tvm_cim.core.cells`` re-done in C, into one
+  matrix per item of the row tile; its run-time range check stops the run, and ``run``
+  raises the reference's ``InputError``.
 * With a lossless ADC, the bit-serial steps of a layer (one mvm, adc and shadds per DAC
   chunk and image) add a linear function of their source: the core runs each such group
   as one exact product of the rebuilt inputs and the combined weights (see
@@ -187,6 +190,16 @@ if ISA_FINGERPRINT != isa.fingerprint():  # the simulator falls back to the nump
     )
 
 cdef enum:
+    # CimArch.mapping, as the core's progb maps operands (tvm_cim.core.cells)
+    _DIFF_COLUMN = 0
+    _OFFSET = 1
+    _DIFF_ROW = 2
+
+_MAPPING_CODES = {
+    "differential-column": _DIFF_COLUMN, "offset": _OFFSET, "differential-row": _DIFF_ROW
+}
+
+cdef enum:
     _GEMV_ROWS = 8  # fewer vectors than this: GEMV per vector rather than one GEMM
     _GROUP_ROWS = 1024  # vectors per product of a bit-serial group (see _execute_group)
 
@@ -254,9 +267,12 @@ cdef struct Group:
 cdef struct Machine:
     int64_t batch  # items: the schedule and the counts scale by batch * rows
     int64_t items  # items of the row tile being executed
+    int64_t first_item  # of the row tile being executed
     int crossbars
     int dac_bits
     int adc_bits  # 0: lossless
+    int cell_bits
+    int mapping  # _DIFF_COLUMN, _OFFSET or _DIFF_ROW
     bint f32  # column sums, images and DAC chunks in float32 (else float64)
     # program tables (owned by the _Plan), per image index
     const uint8_t **cells  # [physical_rows, cols] uint8, any strides
@@ -291,8 +307,13 @@ cdef struct Machine:
     int64_t *held_w
     void *chunks  # the DAC chunk plane of one mvm, [vectors, in_rows]
     int64_t *row  # one buffer row, for sources that overlap their destination
-    int *image_on  # image each crossbar holds, as execution goes (-1: none yet)
+    int *image_on  # image each crossbar holds, as execution goes (-1: none, or a progb's)
     bint *stale  # per crossbar: its weights are not yet folded from image_on
+    bint *batched  # per crossbar: it holds one matrix per item (a progb's), not an image
+    int *tile_in  # ... of tile_in inputs and tile_cols columns, item after item
+    int *tile_cols
+    # the first progb operand value out of range (fault_at -1: none): the run stops
+    int64_t fault_at, fault_item, fault_value, fault_src, fault_row, fault_col, fault_bits
     # bit-serial groups (owned by the _Plan) and their scratch (owned by the run)
     const Group *groups
     const int64_t *group_at  # per instruction: the group starting there, else -1
@@ -302,7 +323,7 @@ cdef struct Machine:
     void *group_inputs  # [_GROUP_ROWS, k]
     void *group_sums  # [_GROUP_ROWS, span]
     # schedule and counts, as timing.Timeline keeps them
-    int *sched_image  # image each crossbar holds, as scheduling goes
+    int64_t *sched_cells  # cells of what each crossbar holds, as scheduling goes
     int64_t *unit_free  # the crossbars, then the shared units
     int64_t *written  # per buffer
     int64_t *read
@@ -339,13 +360,17 @@ cdef Machine *_new_machine(int64_t nbuf, int64_t nxb, int64_t ninp, int64_t nout
     m.held_w = <int64_t *>calloc(nxb, sizeof(int64_t))
     m.image_on = <int *>calloc(nxb, sizeof(int))
     m.stale = <bint *>calloc(nxb, sizeof(bint))
-    m.sched_image = <int *>calloc(nxb, sizeof(int))
+    m.batched = <bint *>calloc(nxb, sizeof(bint))
+    m.tile_in = <int *>calloc(nxb, sizeof(int))
+    m.tile_cols = <int *>calloc(nxb, sizeof(int))
+    m.sched_cells = <int64_t *>calloc(nxb, sizeof(int64_t))
     m.busy = <int64_t *>calloc(nxb, sizeof(int64_t))
     m.unit_free = <int64_t *>calloc(nxb + NSHARED, sizeof(int64_t))
     if not (m.buf and m.buf_w and m.buf_rows and m.written and m.read and m.inp_base
             and m.inp and m.inp_w and m.inp_rows and m.out_base and m.out and m.out_w
             and m.out_rows and m.out_size and m.weights and m.held and m.held_w
-            and m.image_on and m.stale and m.sched_image and m.busy and m.unit_free):
+            and m.image_on and m.stale and m.batched and m.tile_in and m.tile_cols
+            and m.sched_cells and m.busy and m.unit_free):
         _free_machine(m)
         return NULL
     return m
@@ -371,7 +396,10 @@ cdef void _free_machine(Machine *m) noexcept:
     free(m.held_w)
     free(m.image_on)
     free(m.stale)
-    free(m.sched_image)
+    free(m.batched)
+    free(m.tile_in)
+    free(m.tile_cols)
+    free(m.sched_cells)
     free(m.busy)
     free(m.unit_free)
     free(m)
@@ -384,7 +412,9 @@ cdef inline int64_t _vectors(Machine *m, int op, const int64_t *ops) noexcept no
 
 cdef inline void _schedule(Machine *m, int op, const int64_t *ops) noexcept nogil:
     """``Timeline.issue``: list-schedule one instruction on its unit."""
-    cdef int64_t lat = m.lat[op] * (_vectors(m, op, ops) if _PER_VECTOR[op] else 1)
+    cdef int64_t lat = m.lat[op] * (
+        _vectors(m, op, ops) if _PER_VECTOR[op] else (m.batch if _PER_ITEM[op] else 1)
+    )
     cdef int unit = <int>ops[_XB_OPERAND[op]] if _UNIT[op] < 0 else m.crossbars + _UNIT[op]
     cdef int64_t start = m.unit_free[unit], end, b
     cdef int i
@@ -408,9 +438,21 @@ cdef inline void _schedule(Machine *m, int op, const int64_t *ops) noexcept nogi
 
 
 cdef inline int64_t _held_cells(Machine *m, int64_t xb) noexcept nogil:
-    """Cells of the image crossbar ``xb`` holds, as scheduling goes."""
-    cdef int img = m.sched_image[xb]
+    """Cells of what crossbar ``xb`` holds, as scheduling goes."""
+    return m.sched_cells[xb]
+
+
+cdef inline int64_t _image_cells(Machine *m, int64_t img) noexcept nogil:
+    """Cells of image ``img``."""
     return <int64_t>m.phys_rows[img] * m.img_cols[img]
+
+
+cdef inline int64_t _tile_cells(Machine *m, int64_t params) noexcept nogil:
+    """Cells of the tile a progb with geometry constant ``params`` writes
+    (``isa.progb_tile``)."""
+    cdef const int64_t *g = m.consts[params]
+    cdef int64_t rows = (g[PROGB_P_R1] - g[PROGB_P_R0]) * (2 if m.mapping == _DIFF_ROW else 1)
+    return rows * (g[PROGB_P_C1] - g[PROGB_P_C0])
 
 
 cdef inline const int64_t *_source_row(Machine *m, int64_t dst, int64_t dst_col,
@@ -560,15 +602,24 @@ cdef void _column_sums(real *image, int k, int cols, real *chunks, real *sums,
 
 cdef inline void _drive(real *chunks, real *weights, real *held, Machine *m,
                         const int64_t *ops) noexcept nogil:
-    """An mvm in the core's float type: DAC chunks of the source, times the weights."""
-    cdef int64_t xb = ops[MVM_XB], src = ops[MVM_SRC]
-    cdef int img = m.image_on[xb]
-    cdef int k = m.in_rows[img], cols = m.img_cols[img]
-    cdef int rows = <int>(m.items * m.buf_rows[src])
+    """An mvm in the core's float type: DAC chunks of the source, times the weights (each
+    item's vectors times its own matrix where a progb wrote the crossbar)."""
+    cdef int64_t xb = ops[MVM_XB], src = ops[MVM_SRC], item
+    cdef int img = m.image_on[xb], k, cols
+    cdef int rows = <int>(m.items * m.buf_rows[src]), per_item = <int>m.buf_rows[src]
+    if m.batched[xb]:
+        k, cols = m.tile_in[xb], m.tile_cols[xb]
+    else:
+        k, cols = m.in_rows[img], m.img_cols[img]
     m.held_w[xb] = cols
     _dac_plane(chunks, m.buf[src] + ops[MVM_SRC_COL], m.buf_w[src], rows, k, ops[MVM_BIT],
                m.dac_bits, ops[MVM_SIGNED] != 0)
-    _column_sums(weights, k, cols, chunks, held, rows)
+    if not m.batched[xb]:
+        _column_sums(weights, k, cols, chunks, held, rows)
+        return
+    for item in range(m.items):
+        _column_sums(weights + item * k * cols, k, cols, chunks + item * per_item * k,
+                     held + item * per_item * cols, per_item)
 
 
 cdef inline void _convert(const real *held, Machine *m, const int64_t *ops) noexcept nogil:
@@ -596,7 +647,100 @@ cdef void _execute_prog(Machine *m, const int64_t *ops) noexcept nogil:
     if m.image_on[xb] == img:
         return
     m.image_on[xb] = img
+    m.batched[xb] = False
     m.stale[xb] = m.weights[xb] != NULL
+
+
+cdef bint _operand_in_range(Machine *m, const int64_t *g, int64_t src) noexcept nogil:
+    """Whether every operand value of the tile's items lies within signed ``bits``;
+    where one does not, the first (items, then the buffer's rows and columns in order)
+    is recorded as the machine's fault."""
+    cdef bint transpose = g[PROGB_P_TRANSPOSE] != 0
+    cdef int64_t height = g[PROGB_P_N] if transpose else g[PROGB_P_K]
+    cdef int64_t width = g[PROGB_P_K] if transpose else g[PROGB_P_N]
+    cdef int64_t stride = m.buf_w[src], lo = 0, hi = 0, item, r, j, v
+    cdef const int64_t *row
+    _quant_range(g[PROGB_P_BITS], True, &lo, &hi)
+    for item in range(m.items):
+        for r in range(height):
+            row = m.buf[src] + (item * m.buf_rows[src] + r) * stride + g[PROGB_P_COL]
+            for j in range(width):
+                v = row[j]
+                if v < lo or v > hi:
+                    m.fault_item, m.fault_value, m.fault_src = m.first_item + item, v, src
+                    m.fault_row, m.fault_col = r, g[PROGB_P_COL] + j
+                    m.fault_bits = g[PROGB_P_BITS]
+                    return False
+    return True
+
+
+cdef void _fold_operand(real *dst, Machine *m, const int64_t *g, int64_t src) noexcept nogil:
+    """Each item's tile of its mapped operand, folded (``CrossbarImage.folded``), into
+    ``dst`` ``[items, r1 - r0, c1 - c0]``: ``tvm_cim.core.cells.map_cells`` cell by cell.
+
+    Logical column ``c`` belongs to block ``c // N`` (output ``c % N``): slice ``block``
+    (differential-column: slice ``block // 2``, negative for odd blocks), except the
+    offset mapping's ones column after the last block.
+    """
+    cdef bint transpose = g[PROGB_P_TRANSPOSE] != 0
+    cdef int64_t n = g[PROGB_P_N], bits = g[PROGB_P_BITS], cb = m.cell_bits
+    cdef int64_t slices = (bits + cb - 1) // cb, mask = ((<int64_t>1) << cb) - 1
+    cdef int64_t offset = (<int64_t>1) << (bits - 1)
+    cdef int64_t r0 = g[PROGB_P_R0], c0 = g[PROGB_P_C0]
+    cdef int64_t inputs = g[PROGB_P_R1] - r0, cols = g[PROGB_P_C1] - c0
+    cdef int64_t stride = m.buf_w[src], item, i, j, c, block, shift, out, v, cell
+    cdef int64_t step_in, step_out  # buffer strides of the operand's inputs and outputs
+    cdef bint negative
+    cdef const int64_t *base
+    cdef real *d
+    step_in = 1 if transpose else stride
+    step_out = stride if transpose else 1
+    for item in range(m.items):
+        base = m.buf[src] + item * m.buf_rows[src] * stride + g[PROGB_P_COL] + r0 * step_in
+        d = dst + item * inputs * cols
+        for j in range(cols):
+            c = c0 + j
+            if m.mapping == _OFFSET and c == slices * n:  # the ones column
+                for i in range(inputs):
+                    d[i * cols + j] = 1
+                continue
+            block = c // n
+            out = c - block * n
+            negative = m.mapping == _DIFF_COLUMN and (block & 1)
+            shift = cb * (block >> 1 if m.mapping == _DIFF_COLUMN else block)
+            for i in range(inputs):
+                v = base[i * step_in + out * step_out]
+                if m.mapping == _OFFSET:
+                    cell = ((v + offset) >> shift) & mask
+                elif m.mapping == _DIFF_ROW:  # the top row's cell minus the bottom row's
+                    cell = (((v if v > 0 else 0) >> shift) & mask) - (
+                        ((-v if v < 0 else 0) >> shift) & mask)
+                elif negative:
+                    cell = ((-v if v < 0 else 0) >> shift) & mask
+                else:
+                    cell = ((v if v > 0 else 0) >> shift) & mask
+                d[i * cols + j] = <real>cell
+
+
+cdef void _execute_progb(Machine *m, const int64_t *ops) noexcept nogil:
+    """Check each item's operand, then map it into the crossbar's per-item weights where
+    an mvm drives it (a crossbar nothing drives keeps no floats)."""
+    cdef int64_t xb = ops[PROGB_XB], src = ops[PROGB_SRC]
+    cdef const int64_t *g = m.consts[ops[PROGB_PARAMS]]
+    if not _operand_in_range(m, g, src):
+        m.fault_at = 0  # the caller puts the instruction's index
+        return
+    m.image_on[xb] = -1  # a later prog folds its image again
+    m.stale[xb] = False
+    m.batched[xb] = True
+    m.tile_in[xb] = <int>(g[PROGB_P_R1] - g[PROGB_P_R0])
+    m.tile_cols[xb] = <int>(g[PROGB_P_C1] - g[PROGB_P_C0])
+    if m.weights[xb] == NULL:
+        return
+    if m.f32:
+        _fold_operand(<float *>m.weights[xb], m, g, src)
+    else:
+        _fold_operand(<double *>m.weights[xb], m, g, src)
 
 
 cdef inline void _fold_if_stale(Machine *m, int64_t xb) noexcept nogil:
@@ -920,6 +1064,9 @@ cdef void _execute_tile(Machine *m, const int64_t *code, Py_ssize_t n,
             i = m.groups[g].end
             continue
         _dispatch(m, <int>code[i * width], code + i * width + 1)
+        if m.fault_at >= 0:
+            m.fault_at = i
+            return
         i += 1
 
 
@@ -932,8 +1079,9 @@ cdef void _execute(Machine *m, const int64_t *code, Py_ssize_t n,
     tile, as the reference zeroes them per run.
     """
     cdef int64_t r0 = 0, i
-    while r0 < m.batch:
+    while r0 < m.batch and m.fault_at < 0:
         m.items = m.tile if r0 + m.tile <= m.batch else m.batch - r0
+        m.first_item = r0
         if m.buf_total:
             memset(m.buf[0], 0, m.tile * m.buf_total * sizeof(int64_t))
         for i in range(m.n_inp):
@@ -983,6 +1131,8 @@ def bit_serial_groups(prepared):
         op, *ops = code[i]
         if op == PROG:
             image_on[ops[PROG_XB]] = ops[PROG_IMAGE]
+        elif op == PROGB:  # one matrix per item: its mvms run one by one
+            image_on.pop(ops[PROGB_XB], None)
         elif op == MVM and ops[MVM_XB] in image_on:
             run = _match_run(prepared, code, accesses, i, image_on[ops[MVM_XB]])
             if run is not None:
@@ -1190,6 +1340,7 @@ cdef class _Plan:
     cdef int max_cols
     cdef object sums_xbs  # crossbars some mvm drives
     cdef object weight_sizes  # per crossbar of sums_xbs: most floats an image there folds to
+    cdef object item_sizes  # ... and most floats per item a progb maps there
     cdef object mvm_rows  # most rows per item an mvm drives (the held sums' height)
     cdef object max_rows  # most rows per item of any buffer
     cdef object bound  # every count and time is at most batch * bound
@@ -1216,9 +1367,18 @@ cdef class _Plan:
                 and self.phys_rows and self.img_cols and self.consts and self.const_w):
             raise MemoryError()
 
+        code = prepared.code
+        ops = code[:, 0]
+        # (crossbar, inputs, physical rows, columns) of each progb's tile
+        differential = arch.mapping == "differential-row"
+        tiles = [
+            (xb, *isa.progb_tile(prepared.constants[c][0], differential))
+            for xb, c in code[ops == PROGB][:, [1 + PROGB_XB, 1 + PROGB_PARAMS]].tolist()
+        ]
         # float32 is exact when no column sum can reach 2**24.
         largest = ((1 << arch.dac_bits) * ((1 << arch.cell_bits) - 1))
-        self.f32 = all(img.physical_rows * largest < (1 << 24) for img in images)
+        physical = [img.physical_rows for img in images] + [t[2] for t in tiles]
+        self.f32 = all(rows * largest < (1 << 24) for rows in physical)
         keep = []
         for i, img in enumerate(images):
             cells = img.cells  # verified uint8: read in place, folded by each prog
@@ -1236,17 +1396,20 @@ cdef class _Plan:
             self.consts[i] = <int64_t *>_data(const)
             self.const_w[i] = const.shape[1]
         self.keep = keep
-        self.max_in_rows = max([img.in_rows for img in images], default=1)
-        self.max_cols = max([img.cols for img in images], default=1)
+        self.max_in_rows = max([img.in_rows for img in images] + [t[1] for t in tiles],
+                               default=1)
+        self.max_cols = max([img.cols for img in images] + [t[3] for t in tiles], default=1)
 
-        code = prepared.code
-        ops = code[:, 0]
         self.sums_xbs = sorted({int(x) for x in code[ops == MVM, 1 + MVM_XB]})
         sizes = [img.in_rows * img.cols for img in images]
         largest_on = {}
         for xb, image in code[ops == PROG][:, [1 + PROG_XB, 1 + PROG_IMAGE]].tolist():
             largest_on[xb] = max(largest_on.get(xb, 0), sizes[image])
-        self.weight_sizes = [largest_on[xb] for xb in self.sums_xbs]
+        self.weight_sizes = [largest_on.get(xb, 0) for xb in self.sums_xbs]
+        per_item_on = {}
+        for xb, inputs, _, cols in tiles:
+            per_item_on[xb] = max(per_item_on.get(xb, 0), inputs * cols)
+        self.item_sizes = [per_item_on.get(xb, 0) for xb in self.sums_xbs]
         buffer_rows = np.array(list(prepared.buffer_rows) + [1], dtype=np.int64)
         # rows per item each instruction treats (1 for those that are not per vector)
         rows = np.ones(len(code), dtype=np.int64)
@@ -1337,12 +1500,19 @@ def _tile_layout(_Plan plan, prepared, batch):
     functional run of ``batch`` items."""
     dtype = np.float32 if plan.f32 else np.float64
     per_item = [w * r for w, r in zip(prepared.buffers, prepared.buffer_rows)]
-    item_bytes = 8 * sum(per_item) + dtype().itemsize * plan.mvm_rows * (
-        len(plan.sums_xbs) * plan.max_cols + plan.max_in_rows
+    item_bytes = 8 * sum(per_item) + dtype().itemsize * (
+        plan.mvm_rows * (len(plan.sums_xbs) * plan.max_cols + plan.max_in_rows)
+        + sum(plan.item_sizes)
     )
     min_items = -(-_MIN_TILE // plan.max_rows)
     tile = min(batch, max(min_items, _TILE_BYTES // item_bytes, 1))
     return dtype, tile, per_item
+
+
+def _weight_floats(_Plan plan, tile):
+    """Floats of the weights of each crossbar of ``plan.sums_xbs``: the largest image it
+    folds, or its progbs' matrices for the ``tile`` items of a row tile."""
+    return [max(w, tile * i) for w, i in zip(plan.weight_sizes, plan.item_sizes)]
 
 
 def memory_bytes(prepared, batch, functional):
@@ -1361,7 +1531,7 @@ def memory_bytes(prepared, batch, functional):
     size = dtype().itemsize
     vectors = tile * plan.mvm_rows
     total += 8 * batch * sum(t.rows * t.width for t in prepared.inputs)
-    total += size * max(sum(plan.weight_sizes), 1)
+    total += size * max(sum(_weight_floats(plan, tile)), 1)
     total += 8 * max(tile * sum(per_item), 1)
     total += size * max(len(plan.sums_xbs), 1) * vectors * plan.max_cols
     total += size * vectors * plan.max_in_rows
@@ -1405,6 +1575,9 @@ def run(prepared, arrays, batch, functional):
         m.crossbars = arch.crossbars
         m.dac_bits = arch.dac_bits
         m.adc_bits = arch.adc_bits or 0
+        m.cell_bits = arch.cell_bits
+        m.mapping = _MAPPING_CODES[arch.mapping]
+        m.fault_at = -1
         m.f32 = plan.f32
         m.cells = plan.cells
         m.cell_strides = plan.cell_strides
@@ -1422,11 +1595,12 @@ def run(prepared, arrays, batch, functional):
             widths = prepared.buffers
             nsums = len(plan.sums_xbs)
             # this run's own: runs of one prepared program may overlap (without the GIL)
-            weights = np.empty(max(sum(plan.weight_sizes), 1), dtype=dtype)
+            weight_floats = _weight_floats(plan, tile)
+            weights = np.empty(max(sum(weight_floats), 1), dtype=dtype)
             offset = 0
             for i, xb in enumerate(plan.sums_xbs):
                 m.weights[xb] = <char *>_data(weights) + offset
-                offset += plan.weight_sizes[i] * weights.itemsize
+                offset += weight_floats[i] * weights.itemsize
             for i in range(arch.crossbars):
                 m.image_on[i] = -1
             m.tile = tile
@@ -1477,6 +1651,11 @@ def run(prepared, arrays, batch, functional):
                     _execute(m, &code[0, 0], code.shape[0], code.shape[1])
             finally:
                 _blas_threads.release()
+            if m.fault_at >= 0:
+                raise reference.operand_range_error(
+                    m.fault_at, m.fault_item, m.fault_value, m.fault_src, m.fault_row,
+                    m.fault_col, m.fault_bits
+                )
         return outputs, _stats(m, arch, batch)
     finally:
         _free_machine(m)

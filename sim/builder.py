@@ -136,3 +136,31 @@ def im2col_params(
     ow = (width + pl + pr - dw * (kw - 1) - 1) // sw + 1
     values = [height, width, channels, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow]
     return np.array([values], dtype=np.int64)
+
+
+def progb_params(
+    col: int,
+    k: int,
+    n: int,
+    bits: int,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    transpose: bool = False,
+) -> np.ndarray:
+    """The ``[1, 9]`` params constant of a ``progb`` (see ``isa.PROGB_PARAMS``).
+
+    Parameters
+    ----------
+    col
+        First buffer column of the operand.
+    k, n
+        The operand's inputs (contraction length) and outputs.
+    bits
+        Its width: values are signed ``bits``-wide integers.
+    rows, cols
+        The tile: inputs ``(r0, r1)`` and logical columns ``(c0, c1)``, ends excluded.
+    transpose
+        The buffer holds the operand transposed (``n`` rows of ``k`` columns per item).
+    """
+    values = [col, k, n, int(transpose), bits, *rows, *cols]
+    return np.array([values], dtype=np.int64)

@@ -68,7 +68,7 @@ class Count:
 
     The vectors it treats (1 for an instruction that is not per vector), times the value
     of ``operand`` where given, times the cells of the image its crossbar holds where
-    ``per_cell``.
+    ``per_cell``; for a per-item instruction, the items instead of the vectors.
     """
 
     counter: str
@@ -94,6 +94,12 @@ class InstrSpec:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     counts: tuple[Count, ...] = ()
+    #: Latency and counts scale with the batch's items (not its vectors): the
+    #: instruction does its work once per item, as writing each item's own operand.
+    per_item: bool = False
+    #: Const operand whose geometry (``PROGB_PARAMS``) gives the cells the instruction
+    #: writes into its crossbar, for the ``per_cell`` counts of the mvms that follow.
+    cells_from: str | None = None
 
     def field_index(self, name: str) -> int:
         """Operand column (1-based, after the opcode) of field ``name``."""
@@ -326,6 +332,31 @@ INSTRUCTIONS: tuple[InstrSpec, ...] = (
         reads=("src",),
         writes=("dst",),
     ),
+    InstrSpec(
+        10,
+        "progb",
+        (
+            _xb("crossbar to program"),
+            _buf("src", "buffer holding each item's operand"),
+            Field("params", 16, "const", "[1, 9] constant: the operand's geometry and tile"),
+        ),
+        "write",
+        "crossbar",
+        False,
+        "Program crossbar `xb` from a buffer, item by item: each item's operand, the "
+        "`[K, N]` matrix at `src` rows `0..K-1`, columns `col..col+N-1` of that item (with "
+        "`transpose`, the transpose of rows `0..N-1`, columns `col..col+K-1`), of signed "
+        "`bits`-wide integers, is sliced and sign-mapped as the arch maps weights, and the "
+        "cells of its logical tile (inputs `r0..r1-1`, logical columns `c0..c1-1`) are "
+        "written. The crossbar then holds one matrix per item: an `mvm` multiplies each "
+        "item's vectors by its own, until a `prog` writes an image again. A value outside "
+        "signed `bits` is a run-time error. `params` holds `col, K, N, transpose, bits, r0, "
+        "r1, c0, c1`. One crossbar write per item.",
+        reads=("src",),
+        counts=(Count("crossbar_writes"),),
+        per_item=True,
+        cells_from="params",
+    ),
 )
 
 BY_OPCODE: dict[int, InstrSpec] = {spec.opcode: spec for spec in INSTRUCTIONS}
@@ -363,6 +394,22 @@ IM2COL_PARAMS = (
     "OW",
 )
 
+#: The values of a ``progb`` params constant (shape ``[1, 9]``), in order: the operand's
+#: first buffer column, its inputs ``K`` and outputs ``N``, whether the buffer holds it
+#: transposed, its width in bits (signed), and the tile: inputs ``r0 .. r1`` (the
+#: crossbar's input rows, end excluded) and logical columns ``c0 .. c1`` (end excluded).
+PROGB_PARAMS = ("col", "K", "N", "transpose", "bits", "r0", "r1", "c0", "c1")
+#: Widest operand a ``progb`` maps.
+PROGB_MAX_BITS = 16
+
+
+def progb_tile(params, differential_rows: bool) -> tuple[int, int, int]:
+    """``(inputs, physical rows, columns)`` of the tile a ``progb`` with the values of
+    ``PROGB_PARAMS`` writes (differential rows take two physical rows per input)."""
+    g = dict(zip(PROGB_PARAMS, (int(v) for v in params)))
+    inputs = g["r1"] - g["r0"]
+    return inputs, inputs * (2 if differential_rows else 1), g["c1"] - g["c0"]
+
 
 def _check_table() -> None:
     """The facts every row must respect; a broken row fails at import."""
@@ -379,6 +426,9 @@ def _check_table() -> None:
         assert spec.unit != "crossbar" or spec.operand("crossbar"), where
         # a per-vector instruction scales with the rows of one of its buffers
         assert (spec.rows_from is not None) == spec.per_vector, where
+        assert not (spec.per_item and spec.per_vector), where
+        assert spec.cells_from is None or kinds[spec.cells_from] == "const", where
+        assert spec.cells_from is None or spec.unit == "crossbar", where
         assert spec.rows_from is None or kinds[spec.rows_from] == "buffer", where
         assert all(kinds.get(b) == "buffer" for b in spec.reads + spec.writes), where
         for c in spec.counts:
@@ -392,15 +442,17 @@ _check_table()
 
 def fingerprint() -> str:
     """Digest of what the compiled core is generated from: opcodes, operands (names,
-    widths, kinds), units, scaling, buffer reads and writes, and counts; not the docs."""
+    widths, kinds), units, scaling (per vector, per item), buffer reads and writes,
+    counts and where written cells come from; not the docs."""
     facts: list = [OPCODE_BITS, UNITS, COUNTERS]
     for s in INSTRUCTIONS:
         fields = [(f.name, f.bits, f.kind, f.signed) for f in s.fields]
         counts = [(c.counter, c.operand, c.per_cell) for c in s.counts]
         facts.append(
             (s.opcode, s.mnemonic, fields, s.latency_class, s.unit, s.per_vector, s.rows_from)
-            + (s.reads, s.writes, counts)
+            + (s.reads, s.writes, counts, s.per_item, s.cells_from)
         )
+    facts.append(PROGB_PARAMS)
     return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 

@@ -30,7 +30,9 @@ otherwise), `[batch * rows, width]` in all, item after item, and buffers are zer
 start. Every instruction works on the whole batch at once, each vector on its own except
 `im2col`, which rearranges the vectors of each item.
 
-* `prog` writes a weight-slice *image* into a crossbar.
+* `prog` writes a weight-slice *image* into a crossbar; `progb` writes a crossbar from a
+  buffer instead, each item's own operand (an activation, such as attention's keys),
+  mapped onto cells as weights are: the crossbar then holds one matrix per item.
 * `mvm` drives one bit-serial input step, the `dac_bits`-wide chunk of every input
   vector, into a crossbar; the crossbar holds the resulting column sums (differential-row
   images subtract their bottom half).
@@ -51,11 +53,11 @@ The integer semantics (rounding, saturation, DAC chunks, requantization) are tho
 
 ## Timing
 
-Each instruction occupies one unit: its crossbar (`prog`, `mvm`, `adc`), the digital
-unit, or the I/O unit. Its latency is the arch's figure for its latency class, times the
-vectors it treats for per-vector instructions: `batch` times the rows per item of the
-buffer named below. Instructions start in program order once their unit is free and
-their buffers are ready (read after write, write after read, write after write). The
+Each instruction occupies one unit: its crossbar (`prog`, `progb`, `mvm`, `adc`), the
+digital unit, or the I/O unit. Its latency is the arch's figure for its latency class,
+times the vectors it treats for per-vector instructions (`batch` times the rows per item
+of the buffer named below), or times `batch` for per-item instructions. Instructions
+start in program order once their unit is free and their buffers are ready (read after write, write after read, write after write). The
 simulator reports the makespan of that schedule (`latency_us`) and the plain sum
 (`sequential_latency_us`); with one crossbar and free digital steps both equal the
 CIM-AQ model, whose per-image input count is the rows per item of the `mvm` source
@@ -63,7 +65,8 @@ CIM-AQ model, whose per-image input count is the rows per item of the `mvm` sour
 below, are those the schedule and the verifier's dataflow checks track.
 
 Each instruction's *Counts* line says what it adds to the simulator's counters; *vectors*
-are the vectors it treats (1 where its latency is not per vector). The counters:
+are the vectors it treats (1 where its latency is not per vector), *items* the batch's
+items. The counters:
 {_COUNTERS}.
 
 ## Encoding
@@ -92,11 +95,11 @@ def _names(names: tuple[str, ...]) -> str:
 
 
 def _count(spec: isa.InstrSpec, count: isa.Count) -> str:
-    factors = ["vectors" if spec.per_vector else "1"]
+    factors = ["vectors" if spec.per_vector else ("items" if spec.per_item else "1")]
     if count.operand:
         factors.append(f"`{count.operand}`")
     if count.per_cell:
-        factors.append(f"the cells of the image on `{spec.operand('crossbar')}`")
+        factors.append(f"the cells `{spec.operand('crossbar')}` holds")
     return f"`{count.counter}` += {' x '.join(factors)}"
 
 
@@ -106,6 +109,7 @@ def render() -> str:
     for spec in isa.INSTRUCTIONS:
         latency = spec.latency_class or "none"
         scale = f" x batch x rows of `{spec.rows_from}`" if spec.per_vector else ""
+        scale = " x batch (per item)" if spec.per_item else scale
         parts.append(f"\n### `{spec.mnemonic}` (opcode {spec.opcode})\n\n{spec.doc}\n\n")
         parts.append(f"* Unit: {spec.unit}. Latency class: `{latency}`{scale}.\n")
         parts.append(f"* Buffers read: {_names(spec.reads)}; written: {_names(spec.writes)}.\n")

@@ -1,7 +1,8 @@
 """Write the compiled core's view of the ISA table: ``python sim/isa_pxi.py sim/_isa.pxi``.
 
 ``_core.pyx`` includes the generated ``_isa.pxi``: the opcodes, the operand column of
-every field (``MVM_SRC``), the counters, the per-opcode scoreboard tables, the tally of
+every field (``MVM_SRC``), the position of each ``progb`` geometry value
+(``PROGB_P_COL``), the counters, the per-opcode scoreboard tables, the tally of
 each instruction's counts, the dispatch that calls ``_execute_<mnemonic>(m, ops)`` for
 every instruction, and the table's fingerprint, which the core compares with
 ``isa.fingerprint()`` at import. The tally and the dispatch are if/elif chains on the
@@ -45,6 +46,7 @@ _TABLES = """
 # Per opcode, what the scoreboard needs (operand columns are 0-based after the opcode;
 # -1 where there is none).
 cdef int _PER_VECTOR[NOPS]
+cdef int _PER_ITEM[NOPS]  # scales with the items (not per vector)
 cdef int _ROWS_OPERAND[NOPS]  # the buffer whose rows per item scale a per-vector op
 cdef int _UNIT[NOPS]  # -1: the crossbar named by operand _XB_OPERAND; else a shared unit
 cdef int _XB_OPERAND[NOPS]
@@ -72,6 +74,8 @@ def _enums() -> list[str]:
     lines += ["", "cdef enum:  # operand columns, 0-based after the opcode"]
     for s in isa.INSTRUCTIONS:
         lines += [f"    {_operand(s, f.name)} = {i}" for i, f in enumerate(s.fields)]
+    lines += ["", "cdef enum:  # the values of a progb params constant (isa.PROGB_PARAMS)"]
+    lines += [f"    PROGB_P_{_constant(n)} = {i}" for i, n in enumerate(isa.PROGB_PARAMS)]
     lines += ["", "cdef enum:  # the shared units, after the crossbars"]
     shared = [u for u in isa.UNITS if u != "crossbar"]
     lines += [f"    UNIT_{_constant(u)} = {i}" for i, u in enumerate(shared)]
@@ -86,6 +90,7 @@ def _row(spec: isa.InstrSpec) -> list[str]:
     unit = "-1" if spec.unit == "crossbar" else f"UNIT_{_constant(spec.unit)}"
     lines = [
         f"_PER_VECTOR[{op}] = {int(spec.per_vector)}",
+        f"_PER_ITEM[{op}] = {int(spec.per_item)}",
         f"_ROWS_OPERAND[{op}] = {_operand(spec, spec.rows_from) if spec.per_vector else 0}",
         f"_UNIT[{op}] = {unit}",
         f"_XB_OPERAND[{op}] = {_operand(spec, spec.operand('crossbar'))}",
@@ -97,14 +102,20 @@ def _row(spec: isa.InstrSpec) -> list[str]:
 
 
 def _tally_statements(spec: isa.InstrSpec) -> list[str]:
-    """What one instruction does to the counters, and to the image its crossbar holds."""
+    """What one instruction does to the counters, and to the cells its crossbar holds."""
     lines = []
     image = spec.operand("image")
+    xb = _operand(spec, spec.operand("crossbar"))
     if image is not None:
-        xb = _operand(spec, spec.operand("crossbar"))
-        lines.append(f"m.sched_image[ops[{xb}]] = <int>ops[{_operand(spec, image)}]")
+        lines.append(f"m.sched_cells[ops[{xb}]] = _image_cells(m, ops[{_operand(spec, image)}])")
+    if spec.cells_from is not None:
+        lines.append(
+            f"m.sched_cells[ops[{xb}]] = _tile_cells(m, ops[{_operand(spec, spec.cells_from)}])"
+        )
     for c in spec.counts:
-        terms = ["_vectors(m, op, ops)" if spec.per_vector else "1"]
+        terms = [
+            "_vectors(m, op, ops)" if spec.per_vector else ("m.batch" if spec.per_item else "1")
+        ]
         if c.operand:
             terms.append(f"ops[{_operand(spec, c.operand)}]")
         if c.per_cell:

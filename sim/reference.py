@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tvm_cim.core import quant
+from tvm_cim.core import cells, quant
+from tvm_cim.core.errors import InputError
 
 from . import isa
 from .timing import Timeline
@@ -33,8 +34,11 @@ class _State:
             np.zeros((batch * rows, w) if functional else (0, w), dtype=np.int64)
             for w, rows in zip(prepared.buffers, prepared.buffer_rows)
         ]
-        self.weights = [None] * self.arch.crossbars  # the folded image each crossbar holds
+        # what each crossbar multiplies by: a folded image, [in_rows, cols], or after a
+        # progb one matrix per item, [batch, in_rows, cols]
+        self.weights = [None] * self.arch.crossbars
         self.held = [None] * self.arch.crossbars  # column sums after the last mvm
+        self.index = 0  # of the instruction executing, for run-time errors
 
 
 def execute_halt(s: _State, ops):
@@ -45,6 +49,41 @@ def execute_prog(s: _State, ops):
     s.weights[ops["xb"]] = s.p.images[ops["image"]].folded().astype(np.float64)
 
 
+def progb_geometry(constant: np.ndarray) -> dict[str, int]:
+    """The values of a ``progb`` params constant by name (``isa.PROGB_PARAMS``)."""
+    return dict(zip(isa.PROGB_PARAMS, (int(v) for v in constant[0])))
+
+
+def operand_range_error(index, item, value, src, row, column, bits) -> InputError:
+    """The error of a ``progb`` operand value outside signed ``bits``: both backends
+    report the first such value (items in order, then the buffer's rows and columns)."""
+    lo, hi = quant.quant_range(bits, True)
+    return InputError(
+        f"instruction {index}: progb: item {item}'s operand holds {value} at b{src} row "
+        f"{row}, column {column}, outside signed {bits}-bit range {lo}..{hi}"
+    )
+
+
+def execute_progb(s: _State, ops):
+    g = progb_geometry(s.p.constants[ops["params"]])
+    src, col, bits = ops["src"], g["col"], g["bits"]
+    height, width = (g["N"], g["K"]) if g["transpose"] else (g["K"], g["N"])
+    per_item = s.buffers[src].reshape(s.batch, s.p.buffer_rows[src], -1)
+    stored = per_item[:, :height, col : col + width]  # as the buffer holds it
+    lo, hi = quant.quant_range(bits, True)
+    if stored.size and (stored.min() < lo or stored.max() > hi):
+        item, row, column = np.unravel_index(np.argmax((stored < lo) | (stored > hi)), stored.shape)
+        value = int(stored[item, row, column])
+        raise operand_range_error(s.index, int(item), value, src, int(row), col + int(column), bits)
+    operand = stored.transpose(0, 2, 1) if g["transpose"] else stored  # [batch, K, N]
+    arch = s.arch
+    pos, neg = cells.map_cells(operand[:, g["r0"] : g["r1"]], bits, arch.cell_bits, arch.mapping)
+    folded = pos[..., g["c0"] : g["c1"]].astype(np.float64)
+    if neg is not None:
+        folded -= neg[..., g["c0"] : g["c1"]]
+    s.weights[ops["xb"]] = folded
+
+
 def execute_load(s: _State, ops):
     n = ops["ncols"]
     src = s.inputs[ops["tensor"]][:, ops["src_col"] : ops["src_col"] + n]
@@ -53,10 +92,15 @@ def execute_load(s: _State, ops):
 
 def execute_mvm(s: _State, ops):
     weights = s.weights[ops["xb"]]
-    rows = weights.shape[0]
-    x = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + rows]
+    k = weights.shape[-2]
+    x = s.buffers[ops["src"]][:, ops["src_col"] : ops["src_col"] + k]
     chunk = quant.dac_chunk(x, ops["bit"], s.arch.dac_bits, bool(ops["signed"]))
-    s.held[ops["xb"]] = chunk.astype(np.float64) @ weights
+    if weights.ndim == 3:  # each item's vectors by its own matrix
+        rows = s.p.buffer_rows[ops["src"]]
+        held = np.matmul(chunk.astype(np.float64).reshape(s.batch, rows, k), weights)
+        s.held[ops["xb"]] = held.reshape(s.batch * rows, -1)
+    else:
+        s.held[ops["xb"]] = chunk.astype(np.float64) @ weights
 
 
 def execute_adc(s: _State, ops):
@@ -162,9 +206,9 @@ _PLANES = {"adc": 5, "req": 6, "shadd": 1, "acc": 1, "store": 1, "load": 0, "hal
 
 def memory_bytes(prepared, batch: int, functional: bool) -> int:
     """Most bytes ``run`` holds at once for ``batch`` items: its state (outputs, buffers,
-    each crossbar's float weights and held column sums, the im2col indices), plus the
-    largest set of temporaries one instruction makes (numpy allocates a fresh array for
-    each intermediate of an expression)."""
+    each crossbar's float weights, per item where a progb writes them, and held column
+    sums, the im2col indices), plus the largest set of temporaries one instruction makes
+    (numpy allocates a fresh array for each intermediate of an expression)."""
     per_item = sum(t.rows * t.width * np.dtype(t.dtype).itemsize for t in prepared.outputs)
     if not functional:
         return batch * per_item + _DECODED_BYTES * len(prepared.code) + OVERHEAD_BYTES
@@ -172,6 +216,7 @@ def memory_bytes(prepared, batch: int, functional: bool) -> int:
     per_item += 8 * sum(t.rows * t.width for t in prepared.inputs)  # converted to int64
     per_item += 8 * sum(w * r for w, r in zip(prepared.buffers, prepared.buffer_rows))
     per_item += 8 * sum(walk.held_per_item.values())
+    per_item += 8 * sum(walk.item_weights.values())
     fixed = 8 * sum(walk.weights.values()) + 8 * sum(walk.im2col_index.values())
     fixed += _DECODED_BYTES * len(prepared.code) + OVERHEAD_BYTES
     return batch * per_item + fixed + max(_transients(prepared, batch), default=0)
@@ -185,6 +230,8 @@ def _transients(prepared, batch: int):
         if mnemonic == "prog":
             # cells as int64, their difference (or themselves) and its float64 copy
             yield 16 * step.cells
+        elif mnemonic == "progb":
+            yield _progb_bytes(prepared, batch, step.params)
         elif mnemonic == "mvm":
             # dac_chunk's shifts and masks (three planes), then chunk, its float64 copy
             # and the product, while the previous column sums are still held
@@ -197,12 +244,27 @@ def _transients(prepared, batch: int):
             yield 8 * vectors * _PLANES[mnemonic] * step.cols
 
 
+def _progb_bytes(prepared, batch: int, params: tuple) -> int:
+    """The temporaries of a progb: ``map_cells``'s narrow copies of the operand rows (the
+    values, both polarities, a slice and its mask: 2 bytes each, a few at once), its
+    uint8 slices and their concatenation (positive and negative), and the float64 tile."""
+    g = progb_geometry([params])
+    arch = prepared.arch
+    inputs, _, cols = isa.progb_tile(params, False)
+    logical = cells.layout(g["N"], g["bits"], arch.cell_bits, arch.mapping).logical_cols
+    values = batch * inputs * g["N"]
+    return 16 * values + 4 * batch * inputs * logical + 8 * batch * inputs * cols
+
+
 def run(prepared, inputs: list[np.ndarray], batch: int, functional: bool):
     """Execute a verified program; returns ``(outputs, stats)``."""
     state = _State(prepared, inputs, batch, functional)
-    timeline = Timeline(prepared.arch, batch, prepared.buffer_rows, prepared.images)
-    for mnemonic, ops in prepared.instructions:
+    timeline = Timeline(
+        prepared.arch, batch, prepared.buffer_rows, prepared.images, prepared.constants
+    )
+    for index, (mnemonic, ops) in enumerate(prepared.instructions):
         if functional:
+            state.index = index
             EXECUTE[mnemonic](state, ops)
         timeline.issue(mnemonic, ops)
     return state.outputs, timeline.stats

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.arrays import format_size, parse_size
+from tvm_cim.core.cells import DIFFERENTIAL_ROW
 from tvm_cim.core.errors import InputError
 from tvm_cim.core.quant import quant_range
 
@@ -122,7 +123,9 @@ class Step:
     ``rows``: vectors per item it treats (0 for one that is not per vector); ``cols``:
     columns per vector (an mvm: its image's columns, an im2col: its taps); ``k``: inputs
     an mvm drives; ``cells``: the cells of the image a prog writes or an mvm drives;
-    ``index``: values of an im2col's gather index; ``params``: an im2col's geometry.
+    ``index``: values of an im2col's gather index; ``params``: an im2col's or a progb's
+    geometry; ``item_cells``: what a progb does per item, the cells it writes plus the
+    operand values it checks.
     """
 
     rows: int = 0
@@ -131,6 +134,7 @@ class Step:
     cells: int = 0
     index: int = 0
     params: tuple = ()
+    item_cells: int = 0
 
 
 @dataclass
@@ -144,11 +148,15 @@ class Walk:
     held_per_item: dict[int, int]
     #: per distinct im2col geometry: the values of its gather index
     im2col_index: dict[tuple, int]
+    #: per crossbar some progb writes: the most weights (in_rows x cols) it holds per item
+    item_weights: dict[int, int] = field(default_factory=dict)
 
     def work(self, batch: int) -> int:
         """Operations of a functional run of ``batch`` items (see ``PreparedProgram.work``)."""
         per_item = sum(
-            s.rows * (VECTOR_OPS + (s.cells if s.k else COLUMN_OPS * s.cols)) for s in self.steps
+            s.rows * (VECTOR_OPS + (s.cells if s.k else COLUMN_OPS * s.cols))
+            + COLUMN_OPS * s.item_cells
+            for s in self.steps
         )
         writes = sum(s.cells for s in self.steps if s.rows == 0)
         return batch * (per_item + len(self.steps)) + writes
@@ -157,22 +165,29 @@ class Walk:
 def _walk(prepared: PreparedProgram) -> Walk:
     """The ``Walk`` of ``prepared`` (verified: every index is in range)."""
     images, rows_of = prepared.images, prepared.buffer_rows
-    image_on: dict[int, int] = {}
-    steps, weights, held, index = [], {}, {}, {}
+    differential_rows = prepared.arch.mapping == DIFFERENTIAL_ROW
+    shape_on: dict[int, tuple[int, int, int]] = {}  # (inputs, physical rows, cols) held
+    steps, weights, held, index, item_weights = [], {}, {}, {}, {}
     for row in prepared.code.tolist():
         spec = isa.BY_OPCODE[row[0]]
         ops = dict(zip((f.name for f in spec.fields), row[1:]))
         rows = rows_of[ops[spec.rows_from]] if spec.per_vector else 0
         if spec.mnemonic == "prog":
             img = images[ops["image"]]
-            image_on[ops["xb"]] = ops["image"]
+            shape_on[ops["xb"]] = (img.in_rows, img.physical_rows, img.cols)
             size = img.in_rows * img.cols
             weights[ops["xb"]] = max(weights.get(ops["xb"], 0), size)
             step = Step(cells=img.physical_rows * img.cols)
+        elif spec.mnemonic == "progb":
+            params = tuple(int(v) for v in prepared.constants[ops["params"]][0])
+            k, physical, cols = shape_on[ops["xb"]] = isa.progb_tile(params, differential_rows)
+            item_weights[ops["xb"]] = max(item_weights.get(ops["xb"], 0), k * cols)
+            g = dict(zip(isa.PROGB_PARAMS, params))
+            step = Step(params=params, item_cells=physical * cols + g["K"] * g["N"])
         elif spec.mnemonic == "mvm":
-            img = images[image_on[ops["xb"]]]
-            held[ops["xb"]] = max(held.get(ops["xb"], 0), rows * img.cols)
-            step = Step(rows, img.cols, img.in_rows, img.physical_rows * img.cols)
+            k, physical, cols = shape_on[ops["xb"]]
+            held[ops["xb"]] = max(held.get(ops["xb"], 0), rows * cols)
+            step = Step(rows, cols, k, physical * cols)
         elif spec.mnemonic == "im2col":
             params = tuple(int(v) for v in prepared.constants[ops["params"]][0])
             g = dict(zip(isa.IM2COL_PARAMS, params))
@@ -185,7 +200,7 @@ def _walk(prepared: PreparedProgram) -> Walk:
         else:
             step = Step(rows, ops.get("ncols", 0))
         steps.append(step)
-    return Walk(steps, weights, held, index)
+    return Walk(steps, weights, held, index, item_weights)
 
 
 @dataclass
@@ -322,7 +337,8 @@ class PreparedProgram:
     def work(self, batch: int) -> int:
         """Operations a functional run of ``batch`` items does: per item, each vector an
         instruction treats counts one plus its columns (an mvm: the cell-MACs of its
-        image), plus one per instruction; each prog adds its cells once."""
+        image), plus one per instruction; each prog adds its cells once, and each
+        progb its cells and its operand's values per item."""
         return self.walk.work(batch)
 
     def memory_bytes(self, batch: int, backend: str | None = None, functional: bool = True) -> int:

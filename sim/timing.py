@@ -3,8 +3,9 @@
 Time is kept in integer picoseconds so that sums are exact and independent of order.
 Each instruction occupies one unit (its crossbar, the digital unit, or the I/O unit)
 for its latency, times the vectors it treats for per-vector instructions: the batch times
-the rows per item of the buffer it acts on (``InstrSpec.rows_from``). Two figures come
-out:
+the rows per item of the buffer it acts on (``InstrSpec.rows_from``); times the batch
+for per-item instructions (``InstrSpec.per_item``: a ``progb`` writes each item's own
+operand). Two figures come out:
 
 * ``sequential_ps``: the sum of all latencies, every instruction after the last;
 * ``latency_ps``: the makespan of an in-order list schedule in which an instruction
@@ -25,6 +26,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from tvm_cim.core.arch import CimArch
+from tvm_cim.core.cells import DIFFERENTIAL_ROW
 from tvm_cim.core.errors import InputError
 
 from . import isa
@@ -120,24 +122,33 @@ class SimStats:
 
 
 class Timeline:
-    """Issues instructions one by one into the schedule and tallies ``SimStats``."""
+    """Issues instructions one by one into the schedule and tallies ``SimStats``.
 
-    def __init__(self, arch: CimArch, batch: int, buffer_rows: list[int], images):
+    ``images`` and ``constants`` are the program's tables: what a crossbar write puts on
+    its crossbar (the cells later mvms count) comes from them.
+    """
+
+    def __init__(self, arch: CimArch, batch: int, buffer_rows: list[int], images, constants=()):
         self.stats = SimStats(arch, batch, busy_ps=[0] * arch.crossbars)
         self.lat = arch.latency_ps()
         self.images = images
+        self.constants = constants
+        self.differential_rows = arch.mapping == DIFFERENTIAL_ROW
         self.buffer_rows = buffer_rows
         self.unit_free: dict[object, int] = {}
         self.written = [0] * len(buffer_rows)  # when the last write of each buffer ends
         self.read = [0] * len(buffer_rows)  # when the last read of each buffer ends
-        self.image_on = [None] * arch.crossbars
+        self.cells_on = [0] * arch.crossbars  # cells of what each crossbar holds
 
     def issue(self, mnemonic: str, ops: dict[str, int]) -> int:
         """Schedule one instruction; returns when it ends."""
         spec = isa.BY_MNEMONIC[mnemonic]
         st = self.stats
         st.instructions[mnemonic] = st.instructions.get(mnemonic, 0) + 1
-        vectors = st.batch * self.buffer_rows[ops[spec.rows_from]] if spec.per_vector else 1
+        if spec.per_vector:
+            vectors = st.batch * self.buffer_rows[ops[spec.rows_from]]
+        else:
+            vectors = st.batch if spec.per_item else 1
         lat = self.lat[spec.latency_class] * vectors if spec.latency_class else 0
         xb = ops[_CROSSBAR[mnemonic]] if spec.unit == "crossbar" else None
         unit = spec.unit if xb is None else ("xb", xb)
@@ -165,13 +176,17 @@ class Timeline:
     def _count(self, spec: isa.InstrSpec, ops: dict[str, int], xb, vectors: int) -> None:
         """Add what the instruction's ``isa.Count`` entries say to the counters."""
         if _IMAGE[spec.mnemonic] is not None:
-            self.image_on[xb] = self.images[ops[_IMAGE[spec.mnemonic]]]
+            image = self.images[ops[_IMAGE[spec.mnemonic]]]
+            self.cells_on[xb] = image.physical_rows * image.cols
+        if spec.cells_from is not None:
+            params = self.constants[ops[spec.cells_from]][0]
+            _, rows, cols = isa.progb_tile(params, self.differential_rows)
+            self.cells_on[xb] = rows * cols
         st = self.stats
         for count in spec.counts:
             n = vectors * ops[count.operand] if count.operand else vectors
             if count.per_cell:
-                image = self.image_on[xb]
-                n *= image.physical_rows * image.cols
+                n *= self.cells_on[xb]
             setattr(st, count.counter, getattr(st, count.counter) + n)
 
 
@@ -189,7 +204,7 @@ def _timeline(program: Program, batch: int | None, arch: CimArch | None) -> Time
         raise InputError(f"the program is compiled for a batch of {fixed.pop()}, not {batch}")
     if batch < 1:
         raise InputError("the batch must hold at least one input vector")
-    return Timeline(arch, batch, program.buffer_rows, program.images)
+    return Timeline(arch, batch, program.buffer_rows, program.images, program.constants)
 
 
 def estimate(program: Program, batch: int | None = None, arch: CimArch | None = None) -> SimStats:

@@ -4,14 +4,16 @@ Everything the simulator backends index is checked here, before any instruction
 runs: the Cython core then executes without bounds checks. The checks follow the
 ISA table (operand kinds) plus the dataflow facts a table cannot express: a crossbar
 is programmed before it is driven, its column sums are held before they are read (into a
-buffer with as many rows per item as the mvm's source), an ``im2col`` source was written
-first, and the program ends with ``halt``.
+buffer with as many rows per item as the mvm's source), an ``im2col`` or ``progb`` source
+was written first, a ``progb`` tile fits its crossbar, and the program ends with ``halt``.
+The values a ``progb`` maps are known only at run time: the backends check their range.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from tvm_cim.core import cells
 from tvm_cim.core.arch import CimArch
 from tvm_cim.core.errors import ProgramError
 from tvm_cim.core.quant import MAX_SHIFT
@@ -112,13 +114,13 @@ def _check_tables(program: Program, arch: CimArch) -> None:
 
 
 class _Checker:
-    """Walks the code once, tracking which image each crossbar holds, the rows of the
-    column sums it holds, and which buffers have been written."""
+    """Walks the code once, tracking what each crossbar holds, the rows of the column
+    sums it holds, and which buffers have been written."""
 
     def __init__(self, program: Program, arch: CimArch):
         self.p = program
         self.arch = arch
-        self.image_on = [None] * arch.crossbars  # image index per crossbar
+        self.shape_on = [None] * arch.crossbars  # (inputs, columns) each crossbar holds
         self.held = [0] * arch.crossbars  # rows per item of the held column sums (0: none)
         self.written = [False] * len(program.buffers)
 
@@ -185,7 +187,49 @@ class _Checker:
 
     def check_prog(self, i, ops):
         self.index(i, "image", ops["image"], len(self.p.images))
-        self.image_on[ops["xb"]] = ops["image"]
+        img = self.p.images[ops["image"]]
+        self.shape_on[ops["xb"]] = (img.in_rows, img.cols)
+        self.held[ops["xb"]] = 0
+
+    def check_progb(self, i, ops):
+        src, c = ops["src"], ops["params"]
+        if not self.written[src]:
+            self.fail(i, f"progb reads b{src} before any instruction wrote it")
+        self.index(i, "const", c, len(self.p.constants))
+        const = self.p.constants[c]
+        if const.shape != (1, len(isa.PROGB_PARAMS)):
+            self.fail(i, f"progb params c{c} must be [1, {len(isa.PROGB_PARAMS)}]")
+        g = dict(zip(isa.PROGB_PARAMS, (int(v) for v in const[0])))
+        where = f"progb params c{c}"
+        limits = {"K": (1, isa.MAX_COLUMNS), "N": (1, isa.MAX_COLUMNS), "col": (0, isa.MAX_COLUMNS)}
+        limits |= {"transpose": (0, 1), "bits": (1, isa.PROGB_MAX_BITS)}
+        for name, (low, high) in limits.items():
+            if not low <= g[name] <= high:
+                self.fail(i, f"{where}: {name}={g[name]} outside {low}..{high}")
+        k, n = g["K"], g["N"]
+        rows, width = (n, k) if g["transpose"] else (k, n)
+        have = self.p.buffer_rows[src]
+        if have < rows:
+            self.fail(i, f"progb: the operand spans {rows} rows per item, b{src} has {have}")
+        self.span(i, "progb operand", g["col"], width, self.p.buffers[src])
+        layout = cells.layout(n, g["bits"], self.arch.cell_bits, self.arch.mapping)
+        r0, r1, c0, c1 = g["r0"], g["r1"], g["c0"], g["c1"]
+        if not 0 <= r0 < r1 <= k:
+            self.fail(i, f"{where}: inputs {r0}..{r1} are not a range within K={k}")
+        if not 0 <= c0 < c1 <= layout.logical_cols:
+            self.fail(
+                i,
+                f"{where}: columns {c0}..{c1} are not a range within the "
+                f"{layout.logical_cols} logical columns of N={n} at {g['bits']} bits",
+            )
+        tile_rows, tile_cols = layout.physical_rows(r1 - r0), c1 - c0
+        if tile_rows > self.arch.rows or tile_cols > self.arch.cols:
+            self.fail(
+                i,
+                f"{where}: a tile of {tile_rows}x{tile_cols} cells exceeds the "
+                f"{self.arch.rows}x{self.arch.cols} crossbar",
+            )
+        self.shape_on[ops["xb"]] = (r1 - r0, tile_cols)
         self.held[ops["xb"]] = 0
 
     def transfer(self, i: int, mnemonic: str, ops: dict, role: str, tensor_end: str) -> None:
@@ -206,22 +250,20 @@ class _Checker:
         self.transfer(i, "load", ops, "input", tensor_end="src")
 
     def check_mvm(self, i, ops):
-        image = self.image_on[ops["xb"]]
-        if image is None:
+        shape = self.shape_on[ops["xb"]]
+        if shape is None:
             self.fail(i, f"mvm drives crossbar x{ops['xb']} before it was programmed")
-        rows = self.p.images[image].in_rows
+        rows = shape[0]
         self.span(i, "mvm input", ops["src_col"], rows, self.p.buffers[ops["src"]])
         self.held[ops["xb"]] = self.p.buffer_rows[ops["src"]]
 
     def check_adc(self, i, ops):
         xb = ops["xb"]
-        if self.image_on[xb] is None:
+        if self.shape_on[xb] is None:
             self.fail(i, f"adc reads crossbar x{xb}, which was never programmed")
         if not self.held[xb]:
             self.fail(i, f"adc reads crossbar x{xb} before any mvm since it was programmed")
-        self.span(
-            i, "adc crossbar", ops["col"], ops["ncols"], self.p.images[self.image_on[xb]].cols
-        )
+        self.span(i, "adc crossbar", ops["col"], ops["ncols"], self.shape_on[xb][1])
         self.buffer_span(i, "adc destination", ops, "dst", ops["ncols"])
         self.same_rows(i, "adc", f"crossbar x{xb} holds sums for", self.held[xb], ops["dst"])
         if self.arch.adc_bits is None and ops["shift"]:

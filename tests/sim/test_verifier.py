@@ -220,7 +220,7 @@ def test_halt_not_last():
     rejects(with_code(p, np.vstack([p.code, p.code[-1:]])), r"halt before the end", index=8)
 
 
-@pytest.mark.parametrize("opcode", [10, 31, 63, -1, 1 << 40])
+@pytest.mark.parametrize("opcode", [len(isa.INSTRUCTIONS), 31, 63, -1, 1 << 40])
 def test_unknown_opcode(opcode):
     p = tiny()
     p.code[4, 0] = opcode
