@@ -86,10 +86,13 @@ def test_names_and_shapes():
         "digits-cnn",
         "mnist1d-cnn",
         "mnist1d-resnet",
+        "digits-vit",
         "resnet20",
         "resnet18",
         "vgg16",
         "mobilenetv2",
+        "vit-b32",
+        "vit-b16",
     ]
     assert zoo.input_shape("digits-cnn") == (1, 8, 8)
     assert zoo.input_shape("mnist1d-cnn") == (1, 1, 40)

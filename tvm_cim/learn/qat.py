@@ -20,10 +20,17 @@ Each quantized layer fake-quantizes its input activation to ``a_bits`` and its w
 * rounding half to even and clamping exactly as ``tvm_cim.core.quant.quantize`` (division in
   float32), with straight-through gradients inside the clamping range.
 
+Matmuls of two activations (``tvm_cim.learn.zoo.attention.ActivationMatmul``, attention's
+``q @ kᵀ`` and ``a @ v``) become ``QuantActivationMatmul`` at the same path: the operand
+stored in the crossbar is fake-quantized to the policy's ``w_bits``, the driven one to its
+``a_bits``, each as an activation (its own calibrated scale, signedness from calibration,
+zero point 0).
+
 ``export_onnx`` writes the trained model as a QDQ ONNX graph whose integer semantics are
 those of the fake quantization: ``Clip`` to the code range, ``QuantizeLinear`` /
 ``DequantizeLinear`` for activations, int8 weight codes with per-channel scales through
-``DequantizeLinear``; the Conv/Gemm nodes carry the layer paths as names
+``DequantizeLinear``, both operands of an activation matmul as activations before its
+``MatMul``; the Conv/Gemm/MatMul nodes carry the layer paths as names
 (``tvm_cim.learn.onnx_export``, shared with the model zoo's float export). ``tvm-cim
 compile`` takes it with no further flags.
 """
@@ -49,6 +56,7 @@ from tvm_cim.core.quant import (
     weight_scales,
 )
 from tvm_cim.learn.onnx_export import write_onnx
+from tvm_cim.learn.zoo.attention import ActivationMatmul
 from tvm_cim.learn.zoo.layers import quantizable_layers
 
 ACT_MOMENTUM = 0.9
@@ -80,25 +88,38 @@ def weight_fake_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     return fake_quantize(weight, scale.reshape(shape), -qmax, qmax), scale
 
 
-class _QuantMixin:
-    """State and behaviour shared by the quantized layers."""
+class _ActivationObserver:
+    """Calibrated fake quantization of one activation tensor, to ``act_bits``-wide codes.
 
-    def _init_quant(self, bits: Bits):
-        self.bits = bits
+    The module keeps the running maximum of ``|x|`` (``act_absmax``, exponential moving
+    average over training-mode calls) and the smallest value seen (``act_min``, which
+    makes the codes signed once it is negative) as buffers; eval mode freezes them.
+    """
+
+    @property
+    def act_bits(self) -> int:
+        raise NotImplementedError
+
+    def _init_observer(self) -> None:
         self.register_buffer("act_absmax", torch.zeros(()))
         self.register_buffer("act_min", torch.full((), float("inf")))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.exporting = False
+
+    def reset_observer(self) -> None:
+        """Forget the calibration: the next call sets the scale afresh."""
+        self.calibrated.fill_(False)
+        self.act_min.fill_(float("inf"))
 
     @property
     def signed_input(self) -> bool:
         return bool(self.act_min < 0)
 
     def act_range(self) -> tuple[int, int]:
-        return quant_range(self.bits.a_bits, self.signed_input)
+        return quant_range(self.act_bits, self.signed_input)
 
     def act_scale(self) -> torch.Tensor:
-        return activation_scale(self.act_absmax, self.bits.a_bits, self.signed_input)
+        return activation_scale(self.act_absmax, self.act_bits, self.signed_input)
 
     def _observe(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -117,6 +138,18 @@ class _QuantMixin:
             self._observe(x)
         qmin, qmax = self.act_range()
         return fake_quantize(x, self.act_scale(), qmin, qmax)
+
+
+class _QuantMixin(_ActivationObserver):
+    """State and behaviour shared by the quantized layers; the input takes ``a_bits``."""
+
+    def _init_quant(self, bits: Bits):
+        self.bits = bits
+        self._init_observer()
+
+    @property
+    def act_bits(self) -> int:
+        return self.bits.a_bits
 
     def quantized_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fake-quantized weight and bias; the bias on the accumulator's grid.
@@ -152,6 +185,66 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return F.linear(x, *self.quantized_params())
 
 
+class ActivationQuantizer(_ActivationObserver, nn.Module):
+    """Calibrated fake quantization of one operand of a ``QuantActivationMatmul``.
+
+    Parameters
+    ----------
+    bits
+        Code width (``act_bits``); the matmul sets it from its ``Bits``.
+    """
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+        self._init_observer()
+
+    @property
+    def act_bits(self) -> int:
+        return self.bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_input(x)
+
+
+class QuantActivationMatmul(ActivationMatmul):
+    """``ActivationMatmul`` with both operands fake-quantized, each with its own scale.
+
+    The driven operand (``driven``, the one fed bit-serially) takes ``a_bits``, the stored
+    operand (``stored``, written into the crossbar at run time) ``w_bits``; both are
+    activations, so both are calibrated like a layer's input (running maximum, signed
+    codes once a negative value was seen, zero point 0).
+
+    Parameters
+    ----------
+    bits
+        The widths of the two operands.
+    """
+
+    def __init__(self, bits: Bits = W8A8) -> None:
+        super().__init__()
+        self.driven = ActivationQuantizer(bits.a_bits)
+        self.stored = ActivationQuantizer(bits.w_bits)
+        self.bits = bits
+
+    @property
+    def bits(self) -> Bits:
+        return self._bits
+
+    @bits.setter
+    def bits(self, bits: Bits) -> None:
+        self._bits = bits
+        self.driven.bits = bits.a_bits
+        self.stored.bits = bits.w_bits
+
+    def forward(self, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.driven(x), self.stored(stored))
+
+
+#: Modules of a prepared model that carry a precision: quantized layers and matmuls.
+_QUANTIZED = (_QuantMixin, QuantActivationMatmul)
+
+
 def _export_activation(x, scale: float, qmin: int, qmax: int):
     """``Clip`` to the code range, then an 8-bit QDQ pair: ONNX export of ``fake_quantize``.
 
@@ -166,7 +259,7 @@ def _export_activation(x, scale: float, qmin: int, qmax: int):
 
 def layer_names(model: nn.Module) -> list[str]:
     """Paths of the quantizable (or quantized) layers, in ``named_modules()`` order: every
-    ``Conv2d`` (grouped ones included) and ``Linear``."""
+    ``Conv2d`` (grouped ones included), ``Linear`` and ``ActivationMatmul``."""
     return quantizable_layers(model)
 
 
@@ -175,27 +268,38 @@ def _resolve(model: nn.Module, precision) -> dict[str, Bits]:
     return {n: b or W8A8 for n, b in Precision.load(precision).resolve(names).items()}
 
 
+def _quantized_twin(module: nn.Module, bits: Bits) -> nn.Module:
+    """The quantized module that replaces ``module``, sharing its parameters."""
+    if isinstance(module, ActivationMatmul):
+        return QuantActivationMatmul(bits).train(module.training)
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    quant = cls.__new__(cls)
+    quant.__dict__.update(module.__dict__)
+    quant._init_quant(bits)
+    return quant
+
+
 def prepare(model: nn.Module, precision=None) -> nn.Module:
     """Replace quantizable layers by quantized ones, in place; returns ``model``.
 
-    Layers that are already quantized keep their calibration and take the new bits, so
-    preparing a prepared model sets its precision. ``precision`` is anything ``tvm_cim.core.precision.Precision.load`` reads, naming layers
-    by module path; unspecified layers get W8A8. Weight bits must be at least 2.
+    ``Conv2d`` and ``Linear`` layers become ``QuantConv2d`` and ``QuantLinear``;
+    ``ActivationMatmul`` modules (attention's ``q @ kᵀ`` and ``a @ v``) become
+    ``QuantActivationMatmul``, whose stored operand takes ``w_bits`` and driven operand
+    ``a_bits``. Layers that are already quantized keep their calibration and take the new
+    bits, so preparing a prepared model sets its precision. ``precision`` is anything
+    ``tvm_cim.core.precision.Precision.load`` reads, naming layers by module path;
+    unspecified layers get W8A8. Weight bits must be at least 2.
     """
     bits = _resolve(model, precision)
     for name, b in bits.items():
         if b.w_bits < 2:
             raise CimError(f"{name}: symmetric weights need at least 2 bits, got w_bits=1")
     for name, module in list(model.named_modules()):
-        if name not in bits or isinstance(module, _QuantMixin):
-            if isinstance(module, _QuantMixin):
+        if name not in bits or isinstance(module, _QUANTIZED):
+            if isinstance(module, _QUANTIZED):
                 module.bits = bits[name]
             continue
-        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        quant = cls.__new__(cls)
-        quant.__dict__.update(module.__dict__)
-        quant._init_quant(bits[name])
-        _set_module(model, name, quant)
+        _set_module(model, name, _quantized_twin(module, bits[name]))
     return model
 
 
@@ -203,7 +307,7 @@ def set_precision(model: nn.Module, precision) -> None:
     """Change the bit widths of a prepared model's layers (keeps the calibration)."""
     for name, b in _resolve(model, precision).items():
         layer = model.get_submodule(name)
-        if not isinstance(layer, _QuantMixin):
+        if not isinstance(layer, _QUANTIZED):
             raise CimError(f"{name}: the model is not prepared for QAT; call prepare() first")
         if b.w_bits < 2:
             raise CimError(f"{name}: symmetric weights need at least 2 bits, got w_bits=1")
@@ -213,7 +317,7 @@ def set_precision(model: nn.Module, precision) -> None:
 def precision_of(model: nn.Module) -> dict[str, dict]:
     """``{layer: {w_bits, a_bits}}`` of a prepared model."""
     return {
-        name: m.bits.to_dict() for name, m in model.named_modules() if isinstance(m, _QuantMixin)
+        name: m.bits.to_dict() for name, m in model.named_modules() if isinstance(m, _QUANTIZED)
     }
 
 
@@ -226,9 +330,8 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Reset and recompute every activation scale from ``batches`` (train-mode statistics)."""
     for m in model.modules():
-        if isinstance(m, _QuantMixin):
-            m.calibrated.fill_(False)
-            m.act_min.fill_(float("inf"))
+        if isinstance(m, _ActivationObserver):
+            m.reset_observer()
     was_training = model.training
     model.train()
     for x in batches:
@@ -242,13 +345,15 @@ def _frozen_for_export(model: nn.Module):
 
     Inside, quantized layers compute with ``torch.fake_quantize_per_*_affine`` on frozen
     buffers (``export_weight``, ``export_scale``, ``export_bias``) and Python-number
-    activation scales, which both ONNX export and ``torch.export`` trace into constants.
-    Yields ``{path: layer}``; restores the model on exit.
+    activation scales (those of matmul operands too), which both ONNX export and
+    ``torch.export`` trace into constants. Yields ``{path: layer}`` of the quantized layers
+    and matmuls; restores the model on exit.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _QUANTIZED)}
     if not layers:
         raise CimError("the model has no quantized layers; call tvm_cim.learn.qat.prepare() first")
-    uncalibrated = [n for n, m in layers.items() if not bool(m.calibrated)]
+    observers = {n: m for n, m in model.named_modules() if isinstance(m, _ActivationObserver)}
+    uncalibrated = [n for n, m in observers.items() if not bool(m.calibrated)]
     if uncalibrated:
         raise CimError(
             f"{uncalibrated[0]}: no activation scale yet; run tvm_cim.learn.qat.calibrate() or "
@@ -256,7 +361,8 @@ def _frozen_for_export(model: nn.Module):
         )
     was_training = model.training
     model.eval()
-    for m in layers.values():
+    weighted = [m for m in layers.values() if isinstance(m, _QuantMixin)]
+    for m in weighted:
         with torch.no_grad():
             weight_q, bias_q = m.quantized_params()
             scale = weight_fake_quantize(m.weight, m.bits.w_bits)[1]
@@ -266,14 +372,17 @@ def _frozen_for_export(model: nn.Module):
         m.register_buffer("export_zero_point", torch.zeros(scale.numel(), dtype=torch.int32))
         if bias_q is not None:
             m.register_buffer("export_bias", bias_q)
+    for m in observers.values():
         m.export_activation = (float(m.act_scale()), *m.act_range())
         m.exporting = True
     try:
         yield layers
     finally:
-        for m in layers.values():
+        for m in observers.values():
             m.exporting = False
-            del m.export_weight, m.export_scale, m.export_zero_point, m.export_activation
+            del m.export_activation
+        for m in weighted:
+            del m.export_weight, m.export_scale, m.export_zero_point
             if hasattr(m, "export_bias"):
                 del m.export_bias
         model.train(was_training)
@@ -282,10 +391,10 @@ def _frozen_for_export(model: nn.Module):
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor) -> Path:
     """Write the prepared model as a QDQ ONNX file; returns the path.
 
-    Conv and Gemm nodes of quantized layers are named by their module paths, so
-    precision configs and compile reports use the same names as training. Weight codes
-    and scales stay apart (no constant folding): each weight is an int8 initializer read
-    by a ``DequantizeLinear``.
+    Conv, Gemm and MatMul nodes of quantized layers and matmuls are named by their module
+    paths, so precision configs and compile reports use the same names as training. Weight
+    codes and scales stay apart (no constant folding): each weight is an int8 initializer
+    read by a ``DequantizeLinear``.
     """
     with _frozen_for_export(model) as layers:
         return write_onnx(

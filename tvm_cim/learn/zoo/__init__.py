@@ -6,7 +6,8 @@
 Layer names follow the usual PyTorch module paths (``named_modules()``), because precision
 policies name layers by those paths: the ImageNet and CIFAR architectures use
 torchvision's names (``conv1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``;
-``features.0``, ``classifier.6``; ``features.1.conv.0.0``, ``classifier.1``) and are written
+``features.0``, ``classifier.6``; ``features.1.conv.0.0``, ``classifier.1``;
+``conv_proj``, ``encoder.layers.encoder_layer_0.mlp.0``, ``heads.head``) and are written
 here by hand, so torchvision is not needed.
 
 ================== =================== ================================================
@@ -16,10 +17,13 @@ name               input shape         model
 ``digits-cnn``     ``(1, 8, 8)``       two 3x3 convolutions, two linear layers
 ``mnist1d-cnn``    ``(1, 1, 40)``      three ``(1, k)`` convolutions with BN, a linear layer
 ``mnist1d-resnet`` ``(1, 1, 40)``      1-D ResNet: 21 ``(1, k)`` convolutions, a linear layer
+``digits-vit``     ``(1, 8, 8)``       ViT for digits: 4x4 patches, 2 blocks of width 64
 ``resnet20``       ``(3, 32, 32)``     CIFAR ResNet-20 (He et al., option A shortcuts)
 ``resnet18``       ``(3, 224, 224)``   ImageNet ResNet-18 (torchvision layout)
 ``vgg16``          ``(3, 224, 224)``   ImageNet VGG-16 (torchvision layout)
 ``mobilenetv2``    ``(3, 224, 224)``   ImageNet MobileNetV2 (torchvision layout)
+``vit-b32``        ``(3, 224, 224)``   ImageNet ViT-B/32 (torchvision layout)
+``vit-b16``        ``(3, 224, 224)``   ImageNet ViT-B/16 (torchvision layout)
 ================== =================== ================================================
 
 One-dimensional signals are handled as images of height 1: ``mnist1d-cnn`` and
@@ -30,9 +34,17 @@ three stages of residual blocks (identity shortcuts, and 1x1 projections where a
 halves the signal), named as ``resnet20``'s (``layer2.0.downsample.0``).
 ``tvm_cim.learn.data.load("mnist1d")`` yields samples of that same shape ``(1, 1, 40)``.
 
-The families live in ``small``, ``resnet``, ``resnet1d``, ``vgg`` and ``mobilenet``; ``layers`` says which
-layers the crossbars take, ``batchnorm`` folds batch norm into convolutions, and
-``export_onnx`` writes float graphs through ``tvm_cim.learn.onnx_export``.
+The vision transformers write attention out with its two matmuls of activations as
+``ActivationMatmul`` modules (``encoder.layers.encoder_layer_0.self_attention.qk`` for
+``q @ kᵀ``, ``...self_attention.av`` for ``a @ v``), so policies name them like the linear
+layers: per block ``self_attention.in_proj``, ``qk``, ``av``, ``out_proj``, ``mlp.0`` and
+``mlp.3``, between ``conv_proj`` and ``heads.head`` (74 layers for ViT-B/32, CIM-AQ's order).
+torchvision's state dicts load into them as they are.
+
+The families live in ``small``, ``resnet``, ``resnet1d``, ``vgg``, ``mobilenet`` and ``vit``
+(its attention in ``attention``); ``layers`` says which layers the crossbars take,
+``batchnorm`` folds batch norm into convolutions, and ``export_onnx`` writes float graphs
+through ``tvm_cim.learn.onnx_export``.
 
 Importing this package imports PyTorch; ``import tvm_cim`` does not import it.
 """
@@ -48,13 +60,15 @@ from torch import nn
 
 from tvm_cim.core.errors import CimError
 from tvm_cim.learn.onnx_export import write_onnx
+from tvm_cim.learn.zoo.attention import ActivationMatmul, SelfAttention
 from tvm_cim.learn.zoo.batchnorm import fold_batchnorm
-from tvm_cim.learn.zoo.layers import depthwise_layers, quantizable_layers
+from tvm_cim.learn.zoo.layers import activation_matmuls, depthwise_layers, quantizable_layers
 from tvm_cim.learn.zoo.mobilenet import MobileNetV2
 from tvm_cim.learn.zoo.resnet import ResNet18, ResNet20
 from tvm_cim.learn.zoo.resnet1d import Mnist1dResNet
 from tvm_cim.learn.zoo.small import DigitsCNN, DigitsMLP, Mnist1dCNN
 from tvm_cim.learn.zoo.vgg import VGG16
+from tvm_cim.learn.zoo.vit import DigitsViT, VisionTransformer, ViTB16, ViTB32
 
 __all__ = [
     "build",
@@ -62,6 +76,7 @@ __all__ = [
     "input_shape",
     "quantizable_layers",
     "depthwise_layers",
+    "activation_matmuls",
     "fold_batchnorm",
     "export_onnx",
     "DigitsMLP",
@@ -72,6 +87,12 @@ __all__ = [
     "ResNet18",
     "VGG16",
     "MobileNetV2",
+    "ActivationMatmul",
+    "SelfAttention",
+    "VisionTransformer",
+    "DigitsViT",
+    "ViTB32",
+    "ViTB16",
 ]
 
 
@@ -86,10 +107,13 @@ _REGISTRY: dict[str, _Entry] = {
     "digits-cnn": _Entry(DigitsCNN, (1, 8, 8)),
     "mnist1d-cnn": _Entry(Mnist1dCNN, (1, 1, 40)),
     "mnist1d-resnet": _Entry(Mnist1dResNet, (1, 1, 40)),
+    "digits-vit": _Entry(DigitsViT, (1, 8, 8)),
     "resnet20": _Entry(ResNet20, (3, 32, 32)),
     "resnet18": _Entry(ResNet18, (3, 224, 224)),
     "vgg16": _Entry(VGG16, (3, 224, 224)),
     "mobilenetv2": _Entry(MobileNetV2, (3, 224, 224)),
+    "vit-b32": _Entry(ViTB32, (3, 224, 224)),
+    "vit-b16": _Entry(ViTB16, (3, 224, 224)),
 }
 
 

@@ -1,14 +1,19 @@
-"""Which layers of a model the crossbars can take: dense ``Conv2d`` and ``Linear`` layers."""
+"""Which layers of a model the crossbars can take: dense ``Conv2d`` and ``Linear`` layers,
+and the matmuls of two activations (``ActivationMatmul``, attention's ``q @ kᵀ`` and
+``a @ v``)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["quantizable_layers", "depthwise_layers"]
+from tvm_cim.learn.zoo.attention import ActivationMatmul
+
+__all__ = ["quantizable_layers", "depthwise_layers", "activation_matmuls"]
 
 
 def quantizable_layers(model: nn.Module, *, include_depthwise: bool = True) -> list[str]:
-    """``named_modules()`` paths of the model's ``Conv2d`` and ``Linear`` layers.
+    """``named_modules()`` paths of the model's ``Conv2d``, ``Linear`` and
+    ``ActivationMatmul`` layers.
 
     The order is ``named_modules()`` order, which indexes layers in CIM-AQ's policies.
 
@@ -28,9 +33,25 @@ def quantizable_layers(model: nn.Module, *, include_depthwise: bool = True) -> l
     return [
         path
         for path, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, (nn.Linear, ActivationMatmul))
         or (isinstance(module, nn.Conv2d) and (include_depthwise or module.groups == 1))
     ]
+
+
+def activation_matmuls(model: nn.Module) -> list[str]:
+    """``named_modules()`` paths of the model's ``ActivationMatmul`` layers.
+
+    Parameters
+    ----------
+    model
+        Any module.
+
+    Returns
+    -------
+    list of str
+        The layer paths, a subset of ``quantizable_layers(model)`` in the same order.
+    """
+    return [path for path, module in model.named_modules() if isinstance(module, ActivationMatmul)]
 
 
 def depthwise_layers(model: nn.Module) -> list[str]:
