@@ -63,6 +63,7 @@ BASE_RECIPES = {
     "digits-mlp": {"fp32": (30, 3e-3, 32), "w8a8": (8, 2e-4, 32)},
     "mnist1d-cnn": {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)},
     "mnist1d-resnet": {"fp32": (10, 3e-3, 128), "w8a8": (2, 2e-4, 128)},  # 60,000 samples
+    "digits-vit": {"fp32": (20, 1e-3, 64), "w8a8": (5, 2e-4, 64)},
 }
 _DEFAULT_RECIPE = {"fp32": (20, 3e-3, 64), "w8a8": (5, 2e-4, 64)}
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-BENCHMARKS = ["sim_throughput.py", "compile_models.py", "crossbars.py", "qat.py", "conformance.py"]
+BENCHMARKS = [
+    "sim_throughput.py",
+    "compile_models.py",
+    "crossbars.py",
+    "transformers.py",
+    "qat.py",
+    "conformance.py",
+]
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent

@@ -34,7 +34,12 @@ from tvm_cim.agent.search import SearchSettings, run_search
 from tvm_cim.agent.strategies import STRATEGIES
 from tvm_cim.core.files import atomic_path
 
-MODELS = {"mnist1d-resnet": "mnist1d-80k", "digits-cnn": "digits", "mnist1d-cnn": "mnist1d"}
+MODELS = {
+    "mnist1d-resnet": "mnist1d-80k",
+    "digits-cnn": "digits",
+    "mnist1d-cnn": "mnist1d",
+    "digits-vit": "digits",
+}
 DEFAULT_MODELS = ("mnist1d-resnet", "digits-cnn")
 DEEP_MODEL = "mnist1d-resnet"
 GOAL_SPEEDUP = 2.5

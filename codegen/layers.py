@@ -11,7 +11,9 @@ codes when the graph quantizes them, bias, ReLU and output quantization.
 width, the input codes the crossbars receive and the integer bias.
 
 An operator computes ``acc = x_codes @ weight_codes`` (a convolution through im2col) on the
-crossbars, then either requantizes ``acc`` inside the program to the codes of its
+crossbars; an activation-activation matmul (``kind == "matmul"``, attention's ``Q @ Kᵀ`` and
+``A @ V``) has no weight: its ``stored`` operand is another activation, written into the
+crossbars at run time, head by head. It then either requantizes ``acc`` inside the program to the codes of its
 ``output`` spec, or hands ``acc`` to the host, which turns it into real values with
 ``(acc + int_bias) * scale + real_bias``.
 """
@@ -82,6 +84,27 @@ class ConvGeometry:
         return self.kernel[0] * self.kernel[1]
 
 
+@dataclass(frozen=True)
+class StoredOperand:
+    """The operand of an activation-activation matmul that the crossbars hold.
+
+    ``source`` is read like ``CimOp.source``; ``codes`` are its integer codes (None for
+    real values still to be quantized by the precision's ``w_bits`` and calibration);
+    ``shape`` is its graph shape, ``[..., K, N]`` with the driven operand's leading
+    dimensions.
+    """
+
+    source: tuple[str, int]
+    shape: tuple[int, ...]
+    codes: Codes | None = None
+
+    @property
+    def value_bits(self) -> int:
+        """Width of the signed values the crossbars hold: the codes' own, one more for
+        unsigned codes."""
+        return self.codes.bits + (0 if self.codes.signed else 1)
+
+
 @dataclass
 class CimOp:
     """One dense or convolution operator of a region.
@@ -91,11 +114,12 @@ class CimOp:
     name
         The operator's stable name (the ONNX node name, or one derived from its position).
     kind
-        ``"dense"`` or ``"conv2d"``.
+        ``"dense"``, ``"conv2d"`` or ``"matmul"`` (both operands activations).
     source
         ``("param", i)`` for the region's i-th parameter, ``("op", j)`` for operator j.
     weight
-        ``[K, N]``; for a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a
+        ``[K, N]`` (for a ``"matmul"``, a placeholder of that shape: see ``stored``); for
+        a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a
         float graph until quantized, else integer codes. A grouped convolution's weight
         is block-diagonal: column ``n`` of group ``n // (N / groups)`` is zero outside
         its group's input channels.
@@ -119,6 +143,12 @@ class CimOp:
         Requantize to these codes inside the program; None hands the accumulator out.
     conv
         Window and shapes of a convolution.
+    stored
+        The run-time operand of a ``"matmul"``; its codes' width is ``w_bits``.
+    images
+        Images one run of the graph feeds the operator (the graph's batch), when known:
+        a dense operator's leading dimensions may hold several vectors per image
+        (tokens); None takes the input's leading dimension.
     """
 
     name: str
@@ -135,11 +165,26 @@ class CimOp:
     relu: bool = False
     output: Codes | None = None
     conv: ConvGeometry | None = None
+    stored: StoredOperand | None = None
+    images: int | None = None
 
     @property
     def is_float(self) -> bool:
         """The weights are real values (a float graph's operator, not yet quantized)."""
         return bool(np.issubdtype(self.weight.dtype, np.floating))
+
+    @property
+    def heads(self) -> int:
+        """Independent matmuls per image: the leading dimensions of a ``"matmul"``'s
+        operands (attention heads), else 1."""
+        if self.stored is None:
+            return 1
+        return self._per_item(int(np.prod(self.in_shape[:-2], dtype=np.int64)))
+
+    def _per_item(self, count: int) -> int:
+        """``count`` things of one graph run, per item (all of them where the batch does
+        not divide them)."""
+        return count // self.batch if count % self.batch == 0 else count
 
     @property
     def a_bits(self) -> int:
@@ -167,15 +212,24 @@ class CimOp:
 
     @property
     def batch(self) -> int:
-        """Items the graph feeds the operator at once (its input's leading dimension)."""
+        """Items the graph feeds the operator at once: its images, else its input's
+        leading dimension."""
+        if self.images is not None:
+            return self.images
         return int(self.in_shape[0]) if self.in_shape else 1
 
     @property
     def vectors_per_item(self) -> int:
-        """Input vectors one batch item drives: ``O_h * O_w`` for a convolution, else 1."""
+        """Input vectors one batch item drives: ``O_h * O_w`` for a convolution, the rows
+        of one head for a ``"matmul"``, the vectors of one image for a dense operator (1,
+        or its tokens)."""
         if self.conv is not None:
             return self.conv.out_height * self.conv.out_width
-        return 1
+        if self.stored is not None:
+            return int(self.in_shape[-2])
+        if len(self.in_shape) < 2:
+            return 1
+        return self._per_item(int(np.prod(self.in_shape[:-1], dtype=np.int64)))
 
     def int_bias_or_zero(self) -> np.ndarray:
         if self.int_bias is None:

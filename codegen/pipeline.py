@@ -51,9 +51,13 @@ def stages(program: Program) -> list[list[int]]:
 
 def tiles_fit(program: Program) -> bool:
     """Every tile write of the program can have a crossbar of its own (no more ``prog``
-    than crossbars), so that a stream of it can keep its weights."""
-    writes = sum(1 for mnemonic, _ in program.instructions() if mnemonic == "prog")
-    return writes <= program.arch.crossbars
+    than crossbars), so that a stream of it can keep its weights. A program writing
+    run-time operands (``progb``, attention's matmuls) rewrites its crossbars for every
+    image anyway: its stream is not weight-stationary."""
+    mnemonics = [mnemonic for mnemonic, _ in program.instructions()]
+    if "progb" in mnemonics:
+        return False
+    return mnemonics.count("prog") <= program.arch.crossbars
 
 
 #: The label ``stream_program`` gives the load's instructions (and the final halt).

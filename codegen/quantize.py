@@ -20,8 +20,14 @@ from tvm_cim.core.quant import activation_scale, quant_range, quantize, weight_q
 from .layers import CimOp, Codes, Region
 from .mapping import placeholder_weight
 
-#: Calibration ranges: each float operator's input ``(min, max)``, by operator name.
+#: Calibration ranges: each float operator's input ``(min, max)``, by operator name (the
+#: stored operand of an activation-activation matmul under ``stored_range_key``).
 Ranges = dict[str, tuple[float, float]]
+
+
+def stored_range_key(name: str) -> str:
+    """The calibration key of the stored operand of matmul ``name``."""
+    return f"{name}/stored"
 
 
 def code_bits(codes: np.ndarray) -> int:
@@ -34,24 +40,59 @@ def code_bits(codes: np.ndarray) -> int:
 
 
 def _input_codes(op: CimOp, bits: Bits | None, ranges: Ranges | None) -> Codes:
-    if op.input is not None:
-        codes = op.input if bits is None else replace(op.input, bits=bits.a_bits)
+    a_bits = None if bits is None else bits.a_bits
+    return _activation_codes(op.name, op.input, a_bits, ranges, op.name, "a_bits", False)
+
+
+def _stored_codes(op: CimOp, bits: Bits | None, ranges: Ranges | None) -> Codes:
+    """The codes of a matmul's stored operand: ``w_bits`` wide."""
+    w_bits = None if bits is None else bits.w_bits
+    key = stored_range_key(op.name)
+    return _activation_codes(op.name, op.stored.codes, w_bits, ranges, key, "w_bits", True)
+
+
+def _activation_codes(
+    name: str,
+    stated: Codes | None,
+    bits: int | None,
+    ranges: Ranges | None,
+    key: str,
+    what: str,
+    cost_signed: bool,
+) -> Codes:
+    """Codes of an activation: those the graph states (at ``bits`` when given), else from
+    the calibration range under ``key`` (``bits`` or 8; ``what`` names the width in
+    errors); a cost-only lowering needs no scale, and takes ``cost_signed`` codes for real
+    values."""
+    if stated is not None:
+        codes = stated if bits is None else replace(stated, bits=bits)
         if ranges is None and codes.scale is None:  # cost only: any scale gives the stream
             codes = replace(codes, scale=1.0)
         return codes
-    a_bits = (bits or W8A8).a_bits
+    bits = bits or W8A8.a_bits
     if ranges is None:  # cost only: the scale does not change the instruction stream
-        return Codes(a_bits, False, 1.0, 0)
-    if op.name not in ranges:
+        return Codes(bits, cost_signed, 1.0, 0)
+    if key not in ranges:
         raise CimError(
-            f"{op.name}: a float operator needs calibration data (or a QDQ model) to set its "
+            f"{name}: a float operator needs calibration data (or a QDQ model) to set its "
             f"activation scale"
         )
-    lo, hi = ranges[op.name]
+    lo, hi = ranges[key]
     signed = lo < 0
-    if signed and a_bits < 2:
-        raise CimError(f"{op.name}: signed activations need at least 2 bits, got a_bits={a_bits}")
-    return Codes(a_bits, signed, activation_scale(max(abs(lo), abs(hi)), a_bits, signed), 0)
+    if signed and bits < 2:
+        raise CimError(f"{name}: signed activations need at least 2 bits, got {what}={bits}")
+    return Codes(bits, signed, activation_scale(max(abs(lo), abs(hi)), bits, signed), 0)
+
+
+def _quantize_act_matmul(op: CimOp, bits: Bits | None, ranges: Ranges | None) -> CimOp:
+    """An activation-activation matmul: both operands' codes, no weight."""
+    x = _input_codes(op, bits, ranges)
+    stored = _stored_codes(op, bits, ranges)
+    if (x.scale is None) != (stored.scale is None):
+        raise CimError(f"{op.name}: mixes integer and real-valued operands")
+    if stored.bits > 8 or x.bits > 8:
+        raise CimError(f"{op.name}: operand codes of {stored.bits} and {x.bits} bits; 1..8 map")
+    return replace(op, input=x, w_bits=stored.bits, stored=replace(op.stored, codes=stored))
 
 
 def _weight_bits(op: CimOp, bits: Bits | None) -> int:
@@ -108,6 +149,8 @@ def quantize_op(op: CimOp, bits: Bits | None, ranges: Ranges | None) -> CimOp:
         A float operator without a calibration range, or widths its codes do not fit,
         naming the operator.
     """
+    if op.stored is not None:
+        return _quantize_act_matmul(op, bits, ranges)
     if ranges is None:
         codes, scale, w_bits = _placeholder_weights(op, bits)
     else:

@@ -25,6 +25,7 @@ from tvm_cim.core.quant import MAX_SHIFT, Requantize, fixed_point, quant_range, 
 
 from ..sim.builder import ProgramBuilder
 from ..sim.program import Program, TensorDesc
+from .actmatmul import emit_act_matmul
 from .grouped import check_block_diagonal, group_sets
 from .layers import CimOp, Codes, Region
 from .mapping import is_placeholder, logical_shape
@@ -98,7 +99,9 @@ class _RegionLowering:
     def lower(self) -> Program:
         for j, op in enumerate(self.region.ops):
             start = len(self.b.rows)
-            if op.groups > 1:
+            if op.stored is not None:
+                self.accs[j] = self._act_matmul(op)
+            elif op.groups > 1:
                 self.accs[j] = self._grouped(op)
             elif op.conv is not None:
                 self.accs[j] = self._conv(op)
@@ -110,6 +113,7 @@ class _RegionLowering:
                     w_bits=op.w_bits,
                     a_bits=op.a_bits,
                     signed_input=op.input.signed,
+                    rows=op.vectors_per_item,
                 )
             self.ranges[j].append([start, len(self.b.rows)])
         for j in self.region.outputs:
@@ -222,12 +226,14 @@ class _RegionLowering:
             dst=dst,
         )
 
-    def _param_tensor(self, op: CimOp) -> int:
-        """The program input holding the region parameter ``op`` reads (made once)."""
-        key = (op.source, op.input)
+    def _param_tensor(self, op: CimOp, source=None, codes: Codes | None = None) -> int:
+        """The program input holding the region parameter ``source`` (default: the one
+        ``op`` reads) as ``codes`` (default: ``op``'s input codes), made once."""
+        source, codes = source or op.source, codes or op.input
+        key = (source, codes)
         if key in self.tensors:
             return self.tensors[key]
-        index = op.source[1]
+        index = source[1]
         shape, dtype = self.region.params[index]
         width, rows, layout = self._param_layout(op, shape)
         real = dtype.startswith("float")
@@ -235,34 +241,53 @@ class _RegionLowering:
             TensorDesc(
                 f"in{len(self.in_attrs)}",
                 width,
-                _smallest_dtype(op.input.bits, op.input.signed),
-                op.input.bits,
-                op.input.signed,
+                _smallest_dtype(codes.bits, codes.signed),
+                codes.bits,
+                codes.signed,
                 rows=rows,
             )
         )
-        self.in_attrs.append(
-            {
-                "param": index,
-                "layout": layout,
-                "quant": _codes_dict(op.input) if real else None,
-            }
-        )
+        attrs = {"param": index, "layout": layout, "quant": _codes_dict(codes) if real else None}
+        if layout == "heads":
+            attrs["heads"] = op.heads
+        self.in_attrs.append(attrs)
         return self.tensors[key]
 
     @staticmethod
     def _param_layout(op: CimOp, shape) -> tuple[int, int, str]:
-        """``(width, rows per item, layout)`` of a parameter in the program."""
+        """``(width, rows per item, layout)`` of a parameter in the program: NCHW images
+        as rows of pixels, the ``[..., R, C]`` operands of a matmul as ``R`` rows with every
+        head's ``C`` columns side by side, else one row per vector."""
         if op.conv is not None:
             return op.conv.channels, op.conv.height * op.conv.width, "nchw"
-        return int(shape[-1]), 1, "flat"
+        if op.stored is not None:
+            return op.heads * int(shape[-1]), int(shape[-2]), "heads"
+        return int(shape[-1]), op.vectors_per_item, "flat"
 
-    def _load_param(self, op: CimOp) -> int:
-        tensor = self._param_tensor(op)
-        width, rows, _ = self._param_layout(op, self.region.params[op.source[1]][0])
+    def _load_param(self, op: CimOp, source=None, codes: Codes | None = None) -> int:
+        tensor = self._param_tensor(op, source, codes)
+        width, rows, _ = self._param_layout(op, self.region.params[(source or op.source)[1]][0])
         buf = self.b.buffer(width, rows=rows)
         self.b.emit("load", dst=buf, dst_col=0, tensor=tensor, src_col=0, ncols=width)
         return buf
+
+    def _act_matmul(self, op: CimOp) -> int:
+        """An activation-activation matmul: every head's stored operand written into
+        crossbars at run time, then driven with the other operand (``codegen.actmatmul``)."""
+        k, n = op.stored.shape[-2:]
+        return emit_act_matmul(
+            self.b,
+            self._codes(op),
+            self._load_param(op, op.stored.source, op.stored.codes),
+            heads=op.heads,
+            k=k,
+            n=n,
+            transpose=False,
+            s_bits=op.stored.value_bits,
+            a_bits=op.a_bits,
+            signed_input=op.input.signed,
+            rows=op.vectors_per_item,
+        )
 
     def _grouped(self, op: CimOp) -> int:
         """A grouped convolution, set by set (see ``codegen.grouped``); its accumulator."""
@@ -328,6 +353,18 @@ class _RegionLowering:
                 rows=rows,
             )
             affine = None
+        elif op.stored is not None:  # every head's products side by side, one scale
+            n *= op.heads
+            src = self.accs[j]
+            stored = op.stored.codes
+            bits = accumulator_bits(
+                op.in_features, op.stored.value_bits, op.a_bits, op.input.signed
+            )
+            desc = TensorDesc(f"out{len(self.out_attrs)}", n, f"int{bits}", bits, True, rows=rows)
+            scale = None
+            if stored.scale is not None and op.input.scale is not None:
+                scale = [float(np.float64(op.input.scale) * np.float64(stored.scale))]
+            affine = {"int_bias": [0], "scale": scale, "real_bias": None, "relu": False}
         else:
             src = self.accs[j]
             bits = accumulator_bits(op.reduction_length, op.w_bits, op.a_bits, op.input.signed)
@@ -343,18 +380,17 @@ class _RegionLowering:
             }
         tensor = self.b.output(desc)
         self.b.emit("store", tensor=tensor, dst_col=0, src=src, src_col=0, ncols=n)
-        self.out_attrs.append(
-            {
-                "op": j,
-                "layout": "nchw" if op.conv is not None else "flat",
-                "shape": list(op.out_shape),
-                "affine": affine,
-            }
-        )
+        layout = "nchw" if op.conv is not None else "heads" if op.stored is not None else "flat"
+        attrs = {"op": j, "layout": layout, "shape": list(op.out_shape), "affine": affine}
+        if op.stored is not None:
+            attrs["heads"] = op.heads
+        self.out_attrs.append(attrs)
 
 
 def _op_summary(op: CimOp, arch: CimArch) -> dict:
-    if op.groups > 1:
+    if op.stored is not None:  # the cells of one head
+        rows, cols = logical_shape(op.in_features, op.out_features, op.stored.value_bits, arch)
+    elif op.groups > 1:
         rows, cols = group_sets(op, arch).logical_shape(op.w_bits, arch)
     else:
         rows, cols = logical_shape(op.in_features, op.out_features, op.w_bits, arch)
@@ -369,6 +405,7 @@ def _op_summary(op: CimOp, arch: CimArch) -> dict:
         "w_bits": op.w_bits,
         "a_bits": op.a_bits,
         "vectors_per_item": op.vectors_per_item,
+        "heads": op.heads,
     }
 
 

@@ -18,7 +18,7 @@ from tvm_cim.core.errors import CimError
 from tvm_cim.core.quant import quantize
 
 from ..codegen.layers import CimOp, Region
-from ..codegen.quantize import Ranges
+from ..codegen.quantize import Ranges, stored_range_key
 from .partition import call_packed, rewrite_offloaded_calls
 
 _ids = itertools.count()
@@ -50,22 +50,33 @@ def _real_weight(op: CimOp) -> np.ndarray:
     return w * op.weight_scale if op.weight_scale is not None else w
 
 
+def _real(x: np.ndarray, codes, ranges: Ranges, key: str) -> np.ndarray:
+    """An operand's real value: its codes dequantized, or real values whose range widens
+    ``ranges[key]``."""
+    if codes is not None:
+        x = x.astype(np.float64) - codes.zero_point
+        return x * codes.scale if codes.scale is not None else x
+    x = x.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    old = ranges.get(key, (lo, hi))
+    ranges[key] = (min(old[0], lo), max(old[1], hi))
+    return x
+
+
 def float_forward(region: Region, args: list[np.ndarray], ranges: Ranges) -> list[np.ndarray]:
     """Outputs of ``region`` computed in float64; widens ``ranges[name]`` for float inputs."""
     values: list[np.ndarray] = []
+
+    def operand(source, codes, key):
+        kind, index = source
+        return _real(args[index] if kind == "param" else values[index], codes, ranges, key)
+
     for op in region.ops:
-        kind, index = op.source
-        x = args[index] if kind == "param" else values[index]
-        if op.input is not None:
-            c = op.input
-            x = x.astype(np.float64) - c.zero_point
-            if c.scale is not None:
-                x = x * c.scale
-        else:
-            x = x.astype(np.float64)
-            lo, hi = float(x.min()), float(x.max())
-            old = ranges.get(op.name, (lo, hi))
-            ranges[op.name] = (min(old[0], lo), max(old[1], hi))
+        x = operand(op.source, op.input, op.name)
+        if op.stored is not None:  # an activation-activation matmul
+            stored = operand(op.stored.source, op.stored.codes, stored_range_key(op.name))
+            values.append(np.matmul(x, stored))
+            continue
         w = _real_weight(op)
         if op.kind == "conv2d":
             y = conv2d_nchw(x, w, op)

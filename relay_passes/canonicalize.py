@@ -8,8 +8,10 @@ weights and activations alike. ``clips_from_min_max`` turns such pairs back into
 ``R.clip(x, lo, hi)``, which the patterns see and LegalizeOps lowers as before.
 
 A ``Flatten`` or ``Reshape`` between an activation's ``DequantizeLinear`` and the ``Gemm``
-reading it hides the dequantize from the patterns; ``reshapes_before_dequantize`` moves the
-reshape above the per-tensor quantize/clip/dequantize chain, where it changes nothing.
+reading it hides the dequantize from the patterns (and so do the ``expand`` and ``view``
+that ``torch.export`` puts between a batched ``matmul`` and its operands);
+``reshapes_before_dequantize`` moves the reshape above the per-tensor
+quantize/clip/dequantize chain, where it changes nothing.
 
 Producers such as onnxruntime share one QuantizeLinear/DequantizeLinear pair among all
 readers of a tensor (a convolution and the residual ``Add`` beside it). A pattern cannot
@@ -123,11 +125,24 @@ def _per_tensor(call) -> bool:
     )
 
 
+def _identity_broadcast(call) -> bool:
+    """A ``broadcast_to`` of a tensor to its own shape, as ``torch.export`` writes the
+    ``expand`` of a batched ``matmul``'s operands."""
+    if op_name(call) != "relax.broadcast_to":
+        return False
+    shapes = [getattr(e.ty, "shape", None) for e in (call.args[0], call)]
+    return None not in shapes and [int(d) for d in shapes[0]] == [int(d) for d in shapes[1]]
+
+
 def _elementwise_chain(data, bindings) -> list:
-    """The per-tensor dequantize/clip/quantize calls above ``data``, outermost first."""
+    """The per-tensor dequantize/clip/quantize calls above ``data``, outermost first
+    (through broadcasts that change nothing, which the moved reshape drops)."""
     chain = []
     while isinstance(data, relax.Var) and data in bindings:
         value = bindings[data]
+        if not chain and _identity_broadcast(value):
+            data = value.args[0]
+            continue
         if op_name(value) not in _RESHAPE_COMMUTES or not _per_tensor(value):
             break
         chain.append(value)

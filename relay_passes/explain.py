@@ -11,30 +11,16 @@ from tvm import relax
 from .patterns import (
     CODE_DTYPES,
     FLOAT_DTYPES,
+    act_matmul_reason,
     activation_clip_reason,
     anchor_reason,
+    computed_from_constants,
     shape_reason,
     weight_clip_reason,
 )
 
 #: Operand dtypes some pattern form takes (the integer forms accumulate in int32).
 _FORM_DTYPES = {*FLOAT_DTYPES, *CODE_DTYPES, "int32"}
-
-
-def _is_constant(expr, bindings) -> bool:
-    while isinstance(expr, relax.Var) and expr in bindings:
-        expr = bindings[expr]
-    if isinstance(expr, relax.Var):
-        return False
-    if isinstance(expr, relax.Call):
-        return all(
-            _is_constant(a, bindings) for a in expr.args if not isinstance(a, relax.ShapeExpr)
-        )
-    if isinstance(expr, relax.Tuple):
-        return all(_is_constant(f, bindings) for f in expr.fields)
-    if isinstance(expr, relax.TupleGetItem):
-        return _is_constant(expr.tuple_value, bindings)
-    return hasattr(expr, "value")
 
 
 #: Operators the quantized weight forms keep between the integer codes and the anchor;
@@ -59,8 +45,15 @@ def unsupported_reason(call: relax.Call, block) -> str:
     bindings = {b.var: b.value for b in block.bindings}
     x, w = call.args[:2]
     reason = shape_reason(call)
-    if reason is None and not _is_constant(w, bindings):
-        reason = "weights are not constants"
+    if reason is None and not computed_from_constants(w, bindings):
+        if call.op.name != "relax.matmul":
+            return "weights are not constants"
+        # Both operands activations: the stored one is written into crossbars at run time.
+        reason = act_matmul_reason(call) or activation_clip_reason(x, bindings)
+        return reason or (
+            "activation-activation matmul in no form the crossbars take (float, or 8-bit "
+            "codes with zero point 0 on both operands)"
+        )
     reason = reason or _unfolded_reason(w, bindings)
     reason = reason or anchor_reason(call) or weight_clip_reason(w, bindings)
     reason = reason or activation_clip_reason(x, bindings)

@@ -18,7 +18,8 @@ from tvm import relax
 
 from tvm_cim.core.errors import CimError, InternalCompilerError, UnsupportedOperator
 
-from ..codegen.layers import CimOp, Codes, ConvGeometry, Region
+from ..codegen.layers import CimOp, Codes, ConvGeometry, Region, StoredOperand
+from ..codegen.mapping import placeholder_weight
 from .canonicalize import clip_bounds, clipped_code_range, quantized_code_range, weight_clip_bits
 from .partition import anchor_names, operator_name
 
@@ -187,7 +188,32 @@ class _CompositeReader:
 
     # the operator itself
     def op_matmul(self, call, args, var):
+        if isinstance(args[1], _Activation):
+            return self._act_anchor(call, args, var)
         return self._stated_width(self._anchor(call, args, var, "dense"), args[1])
+
+    def _act_anchor(self, call, args, var):
+        """An activation-activation matmul: its second operand is the stored one."""
+        x, stored = (self._as_codes(a) for a in args)
+        self.op = CimOp(
+            name=operator_name(call) or var.name,
+            kind="matmul",
+            source=x.source,
+            weight=placeholder_weight(*stored.shape[-2:]),
+            in_shape=x.shape,
+            out_shape=_shape(call),
+            input=x.codes,
+            w_bits=None if stored.codes is None else stored.codes.bits,
+            stored=StoredOperand(stored.source, stored.shape, stored.codes),
+        )
+        return self.op
+
+    @staticmethod
+    def _as_codes(x: _Activation) -> _Activation:
+        """Integer codes used as they are get their dtype's width."""
+        if x.codes is None and _bits_of(x.dtype)[0]:
+            return _Activation(x.source, x.shape, x.dtype, Codes(*_bits_of(x.dtype), None, 0))
+        return x
 
     def op_conv2d(self, call, args, var):
         return self._stated_width(self._anchor(call, args, var, "conv2d"), args[1])
@@ -206,8 +232,7 @@ class _CompositeReader:
 
     def _anchor(self, call, args, var, kind):
         x, w = args
-        if x.codes is None and _bits_of(x.dtype)[0]:  # integer codes used as they are
-            x = _Activation(x.source, x.shape, x.dtype, Codes(*_bits_of(x.dtype), None, 0))
+        x = self._as_codes(x)
         name = operator_name(call) or var.name
         groups = int(call.attrs.groups) if kind == "conv2d" else 1
         weight, scale = _weight_matrix(w, kind, name, groups)
@@ -355,9 +380,9 @@ def _read_composite(fn: relax.Function, sources: list, region: str) -> CimOp:
         raise InternalCompilerError(exc, "reading", anchor_names(fn)) from exc
 
 
-def read_region(name: str, fn: relax.Function) -> Region:
+def read_region(name: str, fn: relax.Function, images: int | None = None) -> Region:
     """The operators of a ``Codegen="cim"`` function as the graph states them, in dataflow
-    order."""
+    order; ``images`` is the graph's batch (``CimOp.images``), if known."""
     region = Region(name, [(_shape(p), str(p.ty.dtype)) for p in fn.params])
     env: dict = {p: ("param", i) for i, p in enumerate(fn.params)}
     local_fns: dict = {}
@@ -370,6 +395,13 @@ def read_region(name: str, fn: relax.Function) -> Region:
             if isinstance(value, relax.Call) and value.op in local_fns:
                 sources = [env[a] for a in value.args]
                 op = _read_composite(local_fns[value.op], sources, name)
+                op.images = images
+                if op.stored is not None and "op" in (op.source[0], op.stored.source[0]):
+                    raise UnsupportedOperator(
+                        f"{op.name}: an activation-activation matmul reading another crossbar "
+                        "operator's result in the same region is not mapped",
+                        [op.name],
+                    )
                 region.ops.append(op)
                 env[binding.var] = ("op", len(region.ops) - 1)
             elif isinstance(value, relax.Var):

@@ -23,7 +23,7 @@ from .canonicalize import (
     reshapes_before_dequantize,
 )
 from .fold import fold_constants
-from .patterns import ANCHORS, cim_patterns
+from .patterns import ANCHORS, cim_patterns, computed_from_constants
 
 _build_ids = itertools.count()
 
@@ -129,9 +129,10 @@ def partition(
     mod = clips_from_min_max(name_operators(mod, names))
     mod = fold_constants(dedicated_qdq_pairs(reshapes_before_dequantize(mod)))
     order = _anchor_order(mod)
-    mod = relax.transform.FuseOpsByPattern(
-        _refusing(cim_patterns(), set(refused)), bind_constants=True, annotate_codegen=False
-    )(mod)
+    patterns = _run_time_operands_only(_refusing(cim_patterns(), set(refused)), mod)
+    mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=True, annotate_codegen=False)(
+        mod
+    )
     mod = relax.transform.MergeCompositeFunctions()(_one_composite_per_call(mod, order))
     build = next(_build_ids)
     for gv, fn in offloaded_functions(mod):
@@ -246,6 +247,29 @@ def _refusing(patterns: list, refused: set[str]) -> list:
         relax.transform.FusionPattern(
             p.name, p.pattern, dict(p.annotation_patterns), guarded(p.check)
         )
+        for p in patterns
+    ]
+
+
+def _run_time_operands_only(patterns: list, mod: tvm.IRModule) -> list:
+    """``patterns`` whose activation-activation matmuls refuse an operand computed from
+    constants alone: that is a weight constant folding left (the reports say why it stays
+    on the CPU), not a value to write into the crossbars for every image."""
+    bindings = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+
+    def guarded(check):
+        def run_time_operands(ctx) -> bool:
+            operands = (ctx.annotated_expr["input"], ctx.annotated_expr["stored"])
+            return not any(computed_from_constants(e, bindings) for e in operands) and check(ctx)
+
+        return run_time_operands
+
+    return [
+        relax.transform.FusionPattern(
+            p.name, p.pattern, dict(p.annotation_patterns), guarded(p.check)
+        )
+        if "stored" in p.annotation_patterns
+        else p
         for p in patterns
     ]
 

@@ -11,6 +11,13 @@ Three families, each for dense (``matmul``) and 2-D convolution, with an optiona
 * integer: ``cim.int.*``: ``astype``/``subtract``/``matmul(out_dtype="int32")`` as the ONNX
   frontend imports MatMulInteger and ConvInteger; computed bit-exactly.
 
+A ``matmul`` whose both operands are activations (attention's ``Q @ Kᵀ`` and ``A @ V``, as
+``torch.export`` writes ``nn.MultiheadAttention`` and ``scaled_dot_product_attention``, and
+ONNX MatMul between two tensors imports) has its own entries in the three forms,
+``cim.act_matmul``, ``cim.qdq.act_matmul`` and ``cim.int.act_matmul``: its second operand is
+written into the crossbars at run time, one matrix per head (``act_matmul_reason`` gives
+the limits).
+
 Every pattern carries its form's check functions and the hardware limits all forms share;
 an operator that fails one stays on the CPU. The shared limits are functions of the anchor
 call that say why it breaks one (``anchor_reason``), so the reports give the very reason
@@ -19,6 +26,8 @@ that decided the partition.
 
 from __future__ import annotations
 
+import tvm
+from tvm import relax
 from tvm.relax.backend.pattern_registry import get_patterns_with_prefix, register_patterns
 from tvm.relax.dpl import is_const, is_op, wildcard
 from tvm.relax.transform import PatternCheckContext
@@ -75,6 +84,24 @@ def _operands(form: str, kind: str):
         if kind == "dense":
             w = w | is_op("relax.permute_dims")(w)
     return x, w
+
+
+def _activation_operand(form: str):
+    """One operand of an activation-activation matmul in ``form``."""
+    if form == "float":  # real values, but not dequantized codes: those are the QDQ form's
+        return ~is_op("relax.dequantize")(wildcard(), wildcard(), wildcard())
+    if form == "qdq":
+        leading = is_op("relax.quantize")(_clipped(wildcard()), is_const(), is_const())
+        return is_op("relax.dequantize")(_clipped(leading) | wildcard(), is_const(), is_const())
+    return is_op("relax.astype")(wildcard())
+
+
+def make_act_pattern(form: str):
+    """``(pattern, annotations)`` of the activation-activation matmul of ``form``: the
+    driven operand ``input`` and the ``stored`` one, which the crossbars hold."""
+    x, stored = _activation_operand(form), _activation_operand(form)
+    anchor = is_op("relax.matmul")(x, stored)
+    return anchor, {"anchor": anchor, "input": x, "stored": stored}
 
 
 def make_pattern(form: str, kind: str, relu: bool, quantize: bool, code_clip: bool = False):
@@ -164,6 +191,48 @@ def dimension_reason(anchor) -> str | None:
             return f"{channels} input channels exceed {MAX_COLUMNS} columns"
     if k > MAX_COLUMNS or n > MAX_COLUMNS:
         return f"weight matrix {k}x{n} exceeds {MAX_COLUMNS} rows or columns"
+    return None
+
+
+def computed_from_constants(expr, bindings) -> bool:
+    """``expr`` is a constant, or computed from constants alone (``bindings``: the
+    function's variables and the values bound to them)."""
+    while isinstance(expr, relax.Var) and expr in bindings:
+        expr = bindings[expr]
+    if isinstance(expr, relax.Var):
+        return False
+    if isinstance(expr, relax.Call):
+        return all(
+            computed_from_constants(a, bindings)
+            for a in expr.args
+            if not isinstance(a, relax.ShapeExpr)
+        )
+    if isinstance(expr, relax.Tuple):
+        return all(computed_from_constants(f, bindings) for f in expr.fields)
+    if isinstance(expr, relax.TupleGetItem):
+        return computed_from_constants(expr.tuple_value, bindings)
+    return hasattr(expr, "value")
+
+
+def act_matmul_reason(anchor) -> str | None:
+    """Why an activation-activation ``matmul`` cannot run on the crossbars, else None: the
+    operands are ``[..., L, K]`` and ``[..., K, N]`` with the same leading dimensions (the
+    heads), ``K`` and ``N`` within a crossbar instruction's fields, and every head side by
+    side in one buffer."""
+    reason = shape_reason(anchor)
+    if reason is not None:
+        return reason
+    x, s = ([int(d) for d in a.ty.shape] for a in anchor.args)
+    if len(x) < 2 or len(s) != len(x):
+        return f"operands of ranks {len(x)} and {len(s)}: only equal ranks of 2 or more are mapped"
+    if x[:-2] != s[:-2]:
+        return f"operands broadcast over their leading dimensions {x[:-2]} and {s[:-2]}"
+    heads = 1
+    for d in x[:-2]:
+        heads *= d
+    k, n = s[-2:]
+    if heads * max(k, n) > MAX_COLUMNS:
+        return f"{heads} heads of a {k}x{n} operand exceed {MAX_COLUMNS} buffer columns"
     return None
 
 
@@ -340,6 +409,69 @@ def _check_self_contained(ctx: PatternCheckContext) -> bool:
     return True
 
 
+def _unbound(expr, bindings):
+    while expr in bindings:
+        expr = bindings[expr]
+    return expr
+
+
+def _act_operands(ctx: PatternCheckContext) -> list:
+    return [ctx.annotated_expr["input"], ctx.annotated_expr["stored"]]
+
+
+def _check_act_limits(ctx: PatternCheckContext) -> bool:
+    # Two activations (a constant operand is a weight, the weight patterns' case) within
+    # the limits of a run-time crossbar write.
+    for operand in _act_operands(ctx):
+        source = _unbound(operand, ctx.matched_bindings)
+        while _op_is(source, "relax.dequantize") or _op_is(source, "relax.astype"):
+            source = _unbound(source.args[0], ctx.matched_bindings)
+        if isinstance(source, tvm.ir.GenericConst):
+            return False
+    return act_matmul_reason(_anchor(ctx)) is None
+
+
+def _check_act_float(ctx: PatternCheckContext) -> bool:
+    # Real activations, quantized by the precision and calibration.
+    return all(str(a.ty.dtype) in FLOAT_DTYPES for a in _anchor(ctx).args)
+
+
+def _check_act_qdq(ctx: PatternCheckContext) -> bool:
+    # 8-bit codes with zero point 0 on both sides: a zero point on the driven side would
+    # need every run-time column sum of the stored operand, which no instruction makes.
+    for dq in _act_operands(ctx):
+        codes = dq.args[0]
+        if str(codes.ty.dtype) not in CODE_DTYPES:
+            return False
+        zero_point = getattr(dq.args[2], "value", None)
+        if zero_point is None or bool((zero_point.numpy() != 0).any()):
+            return False
+        if activation_clip_reason(dq, ctx.matched_bindings) is not None:
+            return False
+    return True
+
+
+def _check_act_int(ctx: PatternCheckContext) -> bool:
+    # Integer codes cast for an int32 accumulator, zero point 0 (no subtract).
+    if str(_anchor(ctx).ty.dtype) != "int32":
+        return False
+    return all(str(a.args[0].ty.dtype) in CODE_DTYPES for a in _act_operands(ctx))
+
+
+def _act_checker(form: str):
+    checks = (
+        {"float": _check_act_float, "qdq": _check_act_qdq, "int": _check_act_int}[form],
+        _check_act_limits,
+        _check_self_contained,
+    )
+
+    def check(ctx: PatternCheckContext) -> bool:
+        return all(c(ctx) for c in checks)
+
+    check.__name__ = f"check_act_{form}"
+    return check
+
+
 _FORM_CHECKS = {
     "float": (_check_float_dtypes,),
     "qdq": (_check_qdq_codes, _check_clip_alignment, _check_weight_clip),
@@ -360,6 +492,9 @@ def _checker(form: str):
 def pattern_entries() -> list[tuple]:
     """The table, lowest priority first (``register_patterns`` favours later entries)."""
     entries = []
+    for form in ("float", "int", "qdq"):
+        prefix = "cim." if form == "float" else f"cim.{form}."
+        entries.append((prefix + "act_matmul", *make_act_pattern(form), _act_checker(form)))
     for form in ("float", "int", "qdq"):
         prefix = "cim." if form == "float" else f"cim.{form}."
         for kind in ("dense", "conv2d"):

@@ -92,7 +92,8 @@ def test_cpu_reasons_come_from_the_pattern_checks(rng):
     reasons = {entry["name"]: entry["reason"] for entry in plan.cpu}
     assert reasons == {
         "conv2d_0": "layout NHWC/HWIO is not NCHW/OIHW",
-        "dense_2": "weights are not constants",
+        "dense_2": "dense_2: an activation-activation matmul reading another crossbar "
+        "operator's result in the same region is not mapped",
     }
 
 

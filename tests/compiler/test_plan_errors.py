@@ -74,7 +74,7 @@ def test_a_bug_while_lowering_names_the_operators(rng, monkeypatch):
 def test_a_bug_while_reading_raises_or_goes_to_the_cpu(rng, monkeypatch):
     import tvm_cim.compiler.plan as plan_module
 
-    def broken(name, fn):
+    def broken(name, fn, images=None):
         raise KeyError("surprise")
 
     monkeypatch.setattr(plan_module, "read_region", broken)

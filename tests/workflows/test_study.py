@@ -196,3 +196,49 @@ def test_a_stream_with_stationary_weights(tmp_path, capsys):
     few, _ = _report(tmp_path, capsys, "--model", "digits-cnn", "--crossbars", "2", "--stream")
     assert not few["stream"]["stationary"]
     assert few["stream"]["writes_per_image"] == sum(op["writes"] for op in few["layers"])
+
+
+def vit_formula_latency_us(patch: int, policy) -> list[float]:
+    """CIM-AQ's latency of a ViT-B (224x224, width 768, 12 blocks of 12 heads, MLP 3072,
+    1000 classes) layer by layer, in its 74-layer order: the patch embedding, per block
+    the QKV projection, Q·Kᵀ, A·V, the output projection, MLP 1 and MLP 2, then the head.
+    A layer is ``(n inputs, m outputs, invocations, repeats)``: the tokens invoke every
+    linear layer, and each attention matmul repeats once per head with its stored operand
+    (Kᵀ: 64 inputs, a token's score per output; V: a token per input, 64 outputs)."""
+    patches = (224 // patch) ** 2
+    tokens, width, heads, head_dim, mlp = patches + 1, 768, 12, 64, 3072
+    block = [
+        (width, 3 * width, tokens, 1),
+        (head_dim, tokens, tokens, heads),
+        (tokens, head_dim, tokens, heads),
+        (width, width, tokens, 1),
+        (width, mlp, tokens, 1),
+        (mlp, width, tokens, 1),
+    ]
+    layers = [(3 * patch * patch, width, patches, 1), *block * 12, (width, 1000, 1, 1)]
+    out = []
+    for (n_in, m_out, invocations, repeats), (w_bits, a_bits) in zip(layers, policy, strict=True):
+        writes = math.ceil(2 * m_out * math.ceil(w_bits / 4) / 256) * math.ceil(n_in / 256)
+        execs = invocations * writes * a_bits
+        out.append(repeats * (writes * 56_000_000 + execs * 1_400_000) / 1e6)
+    return out
+
+
+@pytest.mark.slow
+def test_vit_b32_report_is_the_reference_formula_layer_by_layer(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    policy = rng.integers(2, 9, (74, 2))
+    policy[0] = policy[-1] = 8  # CIM-AQ pins the first and last layers
+    np.save(tmp_path / "vit.npy", policy)
+    data, out = _report(
+        tmp_path, capsys, "--model", "vit-b32", "--precision", str(tmp_path / "vit.npy")
+    )
+    names = models.quantizable_layers(models.build("vit-b32"))
+    assert [op["name"] for op in data["layers"]] == names and len(names) == 74
+    assert [[op["w_bits"], op["a_bits"]] for op in data["layers"]] == policy.tolist()
+    expected = vit_formula_latency_us(32, policy)
+    assert [round(op["latency_us"], 6) for op in data["layers"]] == [round(v, 6) for v in expected]
+    assert data["total_latency_us"] == pytest.approx(sum(expected), abs=1e-6)
+    w8a8 = vit_formula_latency_us(32, [(8, 8)] * 74)
+    assert data["w8a8_latency_us"] == pytest.approx(sum(w8a8), abs=1e-6)
+    assert data["cpu_operators"] == [] and "over 74 layers" in out

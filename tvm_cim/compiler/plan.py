@@ -45,6 +45,8 @@ from tvm_cim.sim.program import Program
 BITS_ATTR = "cim.bits"
 #: Function attribute holding the arch the region is lowered for, as JSON.
 ARCH_ATTR = "cim.arch"
+#: Function attribute holding the graph's batch (``CimOp.images``).
+IMAGES_ATTR = "cim.images"
 
 Bitwidths = dict[str, Bits | None]
 
@@ -56,6 +58,15 @@ def _check_static(mod: tvm.IRModule) -> None:
             raise CimError(
                 f"input {param.name!r} has a dynamic shape {param.ty}; give static input shapes"
             )
+
+
+def graph_images(mod: tvm.IRModule) -> int | None:
+    """The graph's batch: the leading dimension of ``main``'s first tensor input."""
+    for param in mod["main"].params:
+        shape = getattr(param.ty, "shape", None)
+        if shape is not None and len(shape) > 1:
+            return int(shape[0])
+    return None
 
 
 def lower(
@@ -232,17 +243,19 @@ def plan_for_cim(
         mod = relax.transform.BindParams("main", params)(mod)
     arch = CimArch.load(arch)
     _check_static(mod)
-    partitioned, regions, refused = _partition_and_read(mod, names, internal_errors)
+    images = graph_images(mod)
+    partitioned, regions, refused = _partition_and_read(mod, names, internal_errors, images)
     bits = Precision.load(precision).resolve([op.name for _, r in regions for op in r.ops])
     arch_json = json.dumps(arch.to_dict())
     for gv, region in regions:
         region_bits = {op.name: _bits_json(bits[op.name]) for op in region.ops}
         fn = partitioned[gv].with_attr(BITS_ATTR, json.dumps(region_bits))
-        partitioned[gv] = fn.with_attr(ARCH_ATTR, arch_json)
+        fn = fn.with_attr(ARCH_ATTR, arch_json)
+        partitioned[gv] = fn if images is None else fn.with_attr(IMAGES_ATTR, images)
     return CimPlan(partitioned, arch, regions, bits, refused)
 
 
-def _partition_and_read(mod, names, internal_errors: str):
+def _partition_and_read(mod, names, internal_errors: str, images: int | None = None):
     """``(partitioned module, regions, refused)``: partition, read every region, and
     partition again without the operators of a region the reader refuses (a form the
     table matched but the codegen cannot take), until every region reads."""
@@ -255,7 +268,7 @@ def _partition_and_read(mod, names, internal_errors: str):
         regions, failed = [], {}
         for gv, fn in offloaded_functions(partitioned):
             try:
-                regions.append((gv, read_region(gv.name_hint, fn)))
+                regions.append((gv, read_region(gv.name_hint, fn, images)))
                 continue
             except UnsupportedOperator as exc:
                 error: Exception = exc
@@ -294,5 +307,6 @@ def lower_function(fn: relax.Function, arch: CimArch | None = None) -> Program:
         bits = {name: None if b is None else Bits(*b) for name, b in recorded.items()}
     if arch is None:
         arch = CimArch.from_dict(json.loads(str(attrs[ARCH_ATTR]))) if ARCH_ATTR in attrs else None
-    region = read_region(str(attrs["global_symbol"]), fn)
+    images = int(attrs[IMAGES_ATTR]) if IMAGES_ATTR in attrs else None
+    region = read_region(str(attrs["global_symbol"]), fn, images)
     return lower(region, bits, {}, CimArch.load(arch))

@@ -42,6 +42,7 @@ class OperatorReport:
     scheduled_us: float  # its share of the schedule's makespan
     energy_nj: float | None  # None when the arch gives no energy figures
     share: float = 0.0
+    heads: int = 1  # a matmul of two activations: independent matmuls per item
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -164,6 +165,7 @@ def operator_reports(programs: list[Program], arch: CimArch) -> list[OperatorRep
                     latency_us=stats.sequential_ps / 1e6,
                     scheduled_us=stats.latency_ps / 1e6,
                     energy_nj=stats.energy_nj,
+                    heads=summary.get("heads", 1),
                 )
             )
     total = sum(r.latency_us for r in reports)

@@ -3,7 +3,8 @@
 A compiled model calls it as ``tvm_cim.run(program, *inputs, *outputs)`` (destination
 passing), with the encoded crossbar program as a constant ``uint8`` tensor, so an exported
 library carries everything it needs. The host side of the region happens here: real
-inputs are quantized, NCHW tensors become rows of pixels and back, and accumulators become
+inputs are quantized, NCHW tensors become rows of pixels and back (and the heads of an
+attention matmul's operands columns side by side), and accumulators become
 real values with the affine map the compiler recorded in ``Program.attrs``.
 """
 
@@ -82,6 +83,9 @@ def program_inputs(program: Program, params: list[np.ndarray]) -> dict[str, np.n
         value = np.asarray(params[spec["param"]])
         if spec["layout"] == "nchw":
             value = value.transpose(0, 2, 3, 1)
+        elif spec["layout"] == "heads":  # [..., R, C]: R rows of every head's C columns
+            rows, cols = value.shape[-2:]
+            value = value.reshape(-1, spec["heads"], rows, cols).transpose(0, 2, 1, 3)
         value = value.reshape(-1, desc.width)
         q = spec["quant"]
         if q is not None:
@@ -112,6 +116,9 @@ def graph_outputs(program: Program, outputs: dict[str, np.ndarray], dtypes: list
         if spec["layout"] == "nchw":
             n, c, h, w = shape
             value = value.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        elif spec["layout"] == "heads":
+            rows, cols = shape[-2:]
+            value = value.reshape(-1, rows, spec["heads"], cols).transpose(0, 2, 1, 3)
         results.append(np.ascontiguousarray(value.reshape(shape), dtype=dtype))
     return results
 

@@ -116,8 +116,9 @@ def study_table(data: dict) -> str:
     """The study as a fixed-width text table (with an energy column when the arch gives
     energy figures)."""
     with_energy = data["total_energy_nj"] is not None
+    width = max([22, *(len(op["name"]) for op in data["layers"])])
     head = (
-        f"{'layer':<22} {'kind':<6} {'input':<16} {'output':<16} {'bits':<6} "
+        f"{'layer':<{width}} {'kind':<6} {'input':<16} {'output':<16} {'bits':<6} "
         f"{'writes':>6} {'MVMs':>8} {'latency us':>12} {'scheduled us':>12}"
     )
     head += f" {'energy uJ':>10}" if with_energy else ""
@@ -126,7 +127,7 @@ def study_table(data: dict) -> str:
         shape_in = "x".join(map(str, op["in_shape"][1:]))
         shape_out = "x".join(map(str, op["out_shape"][1:]))
         line = (
-            f"{op['name'][:22]:<22} {op['kind'][:6]:<6} {shape_in:<16} {shape_out:<16} "
+            f"{op['name']:<{width}} {op['kind'][:6]:<6} {shape_in:<16} {shape_out:<16} "
             f"W{op['w_bits']}A{op['a_bits']:<3} {op['writes']:>6} {op['mvm_executions']:>8} "
             f"{op['latency_us']:>12.1f} {op['scheduled_us']:>12.1f}"
         )

@@ -1,0 +1,80 @@
+"""The zoo's small ViT through the whole flow: trained, quantization-aware trained at a
+policy, exported, compiled for cim with its attention matmuls on the crossbars, and
+simulated against PyTorch's fake quantization."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tvm")
+
+from tvm_cim.learn import data, qat  # noqa: E402
+from tvm_cim.learn import train as training  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def w8a8_vit():
+    fp32, _ = training.run_stage(
+        "fp32", "digits-vit", "digits", training.TrainConfig(epochs=10, lr=3e-3, seed=0)
+    )
+    config = training.TrainConfig(epochs=3, lr=2e-4, seed=0)
+    model, _ = training.run_stage("w8a8", "digits-vit", "digits", config, start=fp32)
+    return model
+
+
+#: Low widths on the attention matmuls of the first block, W8A8 elsewhere.
+MIXED = {
+    "encoder.layers.encoder_layer_0.self_attention.qk": [4, 6],
+    "encoder.layers.encoder_layer_0.self_attention.av": [3, 4],
+    "encoder.layers.encoder_layer_1.self_attention.in_proj": [4, 4],
+}
+
+
+def _simulated_logits(model, x, tmp_path, frontend):
+    import tvm
+    from tvm import relax
+
+    from tvm_cim import compile_for_cim
+    from tvm_cim.compiler.frontend import load_onnx, load_torch
+
+    example = torch.from_numpy(x[:1])
+    if frontend == "onnx":
+        mod, names = load_onnx(qat.export_onnx(model, tmp_path / "vit.onnx", example))
+    else:
+        mod, names = load_torch(model, example)
+    ex, report = compile_for_cim(mod, names=names)
+    bits = {op.name: {"w_bits": op.w_bits, "a_bits": op.a_bits} for op in report.operators}
+    assert bits == qat.precision_of(model)
+    assert sum(op.kind == "matmul" for op in report.operators) == 4
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outputs = [vm["main"](tvm.runtime.tensor(s[None])) for s in x]
+    if frontend != "onnx":
+        outputs = [out[0] for out in outputs]
+    return np.concatenate([out.numpy() for out in outputs])
+
+
+@pytest.mark.parametrize("policy", [None, MIXED], ids=["W8A8", "mixed"])
+@pytest.mark.parametrize("frontend", ["onnx", "torch.export"])
+def test_simulated_vit_agrees_with_pytorch(w8a8_vit, tmp_path, policy, frontend):
+    model = w8a8_vit
+    if policy is not None:
+        config = training.TrainConfig(epochs=2, lr=2e-4, seed=0)
+        model, _ = training.run_stage(
+            "mixed", "digits-vit", "digits", config, precision=policy, start=w8a8_vit
+        )
+    x, y = data.load("digits").test
+    ref = training.predictions(model, x)
+    got = _simulated_logits(model, x, tmp_path, frontend)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.995
+    acc_ref, acc_sim = (100 * (p.argmax(1) == y).mean() for p in (ref, got))
+    assert abs(acc_sim - acc_ref) <= 0.5
