@@ -9,8 +9,8 @@
    the chosen policy's speedup, confirmed on the test split, credited only where its
    test drop is within the allowed drop.
 
-    python bench/transformers.py [--crossbars 1 64] [--episodes 60] [--seeds 0] \\
-        [--out runs/bench-vit] [--skip-search]
+    python bench/transformers.py [--crossbars 1 64] [--episodes 150] [--seeds 0 1 2] \\
+        [--final-epochs 5] [--out runs/bench-vit] [--skip-search]
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def vit_table(crossbar_counts) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crossbars", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--episodes", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--episodes", type=int, default=150)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--final-epochs", type=int, default=5, help="QAT epochs before the test")
     parser.add_argument("--out", default="runs/bench-vit")
     parser.add_argument("--skip-search", action="store_true", help="the ViT-B/32 table only")
     args = parser.parse_args()
@@ -71,6 +72,7 @@ def main() -> None:
     print()
     argv = ["search.py", "--models", "digits-vit", "--episodes", str(args.episodes)]
     argv += ["--seeds", *map(str, args.seeds), "--out", args.out]
+    argv += ["--final-epochs", str(args.final_epochs)]
     saved, sys.argv = sys.argv, argv
     try:
         runpy.run_path(str(Path(__file__).resolve().parent / "search.py"), run_name="__main__")

@@ -16,7 +16,7 @@ the result is exact.
 
 from __future__ import annotations
 
-from tvm_cim.core.cells import CellLayout
+from tvm_cim.core.cells import CellLayout, signed_width
 from tvm_cim.core.errors import CimError
 
 from ..sim import isa
@@ -214,7 +214,7 @@ def lower_act_matmul(
     """
     _check_bits("s_bits", s_bits)
     _check_bits("a_bits", a_bits)
-    stored_bits = s_bits if signed_stored else s_bits + 1  # unsigned codes as signed values
+    stored_bits = signed_width(s_bits, signed_stored)
     s_width = heads * (k if transpose else n)
     s_rows = (n if transpose else k) if s_rows is None else s_rows
     b = ProgramBuilder(arch, name)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tvm_cim.core.cells import signed_width
+
 from ..sim import isa
 from ..sim.builder import im2col_params
 
@@ -100,9 +102,8 @@ class StoredOperand:
 
     @property
     def value_bits(self) -> int:
-        """Width of the signed values the crossbars hold: the codes' own, one more for
-        unsigned codes."""
-        return self.codes.bits + (0 if self.codes.signed else 1)
+        """Width of the signed values the crossbars hold."""
+        return signed_width(self.codes.bits, self.codes.signed)
 
 
 @dataclass

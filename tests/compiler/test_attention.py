@@ -192,3 +192,18 @@ def test_a_nonzero_zero_point_keeps_the_matmul_on_the_cpu_with_its_reason(tmp_pa
     assert plan.operators == []
     (cpu,) = plan.cpu
     assert cpu["name"] == "scores" and "zero point 0" in cpu["reason"]
+
+
+def test_a_stream_of_attention_rewrites_its_crossbars_for_every_image():
+    from tvm_cim.compiler.stream import stream_figures
+    from tvm_cim.workflows.study import study_arch
+
+    torch.manual_seed(0)
+    mod, names = load_torch(ExplicitAttention().eval(), torch.randn(1, 5, 16))
+    plan = plan_for_cim(mod, names=names, arch=study_arch("rram-4b", 64))
+    figures = stream_figures(plan)
+    report = plan.cost_report()
+    assert not figures["stationary"] and figures["load_writes"] == 0
+    # two projections, and one write per head of each attention matmul
+    assert figures["writes_per_image"] == sum(op.writes for op in report.operators)
+    assert sum(op.writes for op in report.operators if op.kind == "matmul") == 4

@@ -1,13 +1,13 @@
 """Accuracy of the zoo's trainable models through the training stages, and the QAT model
 compiled for cim and run on the simulator against PyTorch's fake quantization."""
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("tvm")
 
-from tvm_cim.learn import data, qat  # noqa: E402
+from tests.learn.simulated import simulated_logits  # noqa: E402
+from tvm_cim.learn import data  # noqa: E402
 from tvm_cim.learn import train as training  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -42,28 +42,6 @@ def test_mnist1d_cnn_fp32_accuracy():
     assert result.test_accuracy >= 90.0
 
 
-def _simulated_logits(model, x, tmp_path, frontend):
-    import tvm
-    from tvm import relax
-
-    from tvm_cim import compile_for_cim
-    from tvm_cim.compiler.frontend import load_onnx, load_torch
-
-    example = torch.from_numpy(x[:1])
-    if frontend == "onnx":
-        mod, names = load_onnx(qat.export_onnx(model, tmp_path / "model.onnx", example))
-    else:
-        mod, names = load_torch(model, example)
-    ex, report = compile_for_cim(mod, names=names)
-    bits = {op.name: {"w_bits": op.w_bits, "a_bits": op.a_bits} for op in report.operators}
-    assert bits == qat.precision_of(model)
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    outputs = [vm["main"](tvm.runtime.tensor(s[None])) for s in x]
-    if frontend != "onnx":  # torch.export programs return a tuple
-        outputs = [out[0] for out in outputs]
-    return np.concatenate([out.numpy() for out in outputs])
-
-
 @pytest.mark.parametrize(
     "policy",
     [None, {"conv1": [8, 8], "conv2": [2, 4], "fc1": [4, 3], "fc2": [3, 2]}],
@@ -80,7 +58,7 @@ def test_simulated_accuracy_matches_pytorch(digits_stages, tmp_path, policy, fro
         )
     x, y = data.load("digits").test
     ref = training.predictions(model, x)
-    got = _simulated_logits(model, x, tmp_path, frontend)
+    got, _ = simulated_logits(model, x, tmp_path, frontend)
     acc_ref = 100 * (ref.argmax(1) == y).mean()
     acc_sim = 100 * (got.argmax(1) == y).mean()
     assert abs(acc_sim - acc_ref) <= 0.1

@@ -122,7 +122,8 @@ def test_vit_b32_layers_in_cim_aq_order():
     layers = zoo.quantizable_layers(model)
     assert len(layers) == 74 and layers == cim_aq_order(12)
     assert qat.layer_names(model) == layers
-    assert zoo.activation_matmuls(model) == [p for p in layers if p.endswith((".qk", ".av"))]
+    matmuls = [p for p, m in model.named_modules() if isinstance(m, zoo.ActivationMatmul)]
+    assert matmuls == [p for p in layers if p.endswith((".qk", ".av"))] and len(matmuls) == 24
     assert zoo.depthwise_layers(model) == []
     assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS["vit-b32"]
     conv = model.get_submodule("conv_proj")

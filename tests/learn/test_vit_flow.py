@@ -2,13 +2,13 @@
 policy, exported, compiled for cim with its attention matmuls on the crossbars, and
 simulated against PyTorch's fake quantization."""
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("tvm")
 
-from tvm_cim.learn import data, qat  # noqa: E402
+from tests.learn.simulated import simulated_logits  # noqa: E402
+from tvm_cim.learn import data  # noqa: E402
 from tvm_cim.learn import train as training  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -40,29 +40,6 @@ MIXED = {
 }
 
 
-def _simulated_logits(model, x, tmp_path, frontend):
-    import tvm
-    from tvm import relax
-
-    from tvm_cim import compile_for_cim
-    from tvm_cim.compiler.frontend import load_onnx, load_torch
-
-    example = torch.from_numpy(x[:1])
-    if frontend == "onnx":
-        mod, names = load_onnx(qat.export_onnx(model, tmp_path / "vit.onnx", example))
-    else:
-        mod, names = load_torch(model, example)
-    ex, report = compile_for_cim(mod, names=names)
-    bits = {op.name: {"w_bits": op.w_bits, "a_bits": op.a_bits} for op in report.operators}
-    assert bits == qat.precision_of(model)
-    assert sum(op.kind == "matmul" for op in report.operators) == 4
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    outputs = [vm["main"](tvm.runtime.tensor(s[None])) for s in x]
-    if frontend != "onnx":
-        outputs = [out[0] for out in outputs]
-    return np.concatenate([out.numpy() for out in outputs])
-
-
 @pytest.mark.parametrize("policy", [None, MIXED], ids=["W8A8", "mixed"])
 @pytest.mark.parametrize("frontend", ["onnx", "torch.export"])
 def test_simulated_vit_agrees_with_pytorch(w8a8_vit, tmp_path, policy, frontend):
@@ -74,7 +51,8 @@ def test_simulated_vit_agrees_with_pytorch(w8a8_vit, tmp_path, policy, frontend)
         )
     x, y = data.load("digits").test
     ref = training.predictions(model, x)
-    got = _simulated_logits(model, x, tmp_path, frontend)
+    got, report = simulated_logits(model, x, tmp_path, frontend)
+    assert sum(op.kind == "matmul" for op in report.operators) == 4
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.995
     acc_ref, acc_sim = (100 * (p.argmax(1) == y).mean() for p in (ref, got))
     assert abs(acc_sim - acc_ref) <= 0.5

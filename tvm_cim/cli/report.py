@@ -10,7 +10,11 @@ from tvm_cim.cli.common import EXIT_OK, add_arch_argument, check_output_file, wr
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tvm-cim report``."""
-    p.add_argument("--model", required=True, help="zoo model: resnet18, vgg16, mobilenetv2, ...")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="zoo model: resnet18, vgg16, mobilenetv2, vit-b32, vit-b16, ...",
+    )
     add_arch_argument(p, "study")
     p.add_argument(
         "--precision",

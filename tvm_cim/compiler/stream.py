@@ -3,8 +3,9 @@
 When every tile of the model (with its weight copies) fits the chip at once, the tiles are
 written once, when the model is loaded, and stay: the copies are then budgeted over the
 whole chip to speed up the slowest layer (``codegen.replicate.stationary_copies``) instead
-of each layer taking every crossbar in turn. Otherwise the model runs as it compiles,
-rewriting its tiles for every image.
+of each layer taking every crossbar in turn. Otherwise (and always for a model with
+attention's matmuls, whose stored operands are written for every image) the model runs as
+it compiles, rewriting its tiles for every image.
 
 Each region program is turned into a stream program (``codegen.pipeline``), whose layers
 work on successive images at once, and scheduled by the simulator's cost model
@@ -49,7 +50,10 @@ def stream_figures(plan, bits=None) -> dict:
     bits = plan.bits if bits is None else bits
     convs = [op.name for op in plan.operators if op.conv is not None]
     layers = _stage_shapes(plan, plan.programs(None, bits, dict.fromkeys(convs, 1)))
-    copies = stationary_copies(layers, plan.arch)
+    # Attention's matmuls write their stored operands for every image, on crossbars a
+    # stationary model would have given to weights: such a model rewrites its tiles.
+    run_time = any(op.stored is not None for op in plan.operators)
+    copies = None if run_time else stationary_copies(layers, plan.arch)
     stationary = copies is not None
     regions = [_region_stream(p, stationary) for p in plan.programs(None, bits, copies)]
     interval_us = (max if stationary else sum)(r["interval_us"] for r in regions)

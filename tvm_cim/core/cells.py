@@ -41,6 +41,12 @@ class ColumnBlock:
     negative: bool  # subtract this block
 
 
+def signed_width(bits: int, signed: bool) -> int:
+    """Width of the signed integers that hold ``bits``-wide codes: one more bit for
+    unsigned ones (the mappings take signed values)."""
+    return bits if signed else bits + 1
+
+
 def slices(bits: int, cell_bits: int) -> int:
     """Cells per value: ``ceil(bits / cell_bits)``."""
     return -(-bits // cell_bits)

@@ -2,8 +2,9 @@
 compiled cost-only for an arch at a policy and at W8A8.
 
 Policies name layers by module path, or list them in the ``named_modules()`` order of the
-model's convolution and linear layers (CIM-AQ's layer index, ``.npy`` policies). A list
-may include the depthwise convolutions or leave them out (they then run at W8A8).
+model's convolution and linear layers and attention matmuls (CIM-AQ's layer index, ``.npy``
+policies: 74 layers for ViT-B/32). A list may include the depthwise convolutions or leave
+them out (they then run at W8A8).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from tvm_cim.core.precision import Precision
 
 
 def _layer_order(model) -> tuple[list[str], list[str]]:
-    """``(all, without the grouped ones)``: convolution and linear paths in
-    ``named_modules()`` order."""
+    """``(all, without the grouped ones)``: convolution, linear and attention-matmul paths
+    in ``named_modules()`` order."""
     from tvm_cim.learn import zoo
 
     return zoo.quantizable_layers(model), zoo.quantizable_layers(model, include_depthwise=False)
@@ -37,7 +38,7 @@ def _named_precision(precision, every: list[str], dense: list[str], model_name: 
     without = f" ({len(dense)} without the depthwise ones)" if len(dense) != len(every) else ""
     raise CimError(
         f"{loaded.source}: {len(entries)} entries, but {model_name} has "
-        f"{len(every)} convolution and linear layers{without}"
+        f"{len(every)} quantizable layers (convolution, linear, attention matmul){without}"
     )
 
 
@@ -168,7 +169,10 @@ def _stream_line(figures: dict) -> str:
             f"{figures['load_us']:.1f} us)"
         )
     else:
-        head = "stream: tiles rewritten for every image (they do not fit the chip at once)"
+        head = (
+            "stream: tiles rewritten for every image (they do not all fit the chip at once, "
+            "or the model writes run-time operands)"
+        )
     line = (
         f"{head}; first image {figures['first_image_us']:.1f} us, then one every "
         f"{figures['interval_us']:.1f} us ({figures['throughput_per_s']:.1f} images/s), "

@@ -62,7 +62,7 @@ from tvm_cim.core.errors import CimError
 from tvm_cim.learn.onnx_export import write_onnx
 from tvm_cim.learn.zoo.attention import ActivationMatmul, SelfAttention
 from tvm_cim.learn.zoo.batchnorm import fold_batchnorm
-from tvm_cim.learn.zoo.layers import activation_matmuls, depthwise_layers, quantizable_layers
+from tvm_cim.learn.zoo.layers import depthwise_layers, quantizable_layers
 from tvm_cim.learn.zoo.mobilenet import MobileNetV2
 from tvm_cim.learn.zoo.resnet import ResNet18, ResNet20
 from tvm_cim.learn.zoo.resnet1d import Mnist1dResNet
@@ -76,7 +76,6 @@ __all__ = [
     "input_shape",
     "quantizable_layers",
     "depthwise_layers",
-    "activation_matmuls",
     "fold_batchnorm",
     "export_onnx",
     "DigitsMLP",

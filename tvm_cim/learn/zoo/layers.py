@@ -8,7 +8,7 @@ from torch import nn
 
 from tvm_cim.learn.zoo.attention import ActivationMatmul
 
-__all__ = ["quantizable_layers", "depthwise_layers", "activation_matmuls"]
+__all__ = ["quantizable_layers", "depthwise_layers"]
 
 
 def quantizable_layers(model: nn.Module, *, include_depthwise: bool = True) -> list[str]:
@@ -36,22 +36,6 @@ def quantizable_layers(model: nn.Module, *, include_depthwise: bool = True) -> l
         if isinstance(module, (nn.Linear, ActivationMatmul))
         or (isinstance(module, nn.Conv2d) and (include_depthwise or module.groups == 1))
     ]
-
-
-def activation_matmuls(model: nn.Module) -> list[str]:
-    """``named_modules()`` paths of the model's ``ActivationMatmul`` layers.
-
-    Parameters
-    ----------
-    model
-        Any module.
-
-    Returns
-    -------
-    list of str
-        The layer paths, a subset of ``quantizable_layers(model)`` in the same order.
-    """
-    return [path for path, module in model.named_modules() if isinstance(module, ActivationMatmul)]
 
 
 def depthwise_layers(model: nn.Module) -> list[str]:
