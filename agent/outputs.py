@@ -37,10 +37,13 @@ def bits_chart(names, policy, path: Path, title: str) -> None:
     """Grouped bars: weight and activation bits per operator."""
     plt = _pyplot()
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.2))
+    rotated = len(names) > 6
+    # rotated labels take height by their length (ViT paths run to 50 characters)
+    height = 2.6 + 0.06 * max(map(len, names), default=0) if rotated else 3.2
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), max(3.2, height)))
     ax.bar(x - 0.2, [b.w_bits for b in policy], 0.4, label="weight bits")
     ax.bar(x + 0.2, [b.a_bits for b in policy], 0.4, label="activation bits")
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right")
+    ax.set_xticks(x, names, rotation=45 if rotated else 0, ha="right")
     ax.set_yticks(range(0, 9))
     ax.set_ylabel("bits")
     ax.set_title(title)
