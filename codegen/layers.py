@@ -11,11 +11,11 @@ codes when the graph quantizes them, bias, ReLU and output quantization.
 width, the input codes the crossbars receive and the integer bias.
 
 An operator computes ``acc = x_codes @ weight_codes`` (a convolution through im2col) on the
-crossbars; an activation-activation matmul (``kind == "matmul"``, attention's ``Q @ Kᵀ`` and
-``A @ V``) has no weight: its ``stored`` operand is another activation, written into the
-crossbars at run time, head by head. It then either requantizes ``acc`` inside the program to the codes of its
+crossbars, then either requantizes ``acc`` inside the program to the codes of its
 ``output`` spec, or hands ``acc`` to the host, which turns it into real values with
-``(acc + int_bias) * scale + real_bias``.
+``(acc + int_bias) * scale + real_bias``. An activation-activation matmul (``kind ==
+"matmul"``, attention's ``Q @ Kᵀ`` and ``A @ V``) has no weight: its ``stored`` operand is
+another activation, written into the crossbars at run time, head by head.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class StoredOperand:
 
 @dataclass
 class CimOp:
-    """One dense or convolution operator of a region.
+    """One dense, convolution or activation-activation matmul operator of a region.
 
     Attributes
     ----------
@@ -120,8 +120,8 @@ class CimOp:
         ``("param", i)`` for the region's i-th parameter, ``("op", j)`` for operator j.
     weight
         ``[K, N]`` (for a ``"matmul"``, a placeholder of that shape: see ``stored``); for
-        a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a
-        float graph until quantized, else integer codes. A grouped convolution's weight
+        a convolution ``K`` runs over ``(kh, kw, c)``. Real values for a float graph until
+        quantized, else integer codes. A grouped convolution's weight
         is block-diagonal: column ``n`` of group ``n // (N / groups)`` is zero outside
         its group's input channels.
     in_shape, out_shape
