@@ -69,6 +69,8 @@ SEARCH_REQUIRES = [
     "stable-baselines3>=2.9,<3",
     "optuna>=4,<5",
     "matplotlib>=3.7",
+    # SQLAlchemy 2.1 reads a plain postgresql:// URL with psycopg 3 (shared TPE studies)
+    "psycopg[binary]>=3.2,<4",
 ]
 # Reading QONNX files (Quant nodes with a bit-width input, as FINN and Brevitas write them).
 QONNX_REQUIRES = ["qonnx==1.0.0"]

@@ -300,6 +300,48 @@ def _sqlite_file(url) -> Path | None:
     return Path(database)
 
 
+#: Seconds a database server may take to accept a connection: a host that went away fails
+#: in this time instead of the operating system's minutes.
+CONNECT_TIMEOUT_S = 10
+#: Attempts at opening a study on a fresh database, where workers started together race to
+#: create Optuna's tables (the losers see a unique violation, then find the tables made).
+OPEN_ATTEMPTS = 5
+
+
+def _engine_options(url) -> dict:
+    """SQLAlchemy engine options for the study's database: a connect timeout and a
+    liveness check of pooled connections on a PostgreSQL server."""
+    if url.get_backend_name() != "postgresql":
+        return {}
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+
+
+def _created_study(storage: str, name: str, sampler):
+    """``optuna.create_study`` (or load) on ``storage``, retried while workers started
+    together on a fresh database race to create its tables."""
+    import optuna
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    options = _engine_options(make_url(storage))
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            where = (
+                optuna.storages.RDBStorage(storage, engine_kwargs=options) if options else storage
+            )
+            return optuna.create_study(
+                storage=where,
+                study_name=name,
+                sampler=sampler,
+                direction="maximize",
+                load_if_exists=True,
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def check_storage(storage: str) -> None:
     """Refuse, before any work and writing nothing, a storage the study cannot live in: an
     unknown dialect or a missing driver, a database that does not answer, a SQLite file
@@ -341,7 +383,7 @@ def check_storage(storage: str) -> None:
             raise refuse(str(exc)) from None
         return
     try:
-        engine = sqlalchemy.create_engine(url)
+        engine = sqlalchemy.create_engine(url, **_engine_options(url))
         try:
             with engine.connect():
                 pass
@@ -371,13 +413,7 @@ def open_study(storage: str, name: str, seed: int, episodes: int, resume: bool, 
         path = _sqlite_file(make_url(storage))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            sampler=_new_sampler(wanted),
-            direction="maximize",
-            load_if_exists=True,
-        )
+        study = _created_study(storage, name, _new_sampler(wanted))
         if SAMPLER_ATTR not in study.user_attrs:
             study.set_user_attr(SAMPLER_ATTR, wanted)
         finished = _trials(study, "COMPLETE")
@@ -498,18 +534,43 @@ def run_tpe(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, study) -
     study.sampler = _replayed_sampler(study, done, suggest)
     for trial in done:
         recorder.record(outcome_of(trial.params))
-    while recorder.count < episodes:
-        trial = study.ask()
-        try:
-            params = suggest(trial)
-            _check_reasked(study, interrupted, params)
-            interrupted = {}
-            outcome = outcome_of(params)
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        study.tell(trial, outcome.reward)
-        recorder.record(outcome)
+    with _database_errors(study):
+        while recorder.count < episodes:
+            trial = study.ask()
+            try:
+                params = suggest(trial)
+                _check_reasked(study, interrupted, params)
+                interrupted = {}
+                outcome = outcome_of(params)
+            except BaseException:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            study.tell(trial, outcome.reward)
+            recorder.record(outcome)
+
+
+@contextlib.contextmanager
+def _database_errors(study):
+    """A study whose database stops answering is the user's to fix (a server that went
+    away, a network), not a bug: a ``CimError`` that says so and how to go on."""
+    import optuna
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
+        cause = exc  # Optuna wraps the driver's error, which says what happened
+        while not isinstance(cause, sqlalchemy.exc.DBAPIError) and (
+            cause.__cause__ or cause.__context__
+        ):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, sqlalchemy.exc.DBAPIError) and str(cause.orig).strip():
+            cause = cause.orig
+        raise CimError(
+            f"the database of the Optuna study {study.study_name!r} stopped answering: "
+            f"{_first_line(cause)}; the finished episodes are in the log, and --resume "
+            "continues once the database is back"
+        ) from None
 
 
 def _check_reasked(study, interrupted: dict, params: dict) -> None:
