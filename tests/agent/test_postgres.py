@@ -116,6 +116,6 @@ def test_a_server_that_goes_away_is_a_clear_error(tmp_path):
         study = strategies.open_study(alone.create_database("gone"), "tpe-s0", 0, 10, False)
     finally:
         alone.stop()
-    with pytest.raises(CimError, match="stopped answering: .*--resume continues"):
-        with strategies._database_errors(study):
-            study.ask()
+    stopped = pytest.raises(CimError, match="stopped answering: .*--resume continues")
+    with stopped, strategies._database_errors(study):
+        study.ask()
