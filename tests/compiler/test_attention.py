@@ -191,7 +191,7 @@ def test_a_nonzero_zero_point_keeps_the_matmul_on_the_cpu_with_its_reason(tmp_pa
     plan = plan_for_cim(mod, names=names)
     assert plan.operators == []
     (cpu,) = plan.cpu
-    assert cpu["name"] == "scores" and "zero point 0" in cpu["reason"]
+    assert (cpu["name"], cpu["kind"]) == ("scores", "matmul") and "zero point 0" in cpu["reason"]
 
 
 def test_a_stream_of_attention_rewrites_its_crossbars_for_every_image():

@@ -179,15 +179,18 @@ def cpu_operators(mod, refused: dict[str, str] | None = None) -> list[dict]:
     region reader's reason for the operators it sent back)."""
     from tvm_cim.relay_passes.explain import unsupported_reason
     from tvm_cim.relay_passes.partition import operator_name
-    from tvm_cim.relay_passes.patterns import ANCHORS
+    from tvm_cim.relay_passes.patterns import ANCHORS, computed_from_constants
 
     out = []
     for block in mod["main"].body.blocks:
+        bindings = {b.var: b.value for b in block.bindings}
         for binding in block.bindings:
             call = binding.value
             kind = ANCHORS.get(getattr(getattr(call, "op", None), "name", None))
             if kind is None:
                 continue
+            if kind == "dense" and not computed_from_constants(call.args[1], bindings):
+                kind = "matmul"  # of two activations
             name = operator_name(call) or binding.var.name
             reason = (refused or {}).get(name) or unsupported_reason(call, block)
             out.append({"name": name, "kind": kind, "reason": reason})
