@@ -15,10 +15,8 @@ import numpy as np
 
 from tvm_cim.core import cells
 from tvm_cim.core.arch import CimArch
-from tvm_cim.core.cells import ColumnBlock
 
 __all__ = [
-    "ColumnBlock",
     "WeightMapping",
     "cell_layout",
     "is_placeholder",
@@ -32,23 +30,24 @@ __all__ = [
 
 @dataclass
 class WeightMapping:
-    """The logical cell matrix of one weight matrix and how to recombine its columns.
+    """The logical cell matrix of one weight matrix and its column layout.
 
     ``positive`` is ``[K, L]`` uint8; with differential rows ``negative`` holds the
-    cells of the bottom rows (same shape), else it is None. ``ones_col`` (offset
-    mapping) is the all-ones column, whose reading times ``offset`` is subtracted.
+    cells of the bottom rows (same shape), else it is None. ``layout`` says how the
+    columns recombine into the outputs (``tvm_cim.core.cells.CellLayout``).
     """
 
     positive: np.ndarray
     negative: np.ndarray | None
-    outputs: int
-    blocks: list[ColumnBlock]
-    ones_col: int | None = None
-    offset: int = 0
+    layout: cells.CellLayout
+
+    @property
+    def outputs(self) -> int:
+        return self.layout.outputs
 
     @property
     def logical_cols(self) -> int:
-        return int(self.positive.shape[1])
+        return self.layout.logical_cols
 
 
 def weight_slices(w_bits: int, cell_bits: int) -> int:
@@ -61,17 +60,11 @@ def cell_layout(n: int, bits: int, arch: CimArch) -> cells.CellLayout:
     return cells.layout(n, bits, arch.cell_bits, arch.mapping)
 
 
-def _mapping(positive, negative, layout: cells.CellLayout) -> WeightMapping:
-    return WeightMapping(
-        positive, negative, layout.outputs, list(layout.blocks), layout.ones_col, layout.offset
-    )
-
-
 def map_weights(weight: np.ndarray, w_bits: int, arch: CimArch) -> WeightMapping:
     """Slice and sign-map ``weight`` (``[K, N]`` ints within signed ``w_bits``)."""
     weight = np.asarray(weight)
     positive, negative = cells.map_cells(weight, w_bits, arch.cell_bits, arch.mapping)
-    return _mapping(positive, negative, cell_layout(weight.shape[1], w_bits, arch))
+    return WeightMapping(positive, negative, cell_layout(weight.shape[1], w_bits, arch))
 
 
 def is_placeholder(weight: np.ndarray) -> bool:
@@ -88,7 +81,7 @@ def placeholder_mapping(k: int, n: int, w_bits: int, arch: CimArch) -> WeightMap
     """The mapping of a ``[k, n]`` weight with the right shapes and no cell values."""
     layout = cell_layout(n, w_bits, arch)
     zeros = np.broadcast_to(np.uint8(0), (k, layout.logical_cols))
-    return _mapping(zeros, zeros if layout.differential_rows else None, layout)
+    return WeightMapping(zeros, zeros if layout.differential_rows else None, layout)
 
 
 def logical_shape(k: int, n: int, w_bits: int, arch: CimArch) -> tuple[int, int]:

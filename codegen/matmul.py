@@ -329,7 +329,7 @@ def tile_cuts(
 def emit_steps(
     lanes: Lanes,
     arch: CimArch,
-    layout: WeightMapping | CellLayout,
+    layout: CellLayout,
     *,
     xb: int,
     colbuf: int,
@@ -351,7 +351,7 @@ def emit_steps(
     mapping's ones column, times the offset, subtracted from every output.
 
     ``layout`` says what the columns mean (``blocks``, ``outputs``, ``ones_col``,
-    ``offset``: a ``WeightMapping`` or a ``tvm_cim.core.cells.CellLayout``); ``adc`` maps
+    ``offset``); ``adc`` maps
     "the chunk is signed" to the tile's ``(shift, signed)`` ADC setting.
     """
     c0, c1 = cols
@@ -413,10 +413,11 @@ class TiledMatmul:
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.signed_input = signed_input
-        differential = mapping.negative is not None
-        self.rows_per_tile = self.arch.rows // 2 if differential else self.arch.rows
         self.tiles, self.tile_width = tile_cuts(
-            mapping.positive.shape[0], mapping.logical_cols, differential, self.arch
+            mapping.positive.shape[0],
+            mapping.logical_cols,
+            mapping.layout.differential_rows,
+            self.arch,
         )
         self.images: dict[tuple, int] = {}  # (rows, cols) of a tile -> its image
 
@@ -457,7 +458,7 @@ class TiledMatmul:
         emit_steps(
             lanes,
             arch,
-            self.m,
+            self.m.layout,
             xb=xb,
             colbuf=colbuf,
             acc=acc,

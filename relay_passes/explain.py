@@ -50,6 +50,7 @@ def unsupported_reason(call: relax.Call, block) -> str:
             return "weights are not constants"
         # Both operands activations: the stored one is written into crossbars at run time.
         reason = act_matmul_reason(call) or activation_clip_reason(x, bindings)
+        reason = reason or activation_clip_reason(w, bindings)
         return reason or (
             "activation-activation matmul in no form the crossbars take (float, or 8-bit "
             "codes with zero point 0 on both operands)"

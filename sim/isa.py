@@ -403,10 +403,15 @@ PROGB_PARAMS = ("col", "K", "N", "transpose", "bits", "r0", "r1", "c0", "c1")
 PROGB_MAX_BITS = 16
 
 
+def progb_geometry(params) -> dict[str, int]:
+    """The values of a ``progb`` params constant's row by name (``PROGB_PARAMS``)."""
+    return dict(zip(PROGB_PARAMS, (int(v) for v in params)))
+
+
 def progb_tile(params, differential_rows: bool) -> tuple[int, int, int]:
     """``(inputs, physical rows, columns)`` of the tile a ``progb`` with the values of
     ``PROGB_PARAMS`` writes (differential rows take two physical rows per input)."""
-    g = dict(zip(PROGB_PARAMS, (int(v) for v in params)))
+    g = progb_geometry(params)
     inputs = g["r1"] - g["r0"]
     return inputs, inputs * (2 if differential_rows else 1), g["c1"] - g["c0"]
 

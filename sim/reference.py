@@ -49,11 +49,6 @@ def execute_prog(s: _State, ops):
     s.weights[ops["xb"]] = s.p.images[ops["image"]].folded().astype(np.float64)
 
 
-def progb_geometry(constant: np.ndarray) -> dict[str, int]:
-    """The values of a ``progb`` params constant by name (``isa.PROGB_PARAMS``)."""
-    return dict(zip(isa.PROGB_PARAMS, (int(v) for v in constant[0])))
-
-
 def operand_range_error(index, item, value, src, row, column, bits) -> InputError:
     """The error of a ``progb`` operand value outside signed ``bits``: both backends
     report the first such value (items in order, then the buffer's rows and columns)."""
@@ -65,7 +60,7 @@ def operand_range_error(index, item, value, src, row, column, bits) -> InputErro
 
 
 def execute_progb(s: _State, ops):
-    g = progb_geometry(s.p.constants[ops["params"]])
+    g = isa.progb_geometry(s.p.constants[ops["params"]][0])
     src, col, bits = ops["src"], g["col"], g["bits"]
     height, width = (g["N"], g["K"]) if g["transpose"] else (g["K"], g["N"])
     per_item = s.buffers[src].reshape(s.batch, s.p.buffer_rows[src], -1)
@@ -248,7 +243,7 @@ def _progb_bytes(prepared, batch: int, params: tuple) -> int:
     """The temporaries of a progb: ``map_cells``'s narrow copies of the operand rows (the
     values, both polarities, a slice and its mask: 2 bytes each, a few at once), its
     uint8 slices and their concatenation (positive and negative), and the float64 tile."""
-    g = progb_geometry([params])
+    g = isa.progb_geometry(params)
     arch = prepared.arch
     inputs, _, cols = isa.progb_tile(params, False)
     logical = cells.layout(g["N"], g["bits"], arch.cell_bits, arch.mapping).logical_cols

@@ -182,7 +182,7 @@ def _walk(prepared: PreparedProgram) -> Walk:
             params = tuple(int(v) for v in prepared.constants[ops["params"]][0])
             k, physical, cols = shape_on[ops["xb"]] = isa.progb_tile(params, differential_rows)
             item_weights[ops["xb"]] = max(item_weights.get(ops["xb"], 0), k * cols)
-            g = dict(zip(isa.PROGB_PARAMS, params))
+            g = isa.progb_geometry(params)
             step = Step(params=params, item_cells=physical * cols + g["K"] * g["N"])
         elif spec.mnemonic == "mvm":
             k, physical, cols = shape_on[ops["xb"]]

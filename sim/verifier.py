@@ -199,7 +199,7 @@ class _Checker:
         const = self.p.constants[c]
         if const.shape != (1, len(isa.PROGB_PARAMS)):
             self.fail(i, f"progb params c{c} must be [1, {len(isa.PROGB_PARAMS)}]")
-        g = dict(zip(isa.PROGB_PARAMS, (int(v) for v in const[0])))
+        g = isa.progb_geometry(const[0])
         where = f"progb params c{c}"
         limits = {"K": (1, isa.MAX_COLUMNS), "N": (1, isa.MAX_COLUMNS), "col": (0, isa.MAX_COLUMNS)}
         limits |= {"transpose": (0, 1), "bits": (1, isa.PROGB_MAX_BITS)}

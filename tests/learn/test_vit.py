@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
+from tests.learn.test_zoo import built  # noqa: E402
 from tvm_cim.core.errors import CimError  # noqa: E402
 from tvm_cim.core.quant import quantize  # noqa: E402
 from tvm_cim.learn import qat, zoo  # noqa: E402
@@ -37,17 +38,6 @@ def cim_aq_order(blocks: int) -> list[str]:
         f"encoder.layers.encoder_layer_{i}.{name}" for i in range(blocks) for name in BLOCK_LAYERS
     ]
     return ["conv_proj", *layers, "heads.head"]
-
-
-_BUILT: dict = {}
-
-
-def built(name: str) -> nn.Module:
-    """One shared default instance per model (do not modify it)."""
-    if name not in _BUILT:
-        torch.manual_seed(0)
-        _BUILT[name] = zoo.build(name)
-    return _BUILT[name]
 
 
 # ------------------------------------------------- torchvision's layout, as reference
