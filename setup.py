@@ -71,6 +71,8 @@ SEARCH_REQUIRES = [
     "matplotlib>=3.7",
     # SQLAlchemy 2.1 reads a plain postgresql:// URL with psycopg 3 (shared TPE studies)
     "psycopg[binary]>=3.2,<4",
+    # policy evaluations as tasks: a local cluster, or a running one (see README)
+    "distributed>=2025.1",
 ]
 # Reading QONNX files (Quant nodes with a bit-width input, as FINN and Brevitas write them).
 QONNX_REQUIRES = ["qonnx==1.0.0"]

@@ -10,7 +10,7 @@ a kill mid-write leaves the previous checkpoint usable:
 - ``replay_buffer.pkl``: SB3's ``model.save_replay_buffer``;
 - ``random.pkl``: every random state the agent draws from: torch's, numpy's and
   Python's global generators, the model's action space generator and, for DDPG, the
-  action noise's scale and generator;
+  action noises' scales and generators (one per environment);
 - ``meta.json``: the settings the agent was created with (algorithm, seed, agent
   settings, decisions per episode), the budget in force, the logged episodes it has
   seen and a digest of them, which ties it to its log.
@@ -68,7 +68,7 @@ from tvm_cim.core.files import write_bytes
 from .log import EpisodeLog
 
 #: Version of the checkpoint layout; a checkpoint of another one is not used.
-FORMAT = 1
+FORMAT = 2
 
 _MODEL, _BUFFER, _RANDOM, _META = "model.zip", "replay_buffer.pkl", "random.pkl", "meta.json"
 
@@ -79,14 +79,18 @@ def _digest(episodes: list) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def _noises(noise) -> list:
+    """The action noises of a model: none, its one, or one per environment."""
+    return [] if noise is None else list(getattr(noise, "noises", [noise]))
+
+
 def _random_state(model) -> dict:
-    noise = model.action_noise
     return {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "action_space": model.action_space.np_random.bit_generator.state,
-        "noise": None if noise is None else (noise.sigma, noise.rng.bit_generator.state),
+        "noise": [(n.sigma, n.rng.bit_generator.state) for n in _noises(model.action_noise)],
     }
 
 
@@ -95,8 +99,8 @@ def _set_random_state(model, state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     model.action_space.np_random.bit_generator.state = state["action_space"]
-    if state["noise"] is not None:
-        model.action_noise.sigma, model.action_noise.rng.bit_generator.state = state["noise"]
+    for noise, (sigma, rng) in zip(_noises(model.action_noise), state["noise"], strict=True):
+        noise.sigma, noise.rng.bit_generator.state = sigma, rng
 
 
 def _write(path: Path, model, meta: dict) -> None:
@@ -153,7 +157,7 @@ def _grow(model, size: int) -> None:
     """Give ``model`` a replay buffer of at least ``size`` transitions, holding the same
     transitions in the same places (sampling draws from the filled part only)."""
     old = model.replay_buffer
-    if size <= old.buffer_size:
+    if size <= old.buffer_size * old.n_envs:  # SB3 keeps buffer_size // n_envs per env
         return
     new = ReplayBuffer(
         size,

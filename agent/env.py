@@ -115,6 +115,24 @@ class CimQuantEnv(gym.Env):
         info = {"outcome": outcome}
         return self._observation(), float(outcome.reward), True, False, info
 
+    def completed_policy(self, action) -> tuple[Bits, ...] | None:
+        """The policy ``step(action)`` would complete and score; None before the last
+        decision (a vectorized search measures the policies a step completes together)."""
+        if self._step != self.decisions - 1:
+            return None
+        bits = list(self._bits)
+        bits[self.searched[-1]] = Bits(self._pending_w, self.bits_of(action, self._step))
+        return tuple(bits)
+
+    def policy_of(self, actions) -> tuple[Bits, ...]:
+        """The policy a whole episode of ``actions`` plays, without scoring it."""
+        bits = self.bits_template()
+        for i, op in enumerate(self.searched):
+            bits[op] = Bits(
+                self.bits_of(actions[2 * i], 2 * i), self.bits_of(actions[2 * i + 1], 2 * i + 1)
+            )
+        return tuple(bits)
+
     def projected_latency(self) -> float:
         """Latency of the policy so far, with undecided operators still at their initial
         (pinned) widths: the model's latency if the episode stopped choosing now."""

@@ -25,7 +25,17 @@ from tvm_cim.core.errors import CimError
 from .scoring import Outcome, policy_from_list
 
 #: Header keys that must match for ``--resume`` (the budget may grow).
-IDENTITY = ("model", "dataset", "arch", "strategy", "seed", "space", "reward", "evaluation")
+IDENTITY = (
+    "model",
+    "dataset",
+    "arch",
+    "strategy",
+    "seed",
+    "workers",
+    "space",
+    "reward",
+    "evaluation",
+)
 
 
 def _outcome(record: dict) -> Outcome:

@@ -56,6 +56,9 @@ class PolicyScorer:
         ``accuracy({operator name: Bits}) -> percent``; called once per distinct policy.
     reward
         The reward; its target is the W8A8 accuracy minus ``reward.max_acc_drop``.
+    pool
+        Measures several policies at once (``cluster.EvaluationPool``, bound to the same
+        evaluation as ``accuracy``); None: one at a time, in this process.
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class PolicyScorer:
         table: LatencyTable,
         accuracy: Callable[[Mapping[str, Bits]], float],
         reward: Reward | None = None,
+        pool=None,
     ):
         self.table = table
+        self.pool = pool
         self.reward = reward or Reward()
         self._accuracy_fn = accuracy
         self._cache: dict[Policy, float] = {}
@@ -81,13 +86,25 @@ class PolicyScorer:
 
     def accuracy(self, policy: Policy) -> float:
         policy = tuple(policy)
-        if policy not in self._cache:
-            precision = dict(zip(self.table.names, policy, strict=True))
-            with _preserved_random_state():
-                value = float(self._accuracy_fn(precision))
-            self.evaluations += 1
-            self._cache[policy] = value
+        self.prefetch([policy])
         return self._cache[policy]
+
+    def prefetch(self, policies: Sequence[Policy]) -> None:
+        """Measure the policies not measured yet, in parallel on the pool, so that their
+        scores are then at hand."""
+        missing = list(dict.fromkeys(tuple(p) for p in policies if tuple(p) not in self._cache))
+        if not missing:
+            return
+        precisions = [dict(zip(self.table.names, p, strict=True)) for p in missing]
+        if self.pool is not None:
+            values = self.pool.measure(precisions)
+        else:
+            values = []
+            for precision in precisions:
+                with _preserved_random_state():
+                    values.append(float(self._accuracy_fn(precision)))
+        self.evaluations += len(missing)
+        self._cache.update(zip(missing, values))
 
     def prime(self, policy: Policy, accuracy: float) -> None:
         """Record an accuracy measured earlier (a resumed search's log)."""

@@ -23,9 +23,11 @@ outputs, and the closing loop on the simulator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from tvm_cim.core.errors import CimError
 from tvm_cim.core.files import folder_problem, remove_temporaries
 from tvm_cim.core.precision import Bits
 
+from .cluster import EvaluationPool
 from .config import AgentConfig
 from .confirm import BEST, REFERENCE, confirm
 from .env import CimQuantEnv
@@ -42,16 +45,8 @@ from .lock import hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
 from .space import Reward, SearchSpace
-from .strategies import (
-    STRATEGIES,
-    EpisodeRecorder,
-    check_storage,
-    open_study,
-    run_ddpg,
-    run_dqn,
-    run_random,
-    run_tpe,
-)
+from .strategies import STRATEGIES, EpisodeRecorder, run_ddpg, run_dqn, run_random
+from .tpe import check_storage, open_study, run_tpe
 from .verify import verify
 
 #: Uniform reference points scored in every search.
@@ -92,8 +87,16 @@ class SearchSettings:
         Accuracy points a policy may lose against W8A8 (the reward's target).
     seed
         Seed of the strategy (the base model is always trained with seed 0).
+    workers
+        Accuracy measurements in flight, as Dask tasks (``cluster.py``): the size of the
+        local cluster this search starts, or with ``cluster`` the workers it keeps busy.
+        None: one at a time, in this process. A search is deterministic for its seed and
+        worker count (random search: for its seed alone).
+    cluster
+        Address of a running Dask scheduler to measure on instead of a local cluster.
     storage
-        Optuna storage URL for TPE (default: ``sqlite:///<out>/optuna.db``).
+        Optuna storage URL for TPE (default: ``sqlite:///<out>/optuna.db``); processes
+        given the same URL (PostgreSQL) share the study and its ``episodes`` budget.
     resume
         Continue the search logged in ``out``.
     space, reward, agents
@@ -122,6 +125,8 @@ class SearchSettings:
     episodes: int = 150
     max_acc_drop: float = 0.1
     seed: int = 0
+    workers: int | None = None
+    cluster: str | None = None
     storage: str | None = None
     resume: bool = False
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -174,6 +179,17 @@ def _validate(settings: SearchSettings) -> None:
         raise CimError(f"unknown model {settings.model!r}; the zoo has {', '.join(models.names())}")
     if settings.storage and settings.strategy != "tpe":
         raise CimError("--storage applies to --strategy tpe only")
+    if settings.workers is not None and (
+        isinstance(settings.workers, bool) or not isinstance(settings.workers, int)
+    ):
+        raise CimError(f"workers must be an integer, got {settings.workers!r}")
+    if settings.workers is not None and settings.workers < 1:
+        raise CimError(f"workers must be at least 1, got {settings.workers}")
+    if settings.cluster is not None and settings.workers is None:
+        raise CimError(
+            "--cluster needs --workers N, the measurements this search keeps in flight "
+            "(it fixes the course of the search)"
+        )
     check_objective(settings.objective)
     problem = folder_problem(Path(settings.out))
     if problem:
@@ -190,6 +206,10 @@ class _Checked:
     start: object | None  # the base model of ``--from``
     header: dict  # the log header, less what the latency table adds
     study: tuple[str, str] | None  # TPE: (storage URL, study name)
+
+    @property
+    def in_flight(self) -> int:
+        return self.header["workers"]
 
 
 def _check(settings: SearchSettings) -> _Checked:
@@ -218,6 +238,7 @@ def _check(settings: SearchSettings) -> _Checked:
         "objective": settings.objective,
         "strategy": settings.strategy,
         "seed": settings.seed,
+        "workers": settings.workers or 1,
         "space": settings.space.to_dict(),
         "reward": reward.to_dict(),
         "evaluation": {"finetune_steps": settings.finetune_steps, "split": "val"},
@@ -345,11 +366,19 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
     began = time.perf_counter()
     out = Path(settings.out)
     arch, space, dataset = checked.arch, settings.space, checked.dataset
+    paths = _paths(out, settings.tag)
     study = None
     if checked.study is not None:  # before training: a study that forbids this search
         storage, name = checked.study
+        owner = f"{socket.gethostname()}:{paths['log'].resolve()}"
         study = open_study(
-            storage, name, settings.seed, settings.episodes, settings.resume, settings.agents.tpe
+            storage,
+            name,
+            settings.seed,
+            settings.episodes,
+            settings.resume,
+            owner,
+            settings.agents.tpe,
         )
     model = checked.start if checked.start is not None else base_model(settings, dataset, log)
     example = torch.from_numpy(dataset.test[0][:1])
@@ -361,43 +390,20 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
         )
     space.searched(len(table.operators))
     evaluation = QatAccuracy(model, dataset, settings.finetune_steps)
-    scorer = PolicyScorer(table, evaluation, checked.reward)
-    env = CimQuantEnv(scorer, space)
-
-    header = dict(checked.header, operators=table.names, episodes=settings.episodes)
-    paths = _paths(out, settings.tag)
-    episode_log = EpisodeLog(paths["log"], header, resume=settings.resume, warn=log)
-    if settings.resume and episode_log.episodes:
-        log(f"reusing {len(episode_log.episodes)} logged episodes from {paths['log']}")
-    for outcome in [*episode_log.references.values(), *episode_log.episodes]:
-        scorer.prime(outcome.policy, outcome.accuracy)
-    for name, bits in UNIFORM.items():
-        episode_log.add_reference(name, scorer.score((bits,) * len(table.operators)))
-
-    progress = _ProgressBar(settings, scorer) if settings.progress else None
-    recorder = EpisodeRecorder(episode_log, progress)
-    with _one_thread():
-        if settings.strategy == "random":
-            run_random(env, recorder, settings.episodes, settings.seed)
-        elif settings.strategy == "dqn":
-            run_dqn(
-                env, recorder, settings.episodes, settings.seed, settings.agents.dqn, paths["agent"]
-            )
-        elif settings.strategy == "ddpg":
-            run_ddpg(
-                env,
-                recorder,
-                settings.episodes,
-                settings.seed,
-                settings.agents.ddpg,
-                paths["agent"],
-            )
-        else:
-            run_tpe(env, recorder, settings.episodes, study)
-    if progress is not None:
-        progress.close()
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if settings.workers is not None:
+            pool = stack.enter_context(EvaluationPool.open(settings.workers, settings.cluster))
+            pool.bind(evaluation)
+        scorer = PolicyScorer(table, evaluation, checked.reward, pool)
+        episode_log = _explore(settings, checked, scorer, table, paths, study, log)
 
     episodes = episode_log.episodes[: settings.episodes]
+    if not episodes:
+        raise CimError(
+            f"the Optuna study {study.study.study_name!r} at {study.url} had no episode of its "
+            f"budget of {settings.episodes} left for this search"
+        )
     best = max(episodes, key=lambda o: o.reward)
     reference = episode_log.references["W8A8"]
     confirmation = confirm(
@@ -430,6 +436,40 @@ def _search(settings: SearchSettings, checked: _Checked, log) -> SearchResult:
 
     write_outputs(result)
     return result
+
+
+def _explore(settings, checked: _Checked, scorer, table, paths, study, log) -> EpisodeLog:
+    """Score the uniform points, then run the strategy for the budget into the episode
+    log (a resumed search replays the log first)."""
+    env = CimQuantEnv(scorer, settings.space)
+    header = dict(checked.header, operators=table.names, episodes=settings.episodes)
+    episode_log = EpisodeLog(paths["log"], header, resume=settings.resume, warn=log)
+    if settings.resume and episode_log.episodes:
+        log(f"reusing {len(episode_log.episodes)} logged episodes from {paths['log']}")
+    for outcome in [*episode_log.references.values(), *episode_log.episodes]:
+        scorer.prime(outcome.policy, outcome.accuracy)
+    uniform = {name: (bits,) * len(table.operators) for name, bits in UNIFORM.items()}
+    scorer.prefetch(list(uniform.values()))
+    for name, policy in uniform.items():
+        episode_log.add_reference(name, scorer.score(policy))
+
+    progress = _ProgressBar(settings, scorer) if settings.progress else None
+    recorder = EpisodeRecorder(episode_log, progress)
+    batch, agent = checked.in_flight, paths["agent"]
+    with _one_thread():
+        if settings.strategy == "random":
+            run_random(env, recorder, settings.episodes, settings.seed, batch)
+        elif settings.strategy == "dqn":
+            config = settings.agents.dqn
+            run_dqn(env, recorder, settings.episodes, settings.seed, config, agent, batch)
+        elif settings.strategy == "ddpg":
+            config = settings.agents.ddpg
+            run_ddpg(env, recorder, settings.episodes, settings.seed, config, agent, batch)
+        else:
+            run_tpe(env, recorder, settings.episodes, study, batch)
+    if progress is not None:
+        progress.close()
+    return episode_log
 
 
 def _paths(out: Path, tag: str) -> dict[str, Path]:

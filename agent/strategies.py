@@ -14,47 +14,32 @@ episodes after it are replayed the same way, and a larger budget extends the age
 Without a usable checkpoint they replay from the start, as random search does, which
 holds for the budget the log began with.
 
-TPE keeps its record in the Optuna study, and its sampler's random state is not stored
-there, so a resumed TPE search rebuilds it:
+TPE (``tpe.py``) keeps its record in the Optuna study.
 
-- trials a killed run left RUNNING are marked FAIL. Optuna 4's ``TPESampler`` reads
-  only COMPLETE (and PRUNED) trials, both to count its ``n_startup_trials`` and to model
-  the results, and its search space is the intersection over the same trials (RUNNING
-  ones only with ``constant_liar``, which is off), so a FAIL trial changes nothing it
-  suggests;
-- a sampler with the settings the study was created with (``SAMPLER_ATTR``) is asked
-  again for every complete trial, in order, on an in-memory twin of the study that is
-  told the stored values; each suggestion must equal the stored parameters (else a
-  ``CimError``), and the replayed random state becomes the study's sampler's;
-- the next trial then suggests what the killed run was evaluating (checked against the
-  FAIL trial's parameters), and every later one what the uninterrupted run suggested.
-
-This is exact for one process per study, which the output directory's lock ensures.
-Workers sharing a study (a PostgreSQL storage) suggest in an order no replay can
-reproduce; they would each keep their own seed, and fail only stale trials.
+Several evaluations in flight (``--workers``, ``cluster.py``): random search draws a batch
+of policies and measures them together, which logs what one at a time logs; DQN and DDPG
+play ``envs`` environments in lockstep (an SB3 vectorized environment), whose episodes
+end at the same step and are measured together, and learn from each finished round.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3 import DDPG, DQN
+from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 from tvm_cim.core.errors import CimError
-from tvm_cim.core.files import folder_problem
-from tvm_cim.core.messages import first_line
-from tvm_cim.core.precision import Bits
 
 from . import checkpoint
-from .config import DDPGConfig, DQNConfig, TPEConfig
+from .config import DDPGConfig, DQNConfig
 from .env import CimQuantEnv, ContinuousActions
 from .log import EpisodeLog
 from .scoring import Outcome
@@ -139,24 +124,62 @@ class _LatencyShaping(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def run_random(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, seed: int) -> None:
-    """Uniformly random actions, one generator seeded with ``seed``."""
+def run_random(
+    env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, seed: int, batch: int = 1
+) -> None:
+    """Uniformly random actions from one generator seeded with ``seed``, ``batch``
+    policies measured at a time (the same episodes for every batch size)."""
     rng = np.random.default_rng(seed)
-    wrapped = _Recording(env, recorder)
-    for _ in range(episodes):
-        wrapped.reset(seed=int(rng.integers(2**31)))
-        terminated = False
-        while not terminated:
-            _, _, terminated, _, _ = wrapped.step(int(rng.integers(env.action_space.n)))
+    while recorder.count < episodes:
+        count = min(batch, episodes - recorder.count)
+        policies = [
+            env.policy_of(rng.integers(env.action_space.n, size=env.decisions))
+            for _ in range(count)
+        ]
+        env.scorer.prefetch(policies)
+        for policy in policies:
+            recorder.record(env.scorer.score(policy))
+
+
+def _base_action(env: gym.Env, action):
+    """``action`` as the innermost environment receives it, through the action wrappers."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.ActionWrapper):
+            action = env.action(action)
+        env = env.env
+    return action
+
+
+class _MeasuringVecEnv(DummyVecEnv):
+    """SB3's ``DummyVecEnv`` (its environments stepped in order), except that the policies
+    a step completes are first measured together on the scorer's pool."""
+
+    def step_wait(self):
+        scorer = self.envs[0].unwrapped.scorer
+        completed = [
+            env.unwrapped.completed_policy(_base_action(env, action))
+            for env, action in zip(self.envs, self.actions, strict=True)
+        ]
+        scorer.prefetch([policy for policy in completed if policy is not None])
+        return super().step_wait()
 
 
 def _learn(
-    algorithm, wrapped, env: CimQuantEnv, episodes: int, seed: int, config, agent, **settings
-):
+    algorithm, wrap: Callable, env: CimQuantEnv, episodes: int, seed: int, config, agent, envs,
+    **settings,
+):  # fmt: skip
     """Train an SB3 off-policy ``algorithm`` for exactly ``episodes`` episodes, with the
     settings DQN and DDPG share: every transition kept, a random warm-up of
-    ``config.warmup_fraction`` of the budget, one update round per step; checkpointed at
+    ``config.warmup_fraction`` of the budget, one update round per step; ``envs``
+    environments (``wrap`` of a copy of ``env`` each) in lockstep; checkpointed at
     ``agent`` (``checkpoint.py``: a resume continues it, a larger budget extends it)."""
+    if episodes % envs:
+        raise CimError(
+            f"{algorithm.__name__} plays --workers {envs} episodes at a time: --episodes "
+            f"{episodes} is not a multiple of {envs}"
+        )
+    copies = [env] + [CimQuantEnv(env.scorer, env.space) for _ in range(envs - 1)]
+    vector = _MeasuringVecEnv([lambda e=e: wrap(e) for e in copies])
     total = episodes * env.decisions
     warmup_episodes = max(1, math.ceil(config.warmup_fraction * episodes))
     noise = settings.get("action_noise")
@@ -164,7 +187,7 @@ def _learn(
     def create():
         return algorithm(
             "MlpPolicy",
-            wrapped,
+            vector,
             learning_rate=config.learning_rate,
             buffer_size=max(total, 1),
             learning_starts=warmup_episodes * env.decisions,
@@ -179,15 +202,34 @@ def _learn(
 
     def load(file):
         custom = {} if noise is None else {"action_noise": noise}
-        return algorithm.load(file, env=wrapped, device="cpu", custom_objects=custom)
+        return algorithm.load(file, env=vector, device="cpu", custom_objects=custom)
 
     identity = {
         "algorithm": algorithm.__name__,
         "seed": seed,
         "settings": dataclasses.asdict(config),
         "decisions": env.decisions,
+        "envs": envs,
     }
-    checkpoint.learn(create, load, wrapped.recorder, episodes, env.decisions, agent, identity)
+    recorder = vector.envs[0].recorder
+    checkpoint.learn(create, load, recorder, episodes, env.decisions, agent, identity)
+
+
+class _DQNExploringPerEnv(DQN):
+    """SB3's ``DQN`` with epsilon-greedy drawn per environment (SB3 draws once per step
+    for all of them, so environments in lockstep would explore, or not, together and
+    play the same episode). With one environment it draws exactly what SB3 draws."""
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=False):
+        if deterministic or not self.policy.is_vectorized_observation(observation):
+            return super().predict(observation, state, episode_start, deterministic)
+        explore = np.random.rand(observation.shape[0]) < self.exploration_rate
+        if explore.all():
+            return np.array([self.action_space.sample() for _ in explore]), state
+        action, state = self.policy.predict(observation, state, episode_start, deterministic)
+        for i in np.flatnonzero(explore):
+            action[i] = self.action_space.sample()
+        return action, state
 
 
 def run_dqn(
@@ -197,22 +239,26 @@ def run_dqn(
     seed: int,
     config: DQNConfig | None = None,
     agent: Path | None = None,
+    envs: int = 1,
 ) -> None:
-    """Stable-Baselines3 ``DQN`` for ``episodes`` episodes (deterministic for ``seed``),
-    checkpointed at ``agent`` (None: no checkpoint; a resume replays from the start)."""
-    from stable_baselines3 import DQN
-
+    """Stable-Baselines3 ``DQN`` for ``episodes`` episodes (deterministic for ``seed`` and
+    ``envs``), checkpointed at ``agent`` (None: no checkpoint; a resume replays from the
+    start)."""
     config = config or DQNConfig()
-    shaped = _LatencyShaping(env) if config.latency_shaping else env
-    wrapped = _Recording(shaped, recorder, config.reward_scale)
+
+    def wrap(base):
+        shaped = _LatencyShaping(base) if config.latency_shaping else base
+        return _Recording(shaped, recorder, config.reward_scale)
+
     _learn(
-        DQN,
-        wrapped,
+        _DQNExploringPerEnv,
+        wrap,
         env,
         episodes,
         seed,
         config,
         agent,
+        envs,
         gradient_steps=config.gradient_steps,
         target_update_interval=config.target_update_interval,
         exploration_fraction=config.exploration_fraction,
@@ -235,6 +281,20 @@ class _DecayingNormalNoise(ActionNoise):
         self.sigma *= self.decay
 
 
+def _action_noise(config: DDPGConfig, seed: int, envs: int) -> ActionNoise:
+    """DDPG's exploration noise; with several environments one generator each (SB3's own
+    vectorization copies one, which would explore alike), decaying per round as much as
+    one environment's decays over as many episodes."""
+    rng = np.random.default_rng(seed)
+    if envs == 1:
+        return _DecayingNormalNoise(config.noise_sigma, config.noise_decay, rng)
+    decay = config.noise_decay**envs
+    noises = [_DecayingNormalNoise(config.noise_sigma, decay, r) for r in rng.spawn(envs)]
+    vectorized = VectorizedActionNoise(noises[0], envs)
+    vectorized.noises = noises
+    return vectorized
+
+
 def run_ddpg(
     env: CimQuantEnv,
     recorder: EpisodeRecorder,
@@ -242,342 +302,21 @@ def run_ddpg(
     seed: int,
     config: DDPGConfig | None = None,
     agent: Path | None = None,
+    envs: int = 1,
 ) -> None:
     """Stable-Baselines3 ``DDPG`` on the continuous action, as in HAQ and CIM-AQ,
     checkpointed at ``agent`` (as for ``run_dqn``)."""
-    from stable_baselines3 import DDPG
-
     config = config or DDPGConfig()
-    noise = _DecayingNormalNoise(
-        config.noise_sigma, config.noise_decay, np.random.default_rng(seed)
-    )
-    wrapped = _Recording(ContinuousActions(env), recorder, config.reward_scale)
     _learn(
         DDPG,
-        wrapped,
+        lambda base: _Recording(ContinuousActions(base), recorder, config.reward_scale),
         env,
         episodes,
         seed,
         config,
         agent,
+        envs,
         tau=config.tau,
         gradient_steps=1,
-        action_noise=noise,
+        action_noise=_action_noise(config, seed, envs),
     )
-
-
-# ---------------------------------------------------------------------------- TPE
-
-#: Study user attribute holding the sampler settings the study was created with.
-SAMPLER_ATTR = "tvm_cim.sampler"
-
-
-def _new_sampler(settings: dict):
-    """A ``TPESampler`` from the settings a study records (see ``SAMPLER_ATTR``)."""
-    import optuna
-
-    with warnings.catch_warnings():  # ``multivariate`` is marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=settings["seed"],
-            n_startup_trials=settings["n_startup_trials"],
-            multivariate=settings["multivariate"],
-        )
-
-
-def _first_line(exc: Exception) -> str:
-    """The driver's own message of a SQLAlchemy error, without SQLAlchemy's footer."""
-    return first_line(getattr(exc, "orig", None) or exc) or type(exc).__name__
-
-
-def _sqlite_file(url) -> Path | None:
-    """The file of a SQLite URL; None for an in-memory database."""
-    database = url.database
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:"):  # a URI filename: left to SQLite
-        return None
-    return Path(database)
-
-
-#: Seconds a database server may take to accept a connection: a host that went away fails
-#: in this time instead of the operating system's minutes.
-CONNECT_TIMEOUT_S = 10
-#: Attempts at opening a study on a fresh database, where workers started together race to
-#: create Optuna's tables (the losers see a unique violation, then find the tables made).
-OPEN_ATTEMPTS = 5
-
-
-def _engine_options(url) -> dict:
-    """SQLAlchemy engine options for the study's database: a connect timeout and a
-    liveness check of pooled connections on a PostgreSQL server."""
-    if url.get_backend_name() != "postgresql":
-        return {}
-    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
-
-
-def _created_study(storage: str, name: str, sampler):
-    """``optuna.create_study`` (or load) on ``storage``, retried while workers started
-    together on a fresh database race to create its tables."""
-    import optuna
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
-    options = _engine_options(make_url(storage))
-    for attempt in range(OPEN_ATTEMPTS):
-        try:
-            where = (
-                optuna.storages.RDBStorage(storage, engine_kwargs=options) if options else storage
-            )
-            return optuna.create_study(
-                storage=where,
-                study_name=name,
-                sampler=sampler,
-                direction="maximize",
-                load_if_exists=True,
-            )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == OPEN_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def check_storage(storage: str) -> None:
-    """Refuse, before any work and writing nothing, a storage the study cannot live in: an
-    unknown dialect or a missing driver, a database that does not answer, a SQLite file
-    that is not a database or whose folder cannot be made.
-
-    Raises
-    ------
-    CimError
-        ``cannot open the Optuna study: <reason> (storage <storage>)``.
-    """
-    import sqlite3
-
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    def refuse(reason: str):
-        return CimError(f"cannot open the Optuna study: {reason} (storage {storage})")
-
-    try:
-        url = make_url(storage)
-        url.get_dialect()
-    except Exception as exc:  # SQLAlchemy raises several types for a URL it cannot use
-        raise refuse(_first_line(exc)) from None
-    if url.get_backend_name() == "sqlite":
-        path = _sqlite_file(url)
-        if path is None:
-            return
-        if not path.exists():
-            problem = folder_problem(path.parent)
-            if problem:
-                raise refuse(problem)
-            return
-        try:  # read-write without create: rolls back what a killed writer left, as Optuna would
-            with contextlib.closing(
-                sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
-            ) as db:
-                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.Error as exc:
-            raise refuse(str(exc)) from None
-        return
-    try:
-        engine = sqlalchemy.create_engine(url, **_engine_options(url))
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as exc:  # a missing driver, a refused connection, bad credentials
-        raise refuse(_first_line(exc)) from None
-
-
-def open_study(storage: str, name: str, seed: int, episodes: int, resume: bool, config=None):
-    """The Optuna study of a TPE search, created or (``resume``) loaded from ``storage``.
-
-    A new study records its sampler settings (``SAMPLER_ATTR``); a loaded one keeps those
-    it was created with, so a resumed search with a larger budget samples as it began.
-    """
-    import optuna
-    from sqlalchemy.engine import make_url
-
-    config = config or TPEConfig()
-    wanted = {
-        "seed": seed,
-        "n_startup_trials": max(1, math.ceil(config.startup_fraction * episodes)),
-        "multivariate": config.multivariate,
-    }
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        path = _sqlite_file(make_url(storage))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        study = _created_study(storage, name, _new_sampler(wanted))
-        if SAMPLER_ATTR not in study.user_attrs:
-            study.set_user_attr(SAMPLER_ATTR, wanted)
-        finished = _trials(study, "COMPLETE")
-    except Exception as exc:  # SQLAlchemy and Optuna raise many types for a bad storage
-        raise CimError(
-            f"cannot open the Optuna study {name!r} at {storage}: {_first_line(exc)}"
-        ) from None
-    if finished and not resume:
-        raise CimError(
-            f"the Optuna study {name!r} at {storage} already holds {len(finished)} trials; "
-            "pass --resume to continue it or choose another --storage"
-        )
-    return study
-
-
-def _trials(study, *states: str) -> list:
-    """The study's trials in ``states`` (TrialState names), in trial-number order."""
-    import optuna
-
-    wanted = tuple(optuna.trial.TrialState[s] for s in states)
-    return study.get_trials(deepcopy=False, states=wanted)
-
-
-def _fail_dead_trials(study) -> dict:
-    """Mark FAIL the trials a killed run left RUNNING; return the parameters of the last
-    unfinished trial after the last complete one (what the killed run was evaluating), or
-    an empty dict.
-
-    The caller holds the search's directory lock, so no live process owns a RUNNING
-    trial. Workers sharing one study would instead fail the trials whose heartbeat
-    stopped (Optuna's ``heartbeat_interval`` and ``fail_stale_trials``).
-    """
-    import optuna
-
-    for trial in _trials(study, "RUNNING"):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    pending: dict = {}
-    for trial in _trials(study, "COMPLETE", "FAIL"):
-        complete = trial.state == optuna.trial.TrialState.COMPLETE
-        pending = {} if complete else dict(trial.params)
-    return pending
-
-
-def _random_states(sampler) -> tuple:
-    """The generators of a ``TPESampler`` (its own and its start-up random sampler's):
-    with the study's trials, everything its next suggestion depends on."""
-    try:
-        return sampler._rng.rng, sampler._random_sampler._rng.rng
-    except AttributeError:
-        raise CimError(
-            "cannot resume a TPE search with this Optuna version (the sampler's random "
-            "state moved); start a new search or install optuna 4"
-        ) from None
-
-
-def _replayed_sampler(study, done: list, suggest: Callable):
-    """A sampler in the state the uninterrupted search's was in after the trials ``done``.
-
-    A fresh sampler with the study's settings is asked again, on an in-memory twin of the
-    study, for each trial in order, and told the stored value; every suggestion must
-    equal the stored parameters. Its random state then moves to a new sampler for
-    ``study`` (a sampler caches its search space per study).
-    """
-    import optuna
-
-    settings = study.user_attrs[SAMPLER_ATTR]
-    twin = optuna.create_study(sampler=_new_sampler(settings), direction="maximize")
-    for trial in done:
-        asked = twin.ask()
-        params = suggest(asked)
-        for key, value in params.items():
-            if trial.params.get(key) != value:
-                raise CimError(
-                    f"the Optuna study {study.study_name!r} diverges from its sampler at trial "
-                    f"{trial.number} ({key} is {trial.params.get(key)!r}, the replay suggests "
-                    f"{value!r}); it was written by a different version or setting"
-                )
-        twin.tell(asked, trial.value)
-    sampler = _new_sampler(settings)
-    for mine, replayed in zip(_random_states(sampler), _random_states(twin.sampler)):
-        mine.set_state(replayed.get_state())
-    return sampler
-
-
-def run_tpe(env: CimQuantEnv, recorder: EpisodeRecorder, episodes: int, study) -> None:
-    """Optuna TPE: each trial suggests every searched width; the objective is the reward.
-
-    The study is the record of a TPE search. On resume, trials a killed run left RUNNING
-    are marked FAIL, the sampler is replayed over the complete trials (see
-    ``_replayed_sampler``), those trials are replayed into the log (the ones the log
-    lacks are added), and the rest of the budget is asked for: the first new trial
-    suggests what the killed run was evaluating, and the log ends as an uninterrupted
-    run's would.
-    """
-    import optuna
-
-    scorer = env.scorer
-    names = scorer.table.names
-    space = [
-        (f"{names[op]}.{kind}", choices)
-        for op in env.searched
-        for kind, choices in (("w_bits", env.w_choices), ("a_bits", env.a_choices))
-    ]
-
-    def suggest(trial) -> dict:
-        return {key: trial.suggest_categorical(key, choices) for key, choices in space}
-
-    def outcome_of(params: dict) -> Outcome:
-        policy = list(env.bits_template())
-        for op in env.searched:
-            policy[op] = Bits(params[f"{names[op]}.w_bits"], params[f"{names[op]}.a_bits"])
-        return scorer.score(tuple(policy))
-
-    interrupted = _fail_dead_trials(study)
-    done = _trials(study, "COMPLETE")
-    if len(done) > episodes:
-        done, interrupted = done[:episodes], {}
-    study.sampler = _replayed_sampler(study, done, suggest)
-    for trial in done:
-        recorder.record(outcome_of(trial.params))
-    with _database_errors(study):
-        while recorder.count < episodes:
-            trial = study.ask()
-            try:
-                params = suggest(trial)
-                _check_reasked(study, interrupted, params)
-                interrupted = {}
-                outcome = outcome_of(params)
-            except BaseException:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            study.tell(trial, outcome.reward)
-            recorder.record(outcome)
-
-
-@contextlib.contextmanager
-def _database_errors(study):
-    """A study whose database stops answering is the user's to fix (a server that went
-    away, a network), not a bug: a ``CimError`` that says so and how to go on."""
-    import optuna
-    import sqlalchemy.exc
-
-    try:
-        yield
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as exc:
-        cause = exc  # Optuna wraps the driver's error, which says what happened
-        while not isinstance(cause, sqlalchemy.exc.DBAPIError) and (
-            cause.__cause__ or cause.__context__
-        ):
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, sqlalchemy.exc.DBAPIError) and str(cause.orig).strip():
-            cause = cause.orig
-        raise CimError(
-            f"the database of the Optuna study {study.study_name!r} stopped answering: "
-            f"{_first_line(cause)}; the finished episodes are in the log, and --resume "
-            "continues once the database is back"
-        ) from None
-
-
-def _check_reasked(study, interrupted: dict, params: dict) -> None:
-    """The trial asked after a killed one must suggest what the killed one held."""
-    for key, value in interrupted.items():
-        if params.get(key) != value:
-            raise CimError(
-                f"the Optuna study {study.study_name!r}: the trial re-asked after an "
-                f"interrupted one suggests {key}={params.get(key)!r}, not {value!r}"
-            )

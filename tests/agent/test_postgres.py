@@ -13,7 +13,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("psycopg")
 
 from tests.agent.postgres import PostgresServer, available, free_port  # noqa: E402
-from tvm_cim.agent import strategies  # noqa: E402
+from tvm_cim.agent import tpe  # noqa: E402
 from tvm_cim.agent.search import SearchSettings, run_search  # noqa: E402
 from tvm_cim.cli.main import main as cli_main  # noqa: E402
 from tvm_cim.core.errors import CimError  # noqa: E402
@@ -59,8 +59,8 @@ def test_a_tpe_search_keeps_its_study_on_postgresql_given_a_plain_url(server, tm
 
 _OPEN = """
 import sys
-from tvm_cim.agent.strategies import open_study
-open_study(sys.argv[1], "tpe-s0", 0, 10, False)
+from tvm_cim.agent.tpe import open_study
+open_study(sys.argv[1], "tpe-s0", 0, 10, False, "worker")
 print("opened")
 """
 
@@ -97,14 +97,14 @@ def test_a_worker_losing_the_race_for_the_tables_retries(server, monkeypatch):
         return create(**kwargs)
 
     monkeypatch.setattr(optuna, "create_study", lose_once)
-    study = strategies.open_study(url, "tpe-s0", 0, 10, False)
-    assert study.study_name == "tpe-s0" and len(calls) == 2
+    opened = tpe.open_study(url, "tpe-s0", 0, 10, False, "worker")
+    assert opened.study.study_name == "tpe-s0" and len(calls) == 2
 
 
 def test_a_server_that_is_not_there_is_refused_before_any_work(tmp_path, capsys):
     url = f"postgresql://cim@127.0.0.1:{free_port()}/none"
     with pytest.raises(CimError, match="cannot open the Optuna study: .*127.0.0.1"):
-        strategies.check_storage(url)
+        tpe.check_storage(url)
     args = ["search", "--model", "digits-mlp", "--dataset", "synthetic", "--strategy", "tpe"]
     assert cli_main([*args, "--storage", url, "--out", str(tmp_path / "s")]) == 2
     assert "cannot open the Optuna study" in capsys.readouterr().err
@@ -113,9 +113,9 @@ def test_a_server_that_is_not_there_is_refused_before_any_work(tmp_path, capsys)
 def test_a_server_that_goes_away_is_a_clear_error(tmp_path):
     alone = PostgresServer().start()  # a server of its own, to stop
     try:
-        study = strategies.open_study(alone.create_database("gone"), "tpe-s0", 0, 10, False)
+        opened = tpe.open_study(alone.create_database("gone"), "tpe-s0", 0, 10, False, "worker")
     finally:
         alone.stop()
     stopped = pytest.raises(CimError, match="stopped answering: .*--resume continues")
-    with stopped, strategies._database_errors(study):
-        study.ask()
+    with stopped, tpe._database_errors(opened.study):
+        opened.study.ask()

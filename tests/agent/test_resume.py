@@ -347,19 +347,32 @@ def _quick_settings(out: Path, strategy: str, episodes: int, start: Path):
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------ the TPE replay
+# ------------------------------------------------------------------------ a shared study
 
 
-def test_a_study_its_sampler_does_not_replay_is_refused(tmp_path, base_checkpoint):
+def test_a_second_search_joins_a_study_and_takes_the_rest_of_its_budget(tmp_path, base_checkpoint):
+    """Another output directory on the same storage shares the study and its budget; the
+    first search's own trials need --resume."""
     from tvm_cim.agent.search import run_search
-    from tvm_cim.agent.strategies import SAMPLER_ATTR
+    from tvm_cim.agent.tpe import ACCURACY_ATTR, OWNER_ATTR
 
-    settings = _quick_settings(tmp_path, "tpe", 4, base_checkpoint)
-    run_search(settings, log=lambda *a: None)
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = _quick_settings(tmp_path / "a", "tpe", 4, base_checkpoint)
+    first.storage = storage
+    run_search(first, log=lambda *a: None)
+    second = _quick_settings(tmp_path / "b", "tpe", 6, base_checkpoint)
+    second.storage = storage
+    joined = run_search(second, log=lambda *a: None)
+    assert len(joined.episodes) == 2
     (name,) = optuna.get_all_study_names(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
-    study.set_user_attr(SAMPLER_ATTR, dict(study.user_attrs[SAMPLER_ATTR], seed=1))
-    settings.resume, settings.episodes = True, 5
-    with pytest.raises(CimError, match="diverges from its sampler at trial"):
-        run_search(settings, log=lambda *a: None)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    owners = [t.user_attrs[OWNER_ATTR].rpartition(":")[2] for t in trials]
+    assert owners == [str((tmp_path / d / "tpe-s0.episodes.jsonl").resolve()) for d in "aaaabb"]
+    assert [t.user_attrs[ACCURACY_ATTR] for t in trials[4:]] == [
+        o.accuracy for o in joined.episodes
+    ]
+    first.episodes = 6
+    (tmp_path / "a" / "tpe-s0.episodes.jsonl").unlink()
+    with pytest.raises(CimError, match="already holds 4 trials of this search"):
+        run_search(first, log=lambda *a: None)

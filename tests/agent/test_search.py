@@ -14,7 +14,7 @@ pytest.importorskip("optuna")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 from tvm_cim import CimError, compile_for_cim, cost_report, models  # noqa: E402
-from tvm_cim.agent import strategies  # noqa: E402
+from tvm_cim.agent import strategies, tpe  # noqa: E402
 from tvm_cim.agent.env import CimQuantEnv, ContinuousActions  # noqa: E402
 from tvm_cim.agent.latency import FEATURES, LatencyTable  # noqa: E402
 from tvm_cim.agent.log import EpisodeLog  # noqa: E402
@@ -52,10 +52,10 @@ def play(strategy, env, episodes, seed, tmp_path, tag="x"):
     log = EpisodeLog(tmp_path / f"{strategy}-{tag}.jsonl", {"strategy": strategy, "seed": seed})
     recorder = strategies.EpisodeRecorder(log)
     if strategy == "tpe":
-        study = strategies.open_study(
-            f"sqlite:///{tmp_path / f'{tag}.db'}", "study", seed, episodes, False
+        study = tpe.open_study(
+            f"sqlite:///{tmp_path / f'{tag}.db'}", "study", seed, episodes, False, tag
         )
-        strategies.run_tpe(env, recorder, episodes, study)
+        tpe.run_tpe(env, recorder, episodes, study)
     else:
         getattr(strategies, f"run_{strategy}")(env, recorder, episodes, seed)
     return log.episodes

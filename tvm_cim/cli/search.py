@@ -34,9 +34,23 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="accuracy measurements in flight, on a local Dask cluster of N worker processes "
+        "(default: one at a time in this process)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="measure on the running Dask scheduler at ADDRESS (tcp://host:8786), keeping "
+        "--workers of its workers busy",
+    )
+    p.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna storage for tpe (default sqlite:///DIR/optuna.db; any SQLAlchemy URL)",
+        help="Optuna storage for tpe (default sqlite:///DIR/optuna.db); searches given one "
+        "postgresql:// URL share the study and its --episodes budget",
     )
     p.add_argument("--resume", action="store_true", help="continue the search logged in DIR")
     p.add_argument("--min-bits", type=int, default=2, help="smallest width (default 2)")
@@ -78,6 +92,8 @@ _SETTINGS_AS_GIVEN = (
     "episodes",
     "max_acc_drop",
     "seed",
+    "workers",
+    "cluster",
     "storage",
     "resume",
     "finetune_steps",
