@@ -72,7 +72,7 @@ class EvaluationPool:
                 n_workers=workers or 1,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",
             )
             return cls(Client(cluster), workers or 1, cluster)
         try:

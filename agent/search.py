@@ -45,7 +45,14 @@ from .lock import hold_directory
 from .log import EpisodeLog
 from .scoring import Outcome, PolicyScorer, QatAccuracy
 from .space import Reward, SearchSpace
-from .strategies import STRATEGIES, EpisodeRecorder, run_ddpg, run_dqn, run_random
+from .strategies import (
+    STRATEGIES,
+    EpisodeRecorder,
+    check_lockstep_budget,
+    run_ddpg,
+    run_dqn,
+    run_random,
+)
 from .tpe import check_storage, open_study, run_tpe
 from .verify import verify
 
@@ -185,6 +192,8 @@ def _validate(settings: SearchSettings) -> None:
         raise CimError(f"workers must be an integer, got {settings.workers!r}")
     if settings.workers is not None and settings.workers < 1:
         raise CimError(f"workers must be at least 1, got {settings.workers}")
+    if settings.workers is not None and settings.strategy in ("dqn", "ddpg"):
+        check_lockstep_budget(settings.episodes, settings.workers)
     if settings.cluster is not None and settings.workers is None:
         raise CimError(
             "--cluster needs --workers N, the measurements this search keeps in flight "

@@ -164,6 +164,15 @@ class _MeasuringVecEnv(DummyVecEnv):
         return super().step_wait()
 
 
+def check_lockstep_budget(episodes: int, envs: int) -> None:
+    """DQN and DDPG play ``envs`` episodes at a time, so the budget is whole rounds."""
+    if episodes % envs:
+        raise CimError(
+            f"DQN and DDPG play --workers {envs} episodes at a time: --episodes {episodes} "
+            f"is not a multiple of {envs}"
+        )
+
+
 def _learn(
     algorithm, wrap: Callable, env: CimQuantEnv, episodes: int, seed: int, config, agent, envs,
     **settings,
@@ -173,11 +182,7 @@ def _learn(
     ``config.warmup_fraction`` of the budget, one update round per step; ``envs``
     environments (``wrap`` of a copy of ``env`` each) in lockstep; checkpointed at
     ``agent`` (``checkpoint.py``: a resume continues it, a larger budget extends it)."""
-    if episodes % envs:
-        raise CimError(
-            f"{algorithm.__name__} plays --workers {envs} episodes at a time: --episodes "
-            f"{episodes} is not a multiple of {envs}"
-        )
+    check_lockstep_budget(episodes, envs)
     copies = [env] + [CimQuantEnv(env.scorer, env.space) for _ in range(envs - 1)]
     vector = _MeasuringVecEnv([lambda e=e: wrap(e) for e in copies])
     total = episodes * env.decisions

@@ -4,6 +4,9 @@ Run as ``python killed_search.py search ...`` with ``CIM_TEST_KILL`` set to one 
 
 ``eval:N``
     at the start of the N-th accuracy measurement of this process (mid-episode);
+``measure:N``
+    once the N-th batch of measurements is sent to the Dask cluster (``--workers``),
+    while its tasks run;
 ``line:N``
     while the N-th log line of this process is written: half of it reaches the file;
 ``logged:N``
@@ -15,7 +18,9 @@ Run as ``python killed_search.py search ...`` with ``CIM_TEST_KILL`` set to one 
     at the N-th database commit of this process (the Optuna study being written).
 
 The kill is ``SIGKILL`` from the process itself, at a point chosen exactly; without
-``CIM_TEST_KILL`` the process is the plain command line.
+``CIM_TEST_KILL`` the process is the plain command line. ``CIM_TEST_GRACE=S`` shortens
+the heartbeat of a shared study's trials to a second and its grace period to ``S``
+seconds (a test need not wait a minute for a dead process's trial to be failed).
 """
 
 from __future__ import annotations
@@ -71,6 +76,16 @@ def _install(point: str) -> None:
             return original_call(self, precision)
 
         QatAccuracy.__call__ = measuring
+    elif event == "measure":
+        from distributed import Client
+
+        tick, original_gather = _counter(int(arg)), Client.gather
+
+        def gathering(self, *args, **kwargs):
+            tick()
+            return original_gather(self, *args, **kwargs)
+
+        Client.gather = gathering
     elif event in ("line", "logged"):
         from tvm_cim.agent.log import EpisodeLog
 
@@ -103,6 +118,10 @@ def _install(point: str) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("CIM_TEST_GRACE"):
+        from tvm_cim.agent import tpe
+
+        tpe.HEARTBEAT_S, tpe.GRACE_S = 1, int(os.environ["CIM_TEST_GRACE"])
     if os.environ.get("CIM_TEST_KILL"):
         _install(os.environ["CIM_TEST_KILL"])
     from tvm_cim.cli.main import main

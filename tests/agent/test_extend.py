@@ -28,7 +28,6 @@ from .test_resume import (  # noqa: E402, F401
     _quick_settings,
     _scored,
     _start,
-    base_checkpoint,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -75,7 +74,7 @@ def _points(strategy: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def extensions(tmp_path_factory, base_checkpoint):  # noqa: F811
+def extensions(tmp_path_factory, base_checkpoint):
     """Per strategy: a search of ``FIRST`` episodes, then an uninterrupted extension of it
     and a killed one, two processes at a time."""
     from concurrent.futures import ThreadPoolExecutor
@@ -146,7 +145,7 @@ def _damage(path: Path, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["missing", "torn", "foreign"])
-def test_a_larger_budget_without_a_usable_checkpoint_is_refused(tmp_path, base_checkpoint, how):  # noqa: F811
+def test_a_larger_budget_without_a_usable_checkpoint_is_refused(tmp_path, base_checkpoint, how):
     from tvm_cim.agent.search import run_search
 
     settings = _quick_settings(tmp_path, "dqn", 3, base_checkpoint)

@@ -1,11 +1,17 @@
 """TPE studies on a real PostgreSQL server, which the tests start themselves: the URL as
-users write it, workers opening one fresh database at once, a server that is not there or
+users write it, workers opening one fresh database at once, two searches sharing one
+study and its budget, a dead search's trial taken over, a server that is not there or
 goes away."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +125,85 @@ def test_a_server_that_goes_away_is_a_clear_error(tmp_path):
     stopped = pytest.raises(CimError, match="stopped answering: .*--resume continues")
     with stopped, tpe._database_errors(opened.study):
         opened.study.ask()
+
+
+RUNNER = Path(__file__).with_name("killed_search.py")
+
+
+def _shared_search(url: str, out: Path, start: Path, episodes: int, kill: str = ""):
+    """A TPE search process on the study at ``url`` (``kill``: see ``killed_search.py``)."""
+    args = ["search", "--model", "digits-mlp", "--dataset", "synthetic", "--strategy", "tpe"]
+    args += ["--episodes", str(episodes), "--max-acc-drop", "1.0", "--finetune-steps", "30"]
+    args += ["--final-epochs", "0", "--no-verify", "--no-progress", "--from", str(start)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CIM_TEST_KILL=kill, CIM_TEST_GRACE="3")
+    return subprocess.Popen(
+        [sys.executable, str(RUNNER), *args, "--storage", url, "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _study(url: str):
+    import optuna
+
+    (name,) = optuna.get_all_study_names(storage=url)
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _records(out: Path) -> list[dict]:
+    from tvm_cim.agent.log import EpisodeLog
+
+    return EpisodeLog.read_records(out / "tpe-s0.episodes.jsonl")
+
+
+def _logged(out: Path) -> list[dict]:
+    return [r for r in _records(out) if r["type"] == "episode"]
+
+
+def _policy(trial, operators: list[str]) -> list[list[int]]:
+    return [[trial.params[f"{n}.w_bits"], trial.params[f"{n}.a_bits"]] for n in operators]
+
+
+def test_two_searches_share_one_study_and_its_budget(server, tmp_path, base_checkpoint):
+    """Two processes started together on one study: the budget is the study's, every trial
+    is in one of the logs, no policy is measured twice, the best is the logs' best."""
+    url = server.create_database("shared")
+    outs = [tmp_path / "a", tmp_path / "b"]
+    processes = [_shared_search(url, out, base_checkpoint, 16) for out in outs]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    trials = _study(url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 16
+    logs = [_logged(out) for out in outs]
+    assert all(logs), "each search takes part of the budget"
+    operators = _records(outs[0])[0]["operators"]
+    policies = [_policy(t, operators) for t in trials]
+    logged = sorted((json.dumps(r["policy"]), r["reward"]) for log in logs for r in log)
+    assert logged == sorted((json.dumps(p), t.value) for p, t in zip(policies, trials))
+    summaries = [json.loads((out / "tpe-s0.summary.json").read_text()) for out in outs]
+    uniform = [[[b, b]] * len(operators) for b in (8, 6, 4)]
+    distinct = {json.dumps(p) for p in policies if p not in uniform}
+    assert sum(s["evaluations"] - len(uniform) for s in summaries) == len(distinct)
+    best = max(summaries, key=lambda s: s["best"]["reward"])["best"]
+    assert best["reward"] == max(t.value for t in trials)
+
+
+def test_a_dead_searchs_trial_is_taken_over_by_another(server, tmp_path, base_checkpoint):
+    """A search killed mid-measurement leaves a running trial; once its heartbeat is
+    silent for the grace period, the next search fails it and plays its episode."""
+    url = server.create_database("dead")
+    killed = _shared_search(url, tmp_path / "a", base_checkpoint, 8, kill="eval:6")
+    _, err = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
+    states = [t.state.name for t in _study(url).trials]
+    assert states == ["COMPLETE"] * 2 + ["RUNNING"]  # three uniform points, then episodes
+    time.sleep(4)
+    other = _shared_search(url, tmp_path / "b", base_checkpoint, 8)
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    states = [t.state.name for t in _study(url).trials]
+    assert states == ["COMPLETE"] * 2 + ["FAIL"] + ["COMPLETE"] * 6
+    assert len(_logged(tmp_path / "b")) == 6

@@ -37,9 +37,12 @@ RUNNER = Path(__file__).with_name("killed_search.py")
 EPISODES = {"random": 8, "tpe": 10, "dqn": 8, "ddpg": 6}
 
 
-def _arguments(strategy: str, out: Path, start: Path | None, resume: bool = False) -> list:
-    args = ["search", "--model", "digits-mlp", "--dataset", "synthetic", "--strategy"]
-    args += [strategy, "--episodes", str(EPISODES[strategy]), "--max-acc-drop", "1.0"]
+def _arguments(
+    strategy: str, out: Path, start: Path | None, resume: bool = False, workers: int | None = None
+) -> list:
+    args = ["search", "--model", "digits-mlp", "--dataset", "synthetic"]
+    args += ["--workers", str(workers)] if workers else []
+    args += ["--strategy", strategy, "--episodes", str(EPISODES[strategy]), "--max-acc-drop", "1.0"]
     args += ["--finetune-steps", "2", "--no-verify", "--no-progress", "--out", str(out)]
     if start is not None:
         args += ["--from", str(start)]
@@ -122,24 +125,9 @@ def _plan(strategy: str) -> list[str]:
     return [f"eval:{rng.randint(1, 4)}", f"logged:{rng.randint(1, 3)}", "write:ddpg-s0.agent.zip"]
 
 
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    """A W8A8 digits-mlp for the TPE, DQN and DDPG searches: one epoch per stage is
-    enough for searches that only need to be repeatable."""
-    from tvm_cim.learn import train
-
-    path = tmp_path_factory.mktemp("base") / "w8a8.pt"
-    model = None
-    for stage in ("fp32", "w8a8"):
-        config = train.TrainConfig(epochs=1, lr=3e-3, batch_size=32, seed=0)
-        model, result = train.run_stage(stage, "digits-mlp", "synthetic", config, start=model)
-    train.save_checkpoint(model, result, path)
-    return path
-
-
-def _reference(strategy: str, out: Path, start: Path | None) -> Path:
+def _reference(strategy: str, out: Path, start: Path | None, workers: int | None = None) -> Path:
     """An uninterrupted run."""
-    rc, err = _finish(_start(_arguments(strategy, out, start)))
+    rc, err = _finish(_start(_arguments(strategy, out, start, workers=workers)))
     assert rc == 0, err
     return out
 
@@ -166,12 +154,14 @@ def runs(tmp_path_factory, base_checkpoint):
             killed.cancel(), reference.cancel()
 
 
-def _kill_chain(strategy: str, out: Path, start: Path | None) -> int:
-    """Run the strategy's search, killing it at each point of its plan and resuming, until
-    it ends; return the kills made."""
+def _kill_chain(
+    strategy: str, out: Path, start: Path | None, plan: list | None = None, workers=None
+) -> int:
+    """Run the strategy's search, killing it at each point of its plan (default
+    ``_plan(strategy)``) and resuming, until it ends; return the kills made."""
     kills = 0
-    for number, point in enumerate([*_plan(strategy), ""]):
-        args = _arguments(strategy, out, start, resume=number > 0)
+    for number, point in enumerate([*(plan or _plan(strategy)), ""]):
+        args = _arguments(strategy, out, start, resume=number > 0, workers=workers)
         if point.startswith("outside:"):
             process = _start(args)
             log = out / f"{strategy}-s0.episodes.jsonl"
@@ -209,6 +199,48 @@ def test_a_killed_search_resumes_to_the_uninterrupted_log(runs, strategy):
         complete = [t.params for t in trials if t.state.name == "COMPLETE"]
         assert complete == [t.params for t in ref.trials]
     print(f"{strategy}: {kills} kills survived, resumed log equal to the uninterrupted one")
+
+
+#: Kill chains of searches measuring two policies at a time on a local cluster: the
+#: driver dies with measurements in flight (and DQN's once writing its checkpoint).
+PARALLEL_PLANS = {
+    "tpe": ["measure:3", "measure:2", "measure:2"],
+    "dqn": ["measure:3", "write:dqn-s0.agent.zip", "measure:2"],
+}
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, base_checkpoint):
+    """Each parallel kill chain beside its uninterrupted run, both with --workers 2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path_factory.mktemp("parallel")
+    futures = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for strategy, plan in PARALLEL_PLANS.items():
+            chain, reference = folder / f"{strategy}-killed", folder / f"{strategy}-reference"
+            futures[strategy] = (
+                pool.submit(_kill_chain, strategy, chain, base_checkpoint, plan, 2),
+                pool.submit(_reference, strategy, reference, base_checkpoint, 2),
+                chain,
+            )
+        yield futures
+        for killed, reference, _ in futures.values():
+            killed.cancel(), reference.cancel()
+
+
+@pytest.mark.parametrize("strategy", list(PARALLEL_PLANS))
+def test_a_driver_killed_with_measurements_in_flight_resumes_to_the_uninterrupted_log(
+    parallel_runs, strategy
+):
+    killed, reference, out = parallel_runs[strategy]
+    kills, reference = killed.result(), reference.result()
+    assert kills == len(PARALLEL_PLANS[strategy])
+    resumed = _scored(out, strategy)
+    assert len(resumed) == 3 + EPISODES[strategy]
+    assert resumed == _scored(reference, strategy)
+    header = EpisodeLog.read_records(out / f"{strategy}-s0.episodes.jsonl")[0]
+    assert header["workers"] == 2
 
 
 def test_two_searches_started_at_once_on_one_out(base_checkpoint, tmp_path):
