@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` spec can pull a multi-GB CUDA build; this pin installs the CPU build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: install test demo bench bench-search bench-predictive bench-objective docs clean
+.PHONY: install test demo bench bench-search bench-scaling bench-predictive bench-objective docs clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ bench: $(STAMP)
 # test split: about 30 minutes per deep-model search on two cores.
 bench-search: $(STAMP)
 	$(VPY) bench/search.py
+
+bench-scaling: $(STAMP)
+	$(VPY) bench/scaling.py
 
 # Rank correlation of the short policy evaluation with the final finetune: about 6 minutes.
 bench-predictive: $(STAMP)

@@ -376,20 +376,24 @@ def _key(params: dict) -> tuple:
 
 def _reuse_measured(tpe: TpeStudy, scorer, asked: list, policies: list) -> None:
     """Hand the scorer the accuracy of every policy another trial of the study measured,
-    waiting for those still being measured (a trial whose process dies fails after
+    waiting for those an earlier-asked trial is still measuring (only earlier ones, so
+    two searches never wait on each other; a trial whose process dies fails after
     ``GRACE_S``, and the policy is then measured here)."""
     mine = {trial.number for trial in asked}
-    wanted = {_key(trial.params): policy for trial, policy in zip(asked, policies, strict=True)}
+    wanted: dict = {}  # params -> (policy, the number of this search's first trial of them)
+    for trial, policy in zip(asked, policies, strict=True):
+        wanted.setdefault(_key(trial.params), (policy, trial.number))
     while True:
         waiting = False
         for trial in _trials(tpe.study, "COMPLETE", "RUNNING"):
-            policy = wanted.get(_key(trial.params))
-            if policy is None or trial.number in mine:
+            key = _key(trial.params)
+            if key not in wanted or trial.number in mine:
                 continue
+            policy, first = wanted[key]
             if ACCURACY_ATTR in trial.user_attrs:
                 scorer.prime(policy, trial.user_attrs[ACCURACY_ATTR])
-                del wanted[_key(trial.params)]
-            elif trial.state.name == "RUNNING":
+                del wanted[key]
+            elif trial.state.name == "RUNNING" and trial.number < first:
                 waiting = True
         if not waiting:
             return
