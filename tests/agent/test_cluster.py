@@ -4,6 +4,7 @@ middle of a measurement costing only that measurement."""
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -12,24 +13,21 @@ import pytest
 pytest.importorskip("stable_baselines3")
 pytest.importorskip("distributed")
 
+from tvm_cim.agent.cluster import EvaluationPool, local_cluster  # noqa: E402
 from tvm_cim.agent.search import SearchSettings, run_search  # noqa: E402
 from tvm_cim.agent.strategies import STRATEGIES  # noqa: E402
 from tvm_cim.core.errors import CimError  # noqa: E402
+from tvm_cim.core.precision import Bits  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local cluster of two single-threaded worker processes, and a client of the test's."""
-    from distributed import Client, LocalCluster
+    """The local cluster ``--workers 2`` starts, and a client of the test's."""
+    from distributed import Client
 
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as local,
-        Client(local) as client,
-    ):
+    with local_cluster(2) as local, Client(local) as client:
         yield local, client
 
 
@@ -105,6 +103,21 @@ def test_a_worker_killed_mid_measurement_costs_only_that_measurement(
     assert _scored(result) == _scored(reference)
     client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker
     assert killed[0] not in client.run(os.getpid).values()
+
+
+def test_local_workers_keep_glibcs_allocator_import_torch_and_share_each_batch():
+    from distributed import get_task_stream
+
+    with EvaluationPool.open(2) as pool:
+        pool.bind(len)  # an evaluation that returns at once: the number of operators
+        environment = pool.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        imported = pool.client.run(lambda: "torch._dynamo" in sys.modules)
+        with get_task_stream(pool.client) as stream:
+            assert pool.measure([{"a": Bits(8, 8), "b": Bits(4, 4)}] * 4) == [2.0] * 4
+    assert list(environment.values()) == [None, None]
+    assert list(imported.values()) == [True, True]
+    placed = [task["worker"] for task in stream.data if str(task["key"]).startswith("_measured")]
+    assert sorted(placed.count(worker) for worker in environment) == [2, 2]
 
 
 def test_lockstep_agents_need_a_budget_of_whole_rounds(tmp_path, base_checkpoint):
