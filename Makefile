@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # A plain `torch` spec can pull a multi-GB CUDA build; this pin installs the CPU build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: install test demo bench bench-search bench-scaling bench-predictive bench-objective docs clean
+.PHONY: install test demo bench bench-search bench-scaling bench-lockstep bench-predictive bench-objective docs clean
 
 install: $(STAMP)
 
@@ -38,8 +38,13 @@ bench: $(STAMP)
 bench-search: $(STAMP)
 	$(VPY) bench/search.py
 
+# Episodes per minute in process and on 1 and 2 Dask workers, three repeats each.
 bench-scaling: $(STAMP)
 	$(VPY) bench/scaling.py
+
+# DQN and DDPG playing one episode at a time against two in lockstep, six seeds each.
+bench-lockstep: $(STAMP)
+	$(VPY) bench/lockstep.py
 
 # Rank correlation of the short policy evaluation with the final finetune: about 6 minutes.
 bench-predictive: $(STAMP)
