@@ -47,13 +47,13 @@ import numpy as np
 
 from tvm_cim.agent.cluster import local_cluster
 from tvm_cim.agent.log import EpisodeLog
-from tvm_cim.agent.search import SearchSettings, run_search
+from tvm_cim.agent.search import UNIFORM, SearchSettings, run_search
 
 MODELS = {"digits-cnn": "digits", "mnist1d-resnet": "mnist1d-80k"}
 RUNS = {"in-process": None, "1 worker": 1, "2 workers": 2}
 GOAL = 1.7
 PROJECTED = (8, 64)
-REFERENCES = 3  # the uniform W8A8, W6A6, W4A4 points, measured before the loop
+REFERENCES = len(UNIFORM)  # the uniform points, measured before the loop
 
 
 def _loop_seconds(out: Path, seed: int) -> float:
